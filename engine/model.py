@@ -1,0 +1,66 @@
+"""The Transformer decoder: one implementation whose config selects GPT-2 or Llama-family behaviour."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import DecoderConfig
+from .kv_cache import KVCache
+from .layers import Block, init_weights, make_norm
+from .rope import rope_tables
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_pos else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if not cfg.learned_pos:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (T_ctx, D/2) fp32
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def random(cls, cfg: DecoderConfig, dtype=torch.float32, device="cpu", seed: int = 0) -> "Decoder":
+        """A randomly initialised model (benchmarks, `mmfuse bench`)."""
+        torch.manual_seed(seed)
+        model = cls(cfg)
+        init_weights(model)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
+                kv_len: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for token ids (B, T) at absolute positions (B, T).
+
+        With a cache, this call's keys/values are written at `positions` and attention covers the
+        cache up to `kv_len` (B,); positions[:, 0] is each row's first query position. Prefill,
+        decode and multi-token verification are the same call. `logits_index` (B,) picks one
+        position per row for the LM head (e.g. the last prompt token), giving (B, 1, V).
+        """
+        B, T = ids.shape
+        x = self.embed(ids)  # (B, T, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+            rope = None
+        else:
+            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, D/2)
+            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+            rope = (cos, sin)
+        q_start = positions[:, 0] if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, causal=True, rope=rope, cache=None if cache is None else cache.layer(i),
+                      positions=positions, kv_len=kv_len, q_start=q_start)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, C)
+        return self.lm_head(self.norm_f(x))
