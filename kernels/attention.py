@@ -11,12 +11,17 @@ with one set of semantics:
 `k`/`v` may be the whole preallocated cache (Tk = T_max); `kv_len` then says how much of it is
 filled. Defaults: q_start = Tk - Tq (queries are the last Tq positions), kv_len = Tk.
 
-Backends: "auto" (Triton kernels on CUDA where supported, torch SDPA otherwise), "sdpa", and
-"reference" (the plain PyTorch code below, for debugging). Select with `set_backend()` or the
-environment variable MMFUSE_ATTENTION.
+Backends: "auto" (Triton kernels on CUDA fp16/bf16 where supported, torch SDPA otherwise), "sdpa",
+"reference" (the plain PyTorch code below, for debugging) and "triton" (the Triton kernels for
+every device and dtype they support, CPU tensors included under TRITON_INTERPRET=1; for tests).
+Select with `set_backend()` or the environment variable MMFUSE_ATTENTION. The kernels are
+flash_prefill.py (Tq > 16) and flash_decode.py (split-KV, Tq <= 16); inputs they do not support
+(gradients needed, head dim > 256, mixed dtypes, empty tensors) go to SDPA, never to a wrong result.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
 from typing import Optional
@@ -24,14 +29,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-_BACKENDS = ("auto", "sdpa", "reference")
+_BACKENDS = ("auto", "sdpa", "reference", "triton")
 _backend = os.environ.get("MMFUSE_ATTENTION", "auto")
 if _backend not in _BACKENDS:
     raise ValueError(f"MMFUSE_ATTENTION={_backend!r}: expected one of {_BACKENDS}")
 
 
 def set_backend(name: str) -> None:
-    """Select the attention backend for the whole process: "auto", "sdpa" or "reference"."""
+    """Select the attention backend for the whole process: "auto", "sdpa", "reference" or "triton"."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"attention backend {name!r}: expected one of {_BACKENDS}")
@@ -50,6 +55,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"attention shapes do not agree: q {tuple(q.shape)} (B, Hq, Tq, D), "
             f"k {tuple(k.shape)}, v {tuple(v.shape)} (B, Hkv, Tk, D) with Hq % Hkv == 0")
+
+
+def check_positions(B: int, q_start: Optional[torch.Tensor], kv_len: Optional[torch.Tensor]) -> None:
+    """q_start / kv_len, when given, are integer tensors with one element per batch row."""
+    for name, t in (("q_start", q_start), ("kv_len", kv_len)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != B
+                              or t.dtype.is_floating_point or t.dtype == torch.bool):
+            raise ValueError(f"attention: {name} must be an integer tensor with one element per batch "
+                             f"row ({B}); got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} "
+                             f"of shape {tuple(t.shape) if isinstance(t, torch.Tensor) else ()}")
 
 
 def visibility_mask(B: int, Tq: int, Tk: int, causal: bool, q_start: Optional[torch.Tensor],
@@ -109,11 +124,50 @@ def _attention_sdpa(q, k, v, causal, q_start, kv_len, scale):
                                           enable_gqa=k.shape[1] != Hq)
 
 
+@functools.lru_cache(maxsize=None)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forced: bool) -> bool:
+    """Whether the Triton kernels handle these inputs ("auto": CUDA fp16/bf16 only)."""
+    if not forced and not (q.is_cuda and _have_triton()):
+        return False
+    if forced and not q.is_cuda:
+        dtypes = (torch.float16, torch.float32)  # the interpreter's bf16 arithmetic is wrong
+    elif forced:
+        dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    else:
+        dtypes = (torch.float16, torch.bfloat16)
+    return (q.dtype in dtypes and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.device == q.device and v.device == q.device and 0 < q.shape[3] <= 256
+            and q.numel() > 0 and k.numel() > 0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def _attention_triton(q, k, v, causal, q_start, kv_len, scale):
+    try:
+        from .flash_common import INTERPRET
+    except ImportError as e:  # triton not installed
+        raise RuntimeError("attention backend 'triton' needs the triton package") from e
+    if not q.is_cuda and not INTERPRET:
+        raise RuntimeError("attention backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                           "set before triton is first imported")
+    if q.shape[2] <= 16:
+        from .flash_decode import decode_attention
+        return decode_attention(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len, scale=scale)
+    from .flash_prefill import prefill_attention
+    return prefill_attention(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len, scale=scale)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               q_start: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
               scale: Optional[float] = None) -> torch.Tensor:
     """Scaled dot-product attention; see the module docstring for the semantics. Returns (B, Hq, Tq, D)."""
     _check(q, k, v)
+    check_positions(q.shape[0], q_start, kv_len)
     if _backend == "reference":
         return attention_reference(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len, scale=scale)
+    if _backend in ("auto", "triton") and _triton_supported(q, k, v, forced=_backend == "triton"):
+        return _attention_triton(q, k, v, causal, q_start, kv_len, scale)
     return _attention_sdpa(q, k, v, causal, q_start, kv_len, scale)

@@ -1,0 +1,119 @@
+"""Pieces shared by the Triton attention kernels (flash_prefill.py, flash_decode.py).
+
+`attend_blocks` is the FlashAttention-2 inner loop: online softmax over key blocks in the log2
+domain (scores pre-multiplied by scale * log2(e) so the exponentials are exp2), fp32 statistics and
+accumulator. Both kernels call it twice: once over the key blocks every query row of the program
+may see in full (no masks, the fast path) and once over the boundary blocks (masked).
+
+The Python helpers normalise the optional `q_start` / `kv_len` arguments of `attention()` and
+allocate the output in (B, Tq, Hq, D) memory order, returned as a (B, Hq, Tq, D) view, so that the
+caller's usual `o.transpose(1, 2).reshape(B, Tq, Hq * D)` costs no copy.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import check_positions
+
+# Triton decides interpreter or compiler when a kernel is decorated; the kernel configs follow it
+# (the interpreter runs one config, autotuning runs several).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                  q_pos, lo, hi, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate keys [lo, hi) (lo a multiple of BLOCK_N) into (acc, l_i, m_i).
+
+    q: (M, BLOCK_D) query rows; q_pos: (M,) their absolute positions; acc: (M, BLOCK_D) fp32,
+    l_i / m_i: (M,) fp32 running sum and max (log2 domain). MASKED=False promises every key of
+    [lo, hi) is in bounds and visible to every row; MASKED=True hides keys >= hi and, when CAUSAL,
+    keys after a row's position.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM  # (1, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        start = tl.multiple_of(start, BLOCK_N)
+        cols = start + offs_n  # (N,)
+        k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (N, BLOCK_D)
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        if MASKED:
+            ld_ok = (cols[:, None] < hi) & d_ok
+            k = tl.load(k_ptrs, mask=ld_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=ld_ok, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N), log2 domain
+        if MASKED:
+            visible = cols[None, :] < hi
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        # m_i starts at a finite -1e30, so fully masked rows give exp2(-inf) = 0, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def finish_rows(acc, l_i, m_i):
+    """Normalised output rows and their log2-sum-exp; rows that saw no key give 0 and -inf."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse2 = m_i + tl.log2(l_i)
+    return out, lse2
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in full precision (no TF32); fp16/bf16 ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def positions(q: torch.Tensor, k: torch.Tensor, q_start: Optional[torch.Tensor],
+              kv_len: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int, bool, bool]:
+    """Device copies of q_start / kv_len (dummies when absent) and the default query start.
+
+    Returns (q_start_t, kv_len_t, q_start_default, has_q_start, has_kv_len).
+    """
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+    check_positions(B, q_start, kv_len)
+    dummy = q.new_zeros(1, dtype=torch.int32) if q_start is None or kv_len is None else None
+    qs = dummy if q_start is None else q_start.reshape(B).to(q.device, non_blocking=True).contiguous()
+    kl = dummy if kv_len is None else kv_len.reshape(B).to(q.device, non_blocking=True).contiguous()
+    return qs, kl, Tk - Tq, q_start is not None, kv_len is not None
+
+
+def new_output(q: torch.Tensor, return_lse: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Output (B, Hq, Tq, D) stored as (B, Tq, Hq, D), and the optional fp32 LSE (B, Hq, Tq)."""
+    B, Hq, Tq, D = q.shape
+    out = torch.empty(B, Tq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device) if return_lse else None
+    return out, lse
+
+
+def softmax_scale(scale: Optional[float], D: int) -> float:
+    """scale * log2(e): scores come out of the dot product ready for exp2."""
+    return (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
