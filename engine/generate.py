@@ -1,0 +1,306 @@
+"""Generation over a static KV cache: batched prefill, decode, streaming, multi-token verification.
+
+`DecodeState` owns one batch's cache and per-row lengths. Prompts of different lengths are right-
+padded for one prefill call; each row then decodes at its own position, so every row gets exactly
+what it would get alone. `forward()` with k tokens and `truncate()` are the verification and
+rollback steps a speculative decoder needs. `Engine` adds tokenization, sampling, stop handling
+and streaming on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import read_json
+from .detokenize import IncrementalDecoder, StopStringMatcher
+from .errors import CapacityError
+from .kv_cache import KVCache
+from .loader import load_decoder
+from .model import Decoder
+from .sampling import Sampler, SamplingParams
+from .tokenizer import load_tokenizer
+
+
+class DecodeState:
+    """The KV cache of a batch of sequences and how many positions each row holds."""
+
+    def __init__(self, model: Decoder, batch: int, max_len: int, cuda_graph: bool = False):
+        p = model.lm_head.weight
+        self.model = model
+        self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # (B,) filled positions
+        self._host_lengths = [0] * batch  # mirror of `lengths`, so capacity checks need no device sync
+        self.cuda_graph = cuda_graph and p.is_cuda
+        self._graph = None
+
+    @property
+    def batch(self) -> int:
+        return self.cache.batch
+
+    def _check_room(self, extra: Sequence[int]) -> None:
+        for b, (n, k) in enumerate(zip(self._host_lengths, extra)):
+            if n + k > self.cache.max_len:
+                raise CapacityError(f"row {b}: {n} cached + {k} new positions exceed the KV cache of "
+                                    f"{self.cache.max_len} positions")
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self._host_lengths = [0] * self.batch
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run the prompts (one per row, any lengths >= 1) from position 0; logits (B, V) at each last token."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"prefill got {len(prompts)} prompts for a batch of {self.batch}")
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1:
+            raise ValueError(f"prompt {lens.index(min(lens))} is empty")
+        self.reset()
+        self._check_room(lens)
+        T, dev = max(lens), self.lengths.device
+        ids = torch.zeros(self.batch, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        ids = ids.to(dev)
+        positions = torch.arange(T, device=dev).expand(self.batch, T)
+        last = torch.as_tensor(lens, device=dev) - 1
+        logits = self.model(ids, positions, self.cache, kv_len=torch.full((self.batch,), T, device=dev),
+                            logits_index=last)[:, 0]  # (B, V)
+        self.lengths.copy_(last + 1)
+        self._host_lengths = lens
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append k tokens per row (B, k) after each row's cached positions; logits (B, k, V).
+
+        With k > 1 this verifies proposed tokens in one call; `truncate()` rolls back the rejected ones."""
+        B, k = tokens.shape
+        self._check_room([k] * B)
+        positions = self.lengths[:, None] + torch.arange(k, device=tokens.device)  # (B, k)
+        logits = self.model(tokens, positions, self.cache, kv_len=self.lengths + k)
+        self.lengths += k
+        self._host_lengths = [n + k for n in self._host_lengths]
+        return logits
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Roll rows back to `lengths` cached positions (never forward); later writes overwrite the rest."""
+        if any(n > m or n < 0 for n, m in zip(lengths, self._host_lengths)) or len(lengths) != self.batch:
+            raise ValueError(f"truncate to {list(lengths)}: must be one length per row within {self._host_lengths}")
+        self._host_lengths = list(lengths)
+        self.lengths.copy_(torch.as_tensor(self._host_lengths, device=self.lengths.device))
+
+    def _decode_step(self, tok: torch.Tensor) -> torch.Tensor:
+        """(B, 1) tokens at each row's next position -> (B, V); reads only tensors, so it can be graphed."""
+        return self.model(tok, self.lengths[:, None], self.cache, kv_len=self.lengths + 1)[:, 0]
+
+    def _capture(self, tok: torch.Tensor) -> None:
+        self._tok = tok.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up writes only the slot the first replay overwrites
+            for _ in range(2):
+                self._decode_step(self._tok)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._decode_step(self._tok)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One token per row (B,); rows where `active` is False do not advance. Logits (B, V)."""
+        tok = tokens.view(-1, 1)
+        self._check_room([1] * self.batch)
+        if self.cuda_graph:
+            if self._graph is None:
+                self._capture(tok)
+            self._tok.copy_(tok)
+            self._graph.replay()
+            logits = self._logits
+        else:
+            logits = self._decode_step(tok)
+        if active is None:
+            self.lengths += 1
+            self._host_lengths = [n + 1 for n in self._host_lengths]
+        else:
+            self.lengths += active.to(self.lengths.dtype)
+            self._host_lengths = [n + int(a) for n, a in zip(self._host_lengths, active.tolist())]
+        return logits
+
+
+@dataclass
+class Completion:
+    token_ids: list            # generated ids (a final stop id included, as transformers does)
+    text: Optional[str]        # decoded text, stop strings and stop ids excluded (None without a tokenizer)
+    logprobs: Optional[list]   # log p of each generated token under the raw model logits
+    finish_reason: str         # "stop" (stop id or stop string) or "length"
+
+
+@dataclass
+class StreamChunk:
+    token_id: int
+    text: str                  # newly completed text ("" while it may still be part of a stop string)
+    logprob: Optional[float]
+    finish_reason: Optional[str]  # set on the last chunk
+
+
+_GEN_CONFIG_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                      "repetition_penalty")
+
+
+def defaults_from_generation_config(folder) -> dict:
+    """SamplingParams defaults from generation_config.json (do_sample=false means greedy)."""
+    gc = read_json(Path(folder) / "generation_config.json", required=False) or {}
+    out = {k: gc[k] for k in _GEN_CONFIG_FIELDS if gc.get(k) is not None}
+    if not gc.get("do_sample", False) and gc:
+        out["temperature"] = 0.0
+    eos = gc.get("eos_token_id")
+    if eos is not None:
+        out["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
+    return out
+
+
+class Engine:
+    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()`."""
+
+    def __init__(self, model: Decoder, tokenizer=None, defaults: Optional[dict] = None, cuda_graph: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.defaults = dict(defaults or {})
+        self.cuda_graph = cuda_graph
+        self._state: Optional[DecodeState] = None
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False) -> "Engine":
+        folder = Path(folder)
+        model = load_decoder(folder, dtype=dtype, device=device)
+        tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+        return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
+
+    def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
+        """Generation defaults, then `params`, then keyword overrides; the model's eos ids always stop."""
+        names = {f.name for f in fields(SamplingParams)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling option(s): {unknown}")
+        base = params if params is not None else SamplingParams(**self.defaults)
+        p = replace(base, **overrides)
+        stops = tuple(dict.fromkeys(tuple(p.stop_token_ids) + tuple(self.model.cfg.eos_token_ids)))
+        return replace(p, stop_token_ids=stops).validate()
+
+    def encode(self, prompt: Union[str, Sequence[int]]) -> list:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (tokenizer.json in the checkpoint folder)")
+            return self.tokenizer.encode(prompt).ids
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.cfg.vocab_size}")
+        return ids
+
+    def _decode_state(self, batch: int, max_len: int) -> DecodeState:
+        """Reuse the last cache (and its CUDA graph) when the batch matches and it is large enough."""
+        s = self._state
+        if s is None or s.batch != batch or s.cache.max_len < max_len:
+            self._state = None  # free the old cache before allocating the new one
+            s = self._state = DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
+        return s
+
+    def _run(self, prompts: list, params: list, ignore_eos: bool = False) -> Iterator[tuple]:
+        """Yield (row, token_id, text_piece, logprob, finish_reason) for every generated token."""
+        ctx = self.model.cfg.max_seq_len
+        for b, (ids, p) in enumerate(zip(prompts, params)):
+            if not ids:
+                raise ValueError(f"prompt {b} is empty")
+            if len(ids) + p.max_new_tokens > ctx:
+                raise CapacityError(f"prompt {b}: {len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
+                                    f"the model's context of {ctx} positions")
+            if p.stop_strings and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+        B = len(prompts)
+        state = self._decode_state(B, max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+        dev = state.lengths.device
+        if ignore_eos:
+            eos = set(self.model.cfg.eos_token_ids)
+            params = [replace(p, stop_token_ids=tuple(t for t in p.stop_token_ids if t not in eos)) for p in params]
+        sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
+        detok = [IncrementalDecoder(self.tokenizer, prompt_ids=ids) if self.tokenizer else None for ids in prompts]
+        stops = [StopStringMatcher(p.stop_strings) if p.stop_strings else None for p in params]
+        stop_ids = [set(p.stop_token_ids) for p in params]
+        n_new = [0] * B
+        done = [p.max_new_tokens == 0 for p in params]
+        logits = state.prefill(prompts) if not all(done) else None
+        step = 0
+        while not all(done):
+            tokens, logprobs = sampler.sample(logits.float(), step)
+            sampler.update(tokens)
+            toks = tokens.tolist()
+            lps = logprobs.tolist() if logprobs is not None else [None] * B
+            for b in range(B):
+                if done[b]:
+                    continue
+                t = toks[b]
+                n_new[b] += 1
+                stop_id = t in stop_ids[b]
+                piece = detok[b].push(t) if detok[b] is not None and not stop_id else ""
+                if stops[b] is not None:
+                    piece = stops[b].push(piece)
+                reason = "stop" if stop_id or (stops[b] is not None and stops[b].stopped) else None
+                if reason is None and n_new[b] >= params[b].max_new_tokens:
+                    reason = "length"
+                if reason is not None:
+                    piece += self._final_text(detok[b], stops[b])
+                done[b] = reason is not None
+                yield b, t, piece, lps[b] if params[b].logprobs else None, reason
+            step += 1
+            if not all(done):
+                active = torch.tensor([not d for d in done], device=dev)
+                logits = state.decode(tokens, active)
+
+    @staticmethod
+    def _final_text(detok, stops) -> str:
+        """Text still held back when a row ends (partial characters, a possible stop-string start)."""
+        if stops is not None and stops.stopped:
+            return ""
+        tail = detok.flush() if detok is not None else ""
+        if stops is not None:
+            tail = stops.push(tail)
+            tail += "" if stops.stopped else stops.flush()
+        return tail
+
+    def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
+                 **overrides) -> list:
+        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`.
+
+        `params` may also be a list with one SamplingParams per prompt."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            raise ValueError("generate() got no prompts")
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        plist = [self.params(p, **overrides) for p in plist]
+        ids = [self.encode(p) for p in prompts]
+        out = [Completion([], "" if self.tokenizer else None, [] if p.logprobs else None, "length") for p in plist]
+        for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos):
+            c = out[b]
+            c.token_ids.append(t)
+            if c.text is not None:
+                c.text += piece
+            if c.logprobs is not None:
+                c.logprobs.append(lp)
+            if reason is not None:
+                c.finish_reason = reason
+        return out
+
+    def stream(self, prompt, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
+               **overrides) -> Iterator[StreamChunk]:
+        """Yield a `StreamChunk` per generated token of one prompt as soon as it is sampled."""
+        p = self.params(params, **overrides)
+        for _, t, piece, lp, reason in self._run([self.encode(prompt)], [p], ignore_eos):
+            yield StreamChunk(t, piece, lp, reason)
