@@ -1,0 +1,116 @@
+"""Streaming text: incremental detokenization and stop-string matching.
+
+`IncrementalDecoder` turns a stream of token ids into text pieces whose concatenation equals
+decoding all ids at once. It uses the prefix/read-offset technique of vLLM and TGI: decode a
+short window of recent ids twice, without and with the new tokens, and emit the difference once
+the window no longer ends in an incomplete UTF-8 character ("\\ufffd"). Decoding a window rather
+than each token alone keeps decoders that look at neighbouring tokens (SentencePiece's leading
+space, byte fallback, byte-level BPE splitting a character over tokens) right.
+
+`StopStringMatcher` sits after it: it holds back text that could be the start of a stop string
+and cuts the stream just before the first stop string that appears (the stop string itself is
+not part of the output, as in OpenAI and vLLM).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from tokenizers import Tokenizer
+
+INCOMPLETE = "\ufffd"  # what a decoder yields for bytes that do not (yet) form a character
+PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the first generated ones (as vLLM)
+
+
+class IncrementalDecoder:
+    """Decodes token ids one at a time: `push(id)` returns only the newly completed text."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Sequence[int]] = None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids or ())  # prompt + generated ids
+        self.read_offset = len(self.ids)  # ids before this are already turned into text
+        # A prompt ending inside a character leaves it to the generated text to complete.
+        while self.read_offset > 0 and self._decode(max(self.read_offset - PROMPT_CONTEXT, 0), self.read_offset).endswith(INCOMPLETE):
+            self.read_offset -= 1
+        self.prefix_offset = max(self.read_offset - PROMPT_CONTEXT, 0)  # start of the decoded window
+        self._pieces: list[str] = []
+
+    def _decode(self, start: int, stop: Optional[int] = None) -> str:
+        return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip_special_tokens)
+
+    def _advance(self, final: bool) -> str:
+        prefix_text = self._decode(self.prefix_offset, self.read_offset)
+        new_text = self._decode(self.prefix_offset)
+        if len(new_text) <= len(prefix_text) or (new_text.endswith(INCOMPLETE) and not final):
+            return ""
+        piece = new_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._pieces.append(piece)
+        return piece
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text it completes ("" while a character is partial)."""
+        self.ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """At the end of generation: the held-back text, incomplete characters included (as the
+        one-shot decode shows them)."""
+        return self._advance(final=True)
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._pieces)
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text. `push(piece)` returns the text that is safe to show:
+    everything except a tail that could still grow into a stop string, and nothing from a stop
+    string on. After a stop string was seen, `stopped` is True and `stop_string` names it."""
+
+    def __init__(self, stop_strings: Sequence[str]):
+        bad = [s for s in stop_strings if not isinstance(s, str) or not s]
+        if bad:
+            raise ValueError(f"stop_strings: {bad[0]!r} is not a non-empty string")
+        self.stop_strings = tuple(stop_strings)
+        self.stopped = False
+        self.stop_string: Optional[str] = None
+        self._held = ""  # released text ends before this; it may be the start of a stop string
+        self._pieces: list[str] = []
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + piece
+        hits = [(i, s) for s in self.stop_strings if (i := text.find(s)) >= 0]
+        if hits:
+            cut, self.stop_string = min(hits, key=lambda hit: hit[0])
+            self.stopped, self._held = True, ""
+            return self._release(text[:cut])
+        hold = max((self._partial_match(text, s) for s in self.stop_strings), default=0)
+        self._held = text[len(text) - hold:]
+        return self._release(text[: len(text) - hold])
+
+    @staticmethod
+    def _partial_match(text: str, stop: str) -> int:
+        """Length of the longest end of `text` that is a proper start of `stop`."""
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        """At the end of generation without a stop string: release the held-back text."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else self._release(held)
+
+    def _release(self, text: str) -> str:
+        if text:
+            self._pieces.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        """All text released so far."""
+        return "".join(self._pieces)
