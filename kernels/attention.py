@@ -120,8 +120,25 @@ def _attention_sdpa(q, k, v, causal, q_start, kv_len, scale):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != Hq)
     mask = visibility_mask(B, Tq, Tk, causal, q_start, kv_len, q.device)
+    if not q.is_cuda and Tq <= 16:
+        return _attention_few_queries(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=k.shape[1] != Hq)
+
+
+def _attention_few_queries(q, k, v, mask, scale):
+    """Decode/verification on CPU: the query heads of each KV group form one matrix, so a step is
+    two batched matmuls that read each K/V byte once (SDPA's CPU kernels are slow for Tq=1)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qg = q.reshape(B, Hkv, rep * Tq, D)  # row r*Tq + t holds head g*rep + r, query t
+    s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, rep*Tq, Tk)
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(2).expand(B, 1, rep, Tq, Tk).reshape(B, 1, rep * Tq, Tk), float("-inf"))
+    p = torch.softmax(s, dim=-1).to(v.dtype)
+    return torch.matmul(p, v).view(B, Hq, Tq, D)
 
 
 @functools.lru_cache(maxsize=None)
