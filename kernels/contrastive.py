@@ -21,7 +21,8 @@ y (K, D), z = s * x @ y.T (+ b), where row i of x is paired with column i + off 
 The gradient for y is the same `_bwd` on the transposed problem (y against x, offset -off), so no
 atomics are needed and results are deterministic. For CLIP the single-process backward fuses both
 softmax directions into one G = P_row + P_col - 2I, so each feature matrix costs one pass.
-Backends: "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "torch" (chunked row blocks:
+Backends: "triton" (contrastive_triton.py, imported on first use; CUDA tensors, or CPU tensors
+under TRITON_INTERPRET=1), "torch" (chunked row blocks:
 O(rows_per_chunk * K) scratch, used for CPU tensors), and the "_reference" functions below, which
 materialise the logits as OpenCLIP does. "auto" picks triton on CUDA and torch otherwise; the
 environment variable MMFUSE_CONTRASTIVE overrides the default.
@@ -34,21 +35,15 @@ loss. OpenCLIP's SigLipLoss (neighbour exchange) equals
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch backend still works
-    triton = None
-
 CLIP, SIGLIP = 0, 1
 _BACKENDS = ("auto", "triton", "torch")
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CHUNK_ELEMENTS = 1 << 22  # torch backend: rows per chunk = this // K (16 MiB of fp32 per buffer)
 
 
@@ -131,186 +126,9 @@ def siglip_loss_reference(image_features: torch.Tensor, text_features: torch.Ten
     return -F.logsigmoid(labels * logits).sum() / img.shape[0]
 
 
-# ----------------------------------------------------------------------------- Triton kernels
-
-if triton is not None:
-
-    @triton.jit
-    def _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """x[rows] @ y[cols].T as a (BLOCK_M, BLOCK_N) fp32 tile, looping over D in BLOCK_K chunks."""
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            dims = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + dims[None, :],
-                        mask=(rows[:, None] < M) & (dims[None, :] < D), other=0.0)
-            y = tl.load(y_ptr + cols[:, None] * stride_y + dims[None, :],
-                        mask=(cols[:, None] < K) & (dims[None, :] < D), other=0.0)
-            if UPCAST:  # the interpreter computes bf16 wrongly: do everything in fp32 there
-                x = x.to(tl.float32)
-                y = y.to(tl.float32)
-            acc += tl.dot(x, tl.trans(y), input_precision=PRECISION)
-        return acc
-
-    @triton.jit
-    def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, rowloss_ptr, M, K, D, stride_x,
-                    stride_y, off, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
-        """Per row i: lse_i = logsumexp_j z_ij (CLIP) and the row's loss term, online over y."""
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-        s = tl.load(scale_ptr).to(tl.float32)
-        b = 0.0
-        if KIND == 1:
-            b = tl.load(bias_ptr).to(tl.float32)
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max (CLIP)
-        acc = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp (CLIP) / of softplus (SigLIP)
-        pos = tl.zeros((BLOCK_M,), tl.float32)  # z of the positive pair
-        for n0 in range(0, K, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)  # (BN,)
-            z = s * _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
-                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) + b  # (BM, BN)
-            valid = cols[None, :] < K
-            pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + off, z, 0.0), axis=1)
-            if KIND == 0:
-                z = tl.where(valid, z, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(z, axis=1))
-                acc = acc * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-                m_i = m_new
-            else:
-                softplus = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
-                acc += tl.sum(tl.where(valid, softplus, 0.0), axis=1)
-        rmask = rows < M
-        if KIND == 0:
-            lse = m_i + tl.log(acc)
-            tl.store(lse_ptr + rows, lse, mask=rmask)
-            tl.store(rowloss_ptr + rows, lse - pos, mask=rmask)
-        else:
-            tl.store(rowloss_ptr + rows, acc - pos, mask=rmask)
-
-    @triton.jit
-    def _bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_ptr, dx_ptr,
-                    gdot_ptr, gsum_ptr, M, K, D, stride_x, stride_y, stride_dx, off, diag_w,
-                    KIND: tl.constexpr, HAS_LSE_X: tl.constexpr, HAS_LSE_Y: tl.constexpr,
-                    WANT_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, D_SPLITS: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """dx[rows, dslice] = coef * s * G @ y[:, dslice], G recomputed tile by tile.
-
-        CLIP: G = exp(z - lse_x[i]) + exp(z - lse_y[j]) - diag_w * [j == i + off] (either exp
-        term optional); SigLIP: G = sigmoid(z) - [j == i + off]. Program (i, 0) also writes the
-        row sums of G * (x . y) and of G. Output dims are split over D_SPLITS programs, each
-        recomputing z, to bound the (BLOCK_M, BLOCK_D / D_SPLITS) accumulator.
-        """
-        BLOCK_DO: tl.constexpr = BLOCK_D // D_SPLITS
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-        pid_d = tl.program_id(1)
-        dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)  # (BDO,)
-        rmask = rows < M
-        s = tl.load(scale_ptr).to(tl.float32)
-        b = 0.0
-        if KIND == 1:
-            b = tl.load(bias_ptr).to(tl.float32)
-        lse_x = tl.zeros((BLOCK_M,), tl.float32)
-        if HAS_LSE_X:
-            lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0)
-        acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
-        gdot = tl.zeros((BLOCK_M,), tl.float32)
-        gsum = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in range(0, K, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)  # (BN,)
-            valid = cols < K
-            dot = _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
-                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)  # (BM, BN)
-            z = s * dot + b
-            diag = tl.where(cols[None, :] == rows[:, None] + off, diag_w, 0.0)
-            if KIND == 0:
-                g = -diag
-                if HAS_LSE_X:
-                    g += tl.exp(z - lse_x[:, None])
-                if HAS_LSE_Y:
-                    lse_y = tl.load(lse_y_ptr + cols, mask=valid, other=0.0)
-                    g += tl.exp(z - lse_y[None, :])
-            else:
-                g = 1.0 / (1.0 + tl.exp(-z)) - diag
-            g = tl.where(valid[None, :], g, 0.0)
-            if WANT_SUMS:
-                gdot += tl.sum(g * dot, axis=1)
-                gsum += tl.sum(g, axis=1)
-            y = tl.load(y_ptr + cols[:, None] * stride_y + dout[None, :],
-                        mask=valid[:, None] & (dout[None, :] < D), other=0.0)  # (BN, BDO)
-            if UPCAST:
-                y = y.to(tl.float32)
-            acc += tl.dot(g.to(y.dtype), y, input_precision=PRECISION)
-        c = tl.load(coef_ptr).to(tl.float32)
-        dx = acc * (c * s)
-        tl.store(dx_ptr + rows[:, None] * stride_dx + dout[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & (dout[None, :] < D))
-        if WANT_SUMS:
-            if pid_d == 0:
-                tl.store(gdot_ptr + rows, gdot, mask=rmask)
-                tl.store(gsum_ptr + rows, gsum, mask=rmask)
-
-    if _INTERPRET:  # one fixed config; small blocks that still exercise every loop and mask
-        _fwd_launch, _bwd_launch = _fwd_kernel, _bwd_kernel
-        _FWD_META = dict(BLOCK_M=32, BLOCK_N=32)
-        _BWD_META = dict(BLOCK_M=32, BLOCK_N=32, D_SPLITS=2)
-    else:  # GPU: autotuned; configs chosen for D = 256..1024 (untuned on real hardware)
-        _fwd_launch = triton.autotune(
-            configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
-                     for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                                           (128, 128, 8, 4), (64, 64, 4, 2)]],
-            key=["D", "KIND"])(_fwd_kernel)
-        _bwd_launch = triton.autotune(
-            configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, D_SPLITS=sp), num_warps=w,
-                                   num_stages=st)
-                     for bm, bn, sp, w, st in [(64, 64, 1, 8, 2), (64, 64, 2, 4, 2),
-                                               (128, 64, 2, 8, 2), (128, 32, 4, 8, 2),
-                                               (64, 32, 1, 4, 3), (32, 64, 1, 4, 2)]],
-            key=["D", "KIND", "HAS_LSE_X", "HAS_LSE_Y"])(_bwd_kernel)
-        _FWD_META, _BWD_META = {}, {}
-
-
-def _kernel_flags(x: torch.Tensor, D: int) -> tuple[dict, int]:
-    """Compile-time flags shared by both kernels, and BLOCK_D (>= 64, so 4 splits stay >= 16)."""
-    block_d = max(64, triton.next_power_of_2(D))
-    return dict(BLOCK_K=32 if _INTERPRET else 64, UPCAST=_INTERPRET,
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32"), block_d
-
-
 def _new(shape, dtype, device) -> torch.Tensor:
     """Allocation of every kernel output (tests replace it with a NaN-filled one)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _triton_fwd(x, y, scale, bias, kind, off):
-    M, D = x.shape
-    K = y.shape[0]
-    flags, _ = _kernel_flags(x, D)
-    lse = _new((M,), torch.float32, x.device)
-    rowloss = _new((M,), torch.float32, x.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    _fwd_launch[grid](x, y, scale, scale if bias is None else bias, lse, rowloss, M, K, D,
-                      x.stride(0), y.stride(0), off, KIND=kind, **flags, **_FWD_META)
-    return (lse if kind == CLIP else None), rowloss
-
-
-def _triton_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums):
-    M, D = x.shape
-    K = y.shape[0]
-    flags, block_d = _kernel_flags(x, D)
-    dx = _new((M, D), x.dtype, x.device)
-    gdot = _new((M,), torch.float32, x.device) if want_sums else coef
-    gsum = _new((M,), torch.float32, x.device) if want_sums else coef
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), meta["D_SPLITS"])  # noqa: E731
-    _bwd_launch[grid](x, y, scale, scale if bias is None else bias,
-                      coef if lse_x is None else lse_x, coef if lse_y is None else lse_y, coef,
-                      dx, gdot, gsum, M, K, D, x.stride(0), y.stride(0), dx.stride(0), off,
-                      float(diag_w), KIND=kind, HAS_LSE_X=lse_x is not None,
-                      HAS_LSE_Y=lse_y is not None, WANT_SUMS=want_sums, BLOCK_D=block_d,
-                      **flags, **_BWD_META)
-    return dx, (gdot if want_sums else None), (gsum if want_sums else None)
 
 
 # ----------------------------------------------------------------------------- chunked torch
@@ -335,8 +153,8 @@ def _torch_tiles(x, y, scale, bias, kind, off):
 
 def _torch_fwd(x, y, scale, bias, kind, off):
     M = x.shape[0]
-    lse = torch.empty(M, dtype=torch.float32, device=x.device) if kind == CLIP else None
-    rowloss = torch.empty(M, dtype=torch.float32, device=x.device)
+    lse = _new((M,), torch.float32, x.device) if kind == CLIP else None
+    rowloss = _new((M,), torch.float32, x.device)
     for rs, _, z, pos, _ in _torch_tiles(x, y, scale, bias, kind, off):
         zpos = (z * pos).sum(1)
         if kind == CLIP:
@@ -349,9 +167,9 @@ def _torch_fwd(x, y, scale, bias, kind, off):
 
 def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums):
     M = x.shape[0]
-    dx = torch.empty_like(x)
-    gdot = torch.empty(M, dtype=torch.float32, device=x.device) if want_sums else None
-    gsum = torch.empty(M, dtype=torch.float32, device=x.device) if want_sums else None
+    dx = _new(x.shape, x.dtype, x.device)
+    gdot = _new((M,), torch.float32, x.device) if want_sums else None
+    gsum = _new((M,), torch.float32, x.device) if want_sums else None
     cs = coef.float() * scale.float()
     for rs, dot, z, pos, yf in _torch_tiles(x, y, scale, bias, kind, off):
         if kind == CLIP:
@@ -374,16 +192,18 @@ def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
 
 
 def _ops(backend: str, device: torch.device):
+    """(fwd, bwd) primitives of a backend; the Triton module is imported on first use only."""
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton is not None else "torch"
+        backend = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
     if backend == "torch":
         return _torch_fwd, _torch_bwd
-    if triton is None:
+    if importlib.util.find_spec("triton") is None:
         raise ValueError("contrastive loss backend 'triton' requested but triton is not installed")
-    if device.type != "cuda" and not _INTERPRET:
+    from . import contrastive_triton as ct
+    if device.type != "cuda" and not ct.INTERPRET:
         raise ValueError(f"contrastive loss backend 'triton' needs CUDA tensors (got {device}) "
-                         "or TRITON_INTERPRET=1 set before triton is imported")
-    return _triton_fwd, _triton_bwd
+                         "or TRITON_INTERPRET=1 set before the first Triton loss call")
+    return ct.triton_fwd, ct.triton_bwd
 
 
 class ClipLossFunction(torch.autograd.Function):
