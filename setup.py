@@ -10,7 +10,8 @@ ext_modules = [
         sorted(glob.glob("csrc/ngram/*.cpp")),
         include_dirs=["csrc/ngram"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-pthread"],
+        extra_link_args=["-pthread"],
     ),
 ]
 

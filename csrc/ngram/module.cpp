@@ -1,6 +1,401 @@
-// pybind11 entry point of mmfuse._ngram (n-gram counting and Kneser-Ney estimation).
+// pybind11 entry point of mmfuse._ngram: corpus counting + Kneser-Ney estimation (Builder) and
+// the query model (Model, State). Bad input raises ValueError (C++ InputError); no call crashes.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
-PYBIND11_MODULE(_ngram, m) {
-    m.doc() = "mmfuse n-gram language model core (C++)";
+#include <charconv>
+#include <chrono>
+#include <cstring>
+
+#include "count.hh"
+#include "estimate.hh"
+#include "model.hh"
+
+namespace py = pybind11;
+using namespace ngram;
+
+namespace {
+
+using IdArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using TokArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+// A model plus what Python needs around it: build statistics and the token-id <-> word-id maps of
+// models whose words are integer token ids (built from numpy arrays).
+class PyModel {
+  public:
+    explicit PyModel(std::unique_ptr<Model> m) : m_(std::move(m)) {}
+    Model& m() { return *m_; }
+    const Model& m() const { return *m_; }
+    std::vector<std::string> warnings;
+    py::object stats;  // dict of build statistics (None until set, with the GIL held)
+
+    void check_ids(const int32_t* ids, size_t n) const {
+        const size_t V = m_->vocab_size();
+        for (size_t i = 0; i < n; ++i)
+            if (ids[i] < 0 || size_t(ids[i]) >= V)
+                throw InputError("word id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                                 " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    }
+
+    // State after the context (bos: the context follows <s>); only the last order-1 words matter.
+    State state_after(const int32_t* ids, size_t n, bool bos) const {
+        check_ids(ids, n);
+        const size_t keep = size_t(m_->order() - 1);
+        State st = (bos && n < keep + 1) ? m_->begin_state() : m_->null_state();
+        size_t from = (bos && n < keep + 1) ? 0 : (n > keep ? n - keep : 0);
+        State next;
+        for (size_t i = from; i < n; ++i) { m_->score(st, WordId(ids[i]), next); st = next; }
+        return st;
+    }
+
+    bool is_token_model() {
+        build_token_maps();
+        return token_model_;
+    }
+    const std::vector<int64_t>& word_to_token() { build_token_maps(); return word_to_token_; }
+    int32_t token_to_word(int64_t t) {
+        build_token_maps();
+        if (t < 0) throw InputError("token ids must be non-negative, got " + std::to_string(t));
+        return size_t(t) < token_to_word_.size() ? token_to_word_[t] : int32_t(kUNK);
+    }
+
+  private:
+    void build_token_maps() {
+        if (maps_built_) return;
+        maps_built_ = true;
+        const size_t V = m_->vocab_size();
+        word_to_token_.assign(V, -1);
+        token_model_ = V > 3;
+        int64_t max_tok = -1;
+        for (WordId w = 3; w < V; ++w) {
+            std::string_view s = m_->vocab.word(w);
+            int64_t t = -1;
+            auto r = std::from_chars(s.data(), s.data() + s.size(), t);
+            bool ok = r.ec == std::errc() && r.ptr == s.data() + s.size() && t >= 0 && std::to_string(t) == s;
+            if (!ok) { token_model_ = false; continue; }
+            word_to_token_[w] = t;
+            max_tok = std::max(max_tok, t);
+        }
+        token_to_word_.assign(size_t(max_tok + 1), int32_t(kUNK));
+        for (WordId w = 3; w < V; ++w)
+            if (word_to_token_[w] >= 0) token_to_word_[word_to_token_[w]] = int32_t(w);
+    }
+    std::unique_ptr<Model> m_;
+    bool maps_built_ = false, token_model_ = false;
+    std::vector<int64_t> word_to_token_;
+    std::vector<int32_t> token_to_word_;
+};
+
+template <class T> py::array_t<T> to_numpy(const std::vector<T>& v) {
+    py::array_t<T> a(v.size());
+    if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+    return a;
+}
+
+// Splits a sentence on whitespace into word ids.
+std::vector<int32_t> encode_sentence(const Model& m, std::string_view s) {
+    std::vector<int32_t> ids;
+    size_t p = 0;
+    while (p < s.size()) {
+        while (p < s.size() && std::strchr(" \t\r\n\v\f", s[p]) && s[p]) ++p;
+        size_t b = p;
+        while (p < s.size() && !(std::strchr(" \t\r\n\v\f", s[p]) && s[p])) ++p;
+        if (p > b) ids.push_back(int32_t(m.index(s.substr(b, p - b))));
+    }
+    return ids;
+}
+
+// Scores a sentence of word ids: per-token log10 probability and n-gram length (plus </s> if eos).
+void score_ids_into(const Model& m, const int32_t* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) {
+    State st = bos ? m.begin_state() : m.null_state(), next;
+    for (size_t i = 0; i < n; ++i) {
+        Score s = m.score(st, WordId(ids[i]), next);
+        probs[i] = s.prob;
+        if (lens) lens[i] = s.ngram_length;
+        st = next;
+    }
+    if (eos) {
+        Score s = m.score(st, kEOS, next);
+        probs[n] = s.prob;
+        if (lens) lens[n] = s.ngram_length;
+    }
+}
+
+py::tuple top_k_py(PyModel& pm, const State& st, int k) {
+    if (k < 0) throw InputError("k must be >= 0");
+    std::vector<WordId> ids;
+    std::vector<float> probs;
+    pm.m().top_k(st, k, ids, probs);
+    std::vector<int32_t> out(ids.begin(), ids.end());
+    return py::make_tuple(to_numpy(out), to_numpy(probs));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_ngram, mod) {
+    mod.doc() = "mmfuse n-gram language model core (C++): counting, modified Kneser-Ney, queries";
+    mod.attr("MAX_ORDER") = kMaxOrder;
+    py::register_exception<InputError>(mod, "InputError", PyExc_ValueError);
+
+    py::class_<State>(mod, "State")
+        .def_property_readonly("length", [](const State& s) { return s.length; })
+        .def_property_readonly("words", [](const State& s) { return std::vector<WordId>(s.words, s.words + s.length); })
+        .def("__eq__", [](const State& a, const State& b) { return a == b; })
+        .def("__hash__", [](const State& s) {
+            uint64_t h = uint64_t(s.length);
+            for (int i = 0; i < s.length; ++i) h = hash_extend(h, s.words[i]);
+            return h;
+        })
+        .def("__repr__", [](const State& s) {
+            std::string r = "State(words=[";
+            for (int i = 0; i < s.length; ++i) r += (i ? ", " : "") + std::to_string(s.words[i]);
+            return r + "])";
+        });
+
+    py::class_<Counter>(mod, "Builder")
+        .def(py::init([](int order, uint64_t memory_bytes, std::string tmp_dir, int threads, bool skip_symbols, bool progress) {
+                 CountOptions o;
+                 o.order = order; o.memory_bytes = memory_bytes; o.tmp_dir = tmp_dir;
+                 o.threads = std::max(1, threads); o.skip_symbols = skip_symbols; o.progress = progress;
+                 return Counter::make(o);
+             }),
+             py::arg("order"), py::arg("memory_bytes"), py::arg("tmp_dir"), py::arg("threads"),
+             py::arg("skip_symbols"), py::arg("progress"))
+        .def("add_file", &Counter::add_file, py::call_guard<py::gil_scoped_release>())
+        .def("add_text", [](Counter& c, const std::string& text) {
+            py::gil_scoped_release nogil;
+            c.add_text(text.data(), text.size());
+        })
+        .def("add_token_ids", [](Counter& c, TokArray ids) {
+            if (ids.ndim() != 1) throw InputError("token ids must be a 1-D array, got shape with " + std::to_string(ids.ndim()) + " dims");
+            c.add_token_ids(ids.data(), size_t(ids.size()));
+        })
+        .def_readonly("tokens", &Counter::tokens)
+        .def_readonly("lines", &Counter::lines)
+        .def_readonly("bytes", &Counter::bytes)
+        .def_readonly("spilled_runs", &Counter::spilled_runs)
+        .def_property_readonly("vocab_size", [](const Counter& c) { return c.vocab.size(); })
+        .def("finish", [](Counter& c, std::vector<uint64_t> prune, bool interpolate_unigrams,
+                          std::optional<std::vector<float>> fallback, bool progress) {
+            EstimateOptions eo;
+            eo.prune = prune;
+            eo.interpolate_unigrams = interpolate_unigrams;
+            eo.progress = progress;
+            if (fallback) {
+                if (fallback->empty() || fallback->size() > 3) throw InputError("discount_fallback takes 1 to 3 discounts");
+                eo.discount_fallback = true;
+                for (size_t j = 0; j < 3; ++j) eo.fallback[j] = (*fallback)[std::min(j, fallback->size() - 1)];
+            }
+            std::unique_ptr<Model> model;
+            EstimateResult res;
+            std::vector<std::string> w;
+            double t_count = 0;
+            {
+                py::gil_scoped_release nogil;
+                normalise_prune(eo.prune, c.order());
+                auto t0 = std::chrono::steady_clock::now();
+                CountedGrams grams = c.finish();
+                t_count = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                if (c.tokens == 0 && c.lines == 0) throw InputError("the corpus is empty");
+                const size_t V = c.vocab.size();
+                res = estimate(std::move(grams), V, eo);
+                model = Model::build(std::move(res.orders), std::move(c.vocab), &w);
+                model->discounts = res.discounts;
+            }
+            auto pm = std::make_unique<PyModel>(std::move(model));
+            pm->warnings = res.warnings;
+            pm->warnings.insert(pm->warnings.end(), w.begin(), w.end());
+            py::dict stats;
+            stats["count_of_counts"] = py::cast(res.count_of_counts);
+            stats["merge_seconds"] = t_count;
+            pm->stats = stats;
+            return pm;
+        }, py::arg("prune"), py::arg("interpolate_unigrams"), py::arg("discount_fallback"), py::arg("progress"));
+
+    py::class_<PyModel>(mod, "Model")
+        .def_static("load_binary", [](const std::string& path) {
+            std::unique_ptr<Model> m;
+            {
+                py::gil_scoped_release nogil;
+                m = Model::load_binary(path);
+            }
+            return std::make_unique<PyModel>(std::move(m));
+        })
+        .def_static("read_arpa_bytes", [](py::bytes data) {
+            std::string_view s = data;
+            std::vector<std::string> w;
+            std::unique_ptr<Model> m;
+            {
+                py::gil_scoped_release nogil;
+                m = Model::read_arpa(s.data(), s.size(), &w);
+            }
+            auto pm = std::make_unique<PyModel>(std::move(m));
+            pm->warnings = w;
+            return pm;
+        })
+        .def("save_binary", [](const PyModel& pm, const std::string& path) { pm.m().save_binary(path); },
+             py::call_guard<py::gil_scoped_release>())
+        .def("write_arpa", [](const PyModel& pm, const std::string& path) { pm.m().write_arpa(path); },
+             py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("order", [](const PyModel& pm) { return pm.m().order(); })
+        .def_property_readonly("vocab_size", [](const PyModel& pm) { return pm.m().vocab_size(); })
+        .def_property_readonly("counts", [](const PyModel& pm) {
+            std::vector<uint64_t> c;
+            for (int n = 1; n <= pm.m().order(); ++n) c.push_back(pm.m().count(n));
+            return c;
+        })
+        .def_property_readonly("discounts", [](const PyModel& pm) -> py::object {
+            if (pm.m().discounts.empty()) return py::none();
+            py::list l;
+            for (auto& d : pm.m().discounts) l.append(py::make_tuple(d.amount[1], d.amount[2], d.amount[3]));
+            return l;
+        })
+        .def_readonly("warnings", &PyModel::warnings)
+        .def_property_readonly("stats", [](const PyModel& pm) { return pm.stats ? pm.stats : py::dict(); })
+        .def_property_readonly("is_token_model", [](PyModel& pm) { return pm.is_token_model(); })
+        .def("index", [](const PyModel& pm, const std::string& w) { return int32_t(pm.m().index(w)); })
+        .def("word", [](const PyModel& pm, int64_t id) {
+            if (id < 0 || size_t(id) >= pm.m().vocab_size()) throw InputError("word id " + std::to_string(id) + " is outside the vocabulary");
+            return std::string(pm.m().vocab.word(WordId(id)));
+        })
+        .def("vocab", [](const PyModel& pm) {
+            std::vector<std::string> v;
+            for (WordId w = 0; w < pm.m().vocab_size(); ++w) v.emplace_back(pm.m().vocab.word(w));
+            return v;
+        })
+        .def("encode", [](const PyModel& pm, const std::string& sentence) { return to_numpy(encode_sentence(pm.m(), sentence)); })
+        .def("tokens_to_ids", [](PyModel& pm, TokArray toks) {
+            std::vector<int32_t> out(size_t(toks.size()));
+            const int64_t* t = toks.data();
+            for (size_t i = 0; i < out.size(); ++i) out[i] = pm.token_to_word(t[i]);
+            return to_numpy(out);
+        })
+        .def("ids_to_tokens", [](PyModel& pm, IdArray ids) {
+            pm.check_ids(ids.data(), size_t(ids.size()));
+            const auto& w2t = pm.word_to_token();
+            std::vector<int64_t> out(size_t(ids.size()));
+            for (size_t i = 0; i < out.size(); ++i) out[i] = w2t[ids.data()[i]];
+            return to_numpy(out);
+        })
+        .def("score_ids", [](const PyModel& pm, IdArray ids, bool bos, bool eos) {
+            if (ids.ndim() != 1) throw InputError("ids must be a 1-D array");
+            size_t n = size_t(ids.size());
+            pm.check_ids(ids.data(), n);
+            py::array_t<float> probs(n + eos);
+            py::array_t<int32_t> lens(n + eos);
+            score_ids_into(pm.m(), ids.data(), n, bos, eos, probs.mutable_data(), lens.mutable_data());
+            return py::make_tuple(probs, lens);
+        }, py::arg("ids"), py::arg("bos"), py::arg("eos"))
+        .def("score_sentence", [](const PyModel& pm, const std::string& s, bool bos, bool eos) {
+            std::vector<int32_t> ids = encode_sentence(pm.m(), s);
+            std::vector<float> probs(ids.size() + eos);
+            score_ids_into(pm.m(), ids.data(), ids.size(), bos, eos, probs.data(), nullptr);
+            double total = 0;
+            for (float p : probs) total += p;
+            return total;
+        })
+        .def("score_batch", [](const PyModel& pm, IdArray ids, TokArray lengths, bool bos, bool eos) {
+            if (ids.ndim() != 2) throw InputError("batch ids must be a 2-D array (B, T)");
+            const size_t B = size_t(ids.shape(0)), T = size_t(ids.shape(1));
+            if (lengths.ndim() != 1 || size_t(lengths.size()) != B)
+                throw InputError("lengths must be a 1-D array of " + std::to_string(B) + " entries");
+            for (size_t b = 0; b < B; ++b)
+                if (lengths.data()[b] < 0 || size_t(lengths.data()[b]) > T)
+                    throw InputError("lengths[" + std::to_string(b) + "] = " + std::to_string(lengths.data()[b]) + " is outside [0, " + std::to_string(T) + "]");
+            for (size_t b = 0; b < B; ++b) pm.check_ids(ids.data() + b * T, size_t(lengths.data()[b]));
+            py::array_t<double> totals(B);
+            double* out = totals.mutable_data();
+            const int32_t* data = ids.data();
+            const int64_t* len = lengths.data();
+            {
+                py::gil_scoped_release nogil;
+                std::vector<float> probs(T + 1);
+                for (size_t b = 0; b < B; ++b) {
+                    size_t n = size_t(len[b]);
+                    score_ids_into(pm.m(), data + b * T, n, bos, eos, probs.data(), nullptr);
+                    double t = 0;
+                    for (size_t i = 0; i < n + eos; ++i) t += probs[i];
+                    out[b] = t;
+                }
+            }
+            return totals;
+        }, py::arg("ids"), py::arg("lengths"), py::arg("bos"), py::arg("eos"))
+        .def("corpus_stats", [](const PyModel& pm, const std::string& text, bool bos, bool eos) {
+            // Sums over lines: (total log10, log10 of OOV tokens, tokens scored, OOVs, lines).
+            double total = 0, oov_total = 0;
+            uint64_t tokens = 0, oovs = 0, lines = 0;
+            {
+                py::gil_scoped_release nogil;
+                std::vector<float> probs;
+                size_t p = 0;
+                while (p < text.size()) {
+                    size_t e = text.find('\n', p);
+                    if (e == std::string::npos) e = text.size();
+                    std::vector<int32_t> ids = encode_sentence(pm.m(), std::string_view(text).substr(p, e - p));
+                    probs.resize(ids.size() + eos);
+                    score_ids_into(pm.m(), ids.data(), ids.size(), bos, eos, probs.data(), nullptr);
+                    for (size_t i = 0; i < probs.size(); ++i) {
+                        total += probs[i];
+                        if (i < ids.size() && ids[i] == int32_t(kUNK)) { oov_total += probs[i]; ++oovs; }
+                    }
+                    tokens += probs.size();
+                    ++lines;
+                    p = e + 1;
+                }
+            }
+            return py::make_tuple(total, oov_total, tokens, oovs, lines);
+        })
+        .def("begin_state", [](const PyModel& pm) { return pm.m().begin_state(); })
+        .def("null_state", [](const PyModel& pm) { return pm.m().null_state(); })
+        .def("state_after", [](const PyModel& pm, IdArray ids, bool bos) {
+            return pm.state_after(ids.data(), size_t(ids.size()), bos);
+        })
+        .def("score_word", [](const PyModel& pm, const State& st, int64_t id) {
+            if (id < 0 || size_t(id) >= pm.m().vocab_size()) throw InputError("word id " + std::to_string(id) + " is outside the vocabulary");
+            State out;
+            Score s = pm.m().score(st, WordId(id), out);
+            return py::make_tuple(s.prob, s.ngram_length, out);
+        })
+        .def("distribution", [](const PyModel& pm, const State& st) {
+            py::array_t<float> d(pm.m().vocab_size());
+            pm.m().distribution(st, d.mutable_data());
+            return d;
+        })
+        .def("top_k", [](PyModel& pm, const State& st, int k) { return top_k_py(pm, st, k); })
+        .def("greedy", [](PyModel& pm, IdArray ctx, int k, bool bos, bool stop_at_eos) {
+            if (k < 0) throw InputError("k must be >= 0");
+            State st = pm.state_after(ctx.data(), size_t(ctx.size()), bos), next;
+            std::vector<int32_t> ids;
+            std::vector<float> probs;
+            std::vector<WordId> best;
+            std::vector<float> bp;
+            for (int i = 0; i < k; ++i) {
+                pm.m().top_k(st, 1, best, bp);
+                if (best.empty()) break;
+                ids.push_back(int32_t(best[0]));
+                probs.push_back(bp[0]);
+                if (stop_at_eos && best[0] == kEOS) break;
+                pm.m().score(st, best[0], next);
+                st = next;
+            }
+            return py::make_tuple(to_numpy(ids), to_numpy(probs));
+        })
+        .def("sample", [](PyModel& pm, IdArray ctx, int max_words, uint64_t seed, bool bos) {
+            if (max_words < 0) throw InputError("max_words must be >= 0");
+            State st = pm.state_after(ctx.data(), size_t(ctx.size()), bos), next;
+            std::mt19937_64 rng(seed);
+            std::vector<int32_t> out;
+            {
+                py::gil_scoped_release nogil;
+                for (int i = 0; i < max_words; ++i) {
+                    WordId w = pm.m().sample(st, rng);
+                    out.push_back(int32_t(w));
+                    if (w == kEOS) break;
+                    pm.m().score(st, w, next);
+                    st = next;
+                }
+            }
+            return to_numpy(out);
+        });
 }

@@ -1,0 +1,206 @@
+// ARPA reading (KenLM's, SRILM's, any conforming file) and writing in lmplz's layout.
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "model.hh"
+
+namespace ngram {
+
+namespace {
+
+class LineReader {
+  public:
+    LineReader(const char* data, size_t len) : p_(data), end_(data + len) {}
+    bool next(std::string_view& line) {
+        if (p_ >= end_) return false;
+        const char* eol = static_cast<const char*>(std::memchr(p_, '\n', end_ - p_));
+        if (!eol) eol = end_;
+        size_t n = eol - p_;
+        if (n && p_[n - 1] == '\r') --n;
+        line = std::string_view(p_, n);
+        p_ = eol + 1;
+        ++line_no_;
+        return true;
+    }
+    size_t line_no() const { return line_no_; }
+
+  private:
+    const char* p_;
+    const char* end_;
+    size_t line_no_ = 0;
+};
+
+bool blank(std::string_view s) {
+    for (char c : s)
+        if (c != ' ' && c != '\t') return false;
+    return true;
+}
+
+std::string_view trim(std::string_view s) {
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+    return s;
+}
+
+bool parse_uint(std::string_view s, uint64_t& v) {
+    auto r = std::from_chars(s.data(), s.data() + s.size(), v);
+    return r.ec == std::errc() && r.ptr == s.data() + s.size() && !s.empty();
+}
+
+bool parse_float(std::string_view s, float& v) {
+    if (!s.empty() && s[0] == '+') s.remove_prefix(1);
+    auto r = std::from_chars(s.data(), s.data() + s.size(), v);
+    return r.ec == std::errc() && r.ptr == s.data() + s.size() && !s.empty() && !std::isnan(v);
+}
+
+[[noreturn]] void fail(size_t line, const std::string& why) {
+    throw InputError("ARPA line " + std::to_string(line) + ": " + why);
+}
+
+void append_float(std::string& out, float v) {
+    char buf[32];
+    if (v == 0.0f) v = 0.0f;  // no "-0"
+    auto r = std::to_chars(buf, buf + sizeof buf, v);
+    out.append(buf, r.ptr);
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::read_arpa(const char* data, size_t len, std::vector<std::string>* warnings) {
+    LineReader in(data, len);
+    std::string_view line;
+    auto next_nonblank = [&]() {
+        while (in.next(line))
+            if (!blank(line)) return true;
+        return false;
+    };
+    if (!next_nonblank()) throw InputError("ARPA file is empty");
+    if (trim(line) != "\\data\\") fail(in.line_no(), "expected \\data\\, found '" + std::string(line.substr(0, 60)) + "'");
+    std::vector<uint64_t> counts;
+    while (in.next(line) && !blank(line)) {
+        std::string_view t = trim(line);
+        size_t eq = t.find('=');
+        uint64_t n = 0, c = 0;
+        if (t.substr(0, 6) != "ngram " || eq == std::string_view::npos || !parse_uint(trim(t.substr(6, eq - 6)), n) ||
+            !parse_uint(trim(t.substr(eq + 1)), c))
+            fail(in.line_no(), "expected 'ngram N=count', found '" + std::string(line.substr(0, 60)) + "'");
+        if (n != counts.size() + 1) fail(in.line_no(), "ngram orders must be listed as 1, 2, 3, ...");
+        counts.push_back(c);
+    }
+    if (counts.empty()) fail(in.line_no(), "the \\data\\ section lists no n-gram counts");
+    const int N = int(counts.size());
+    if (N > kMaxOrder) fail(in.line_no(), "order " + std::to_string(N) + " is above the supported " + std::to_string(kMaxOrder));
+
+    Vocab vocab;
+    std::vector<OrderTable> orders(N);
+    std::vector<uint8_t> seen;
+    std::vector<std::string_view> fields;
+    for (int n = 1; n <= N; ++n) {
+        const std::string header = "\\" + std::to_string(n) + "-grams:";
+        if (n == 1 && !next_nonblank()) fail(in.line_no(), "missing section " + header);
+        if (trim(line) != header) fail(in.line_no(), "expected " + header + ", found '" + std::string(line.substr(0, 60)) + "'");
+        OrderTable& t = orders[n - 1];
+        t.n = n;
+        t.words.reserve(counts[n - 1] * n);
+        t.prob.reserve(counts[n - 1]);
+        t.backoff.reserve(counts[n - 1]);
+        for (uint64_t i = 0; i < counts[n - 1]; ++i) {
+            if (!in.next(line) || blank(line) || line[0] == '\\')
+                fail(in.line_no(), "the header says " + std::to_string(counts[n - 1]) + " " + std::to_string(n) +
+                                       "-grams but the section has " + std::to_string(i));
+            fields.clear();
+            for (size_t p = 0; p < line.size();) {
+                while (p < line.size() && (line[p] == ' ' || line[p] == '\t')) ++p;
+                size_t b = p;
+                while (p < line.size() && line[p] != ' ' && line[p] != '\t') ++p;
+                if (p > b) fields.push_back(line.substr(b, p - b));
+            }
+            const size_t nf = fields.size();
+            if (nf != size_t(n) + 1 && !(nf == size_t(n) + 2 && n < N))
+                fail(in.line_no(), "expected " + std::to_string(n) + " words between the probability and " +
+                                       (n < N ? "an optional backoff" : "the end of the line") + ", found " +
+                                       std::to_string(nf) + " fields");
+            float prob, bo = 0.0f;
+            if (!parse_float(fields[0], prob)) fail(in.line_no(), "bad probability '" + std::string(fields[0]) + "'");
+            if (nf == size_t(n) + 2 && !parse_float(fields[n + 1], bo))
+                fail(in.line_no(), "bad backoff '" + std::string(fields[n + 1]) + "'");
+            for (int j = 1; j <= n; ++j) {
+                WordId id;
+                if (n == 1) {
+                    id = vocab.add(fields[j]);
+                    if (seen.size() <= id) seen.resize(id + 1, 0);
+                    if (seen[id]) fail(in.line_no(), "duplicate unigram '" + std::string(fields[j]) + "'");
+                    seen[id] = 1;
+                } else {
+                    int64_t f = vocab.find(fields[j]);
+                    if (f < 0) fail(in.line_no(), "word '" + std::string(fields[j]) + "' is not among the unigrams");
+                    id = WordId(f);
+                }
+                t.words.push_back(id);
+            }
+            t.prob.push_back(prob);
+            t.backoff.push_back(bo);
+        }
+        // The next non-blank line starts the next section (checked at the top of the loop) or ends the file.
+        if (!next_nonblank()) fail(in.line_no(), n < N ? "missing section \\" + std::to_string(n + 1) + "-grams:" : "missing \\end\\");
+        if (line[0] != '\\')
+            fail(in.line_no(), "the section of " + std::to_string(n) + "-grams has more lines than the " +
+                                   std::to_string(counts[n - 1]) + " its header says");
+    }
+    if (trim(line) != "\\end\\") fail(in.line_no(), "expected \\end\\, found '" + std::string(line.substr(0, 60)) + "'");
+    try {
+        return build(std::move(orders), std::move(vocab), warnings);
+    } catch (const InputError& e) {
+        throw InputError(std::string("ARPA file: ") + e.what());
+    }
+}
+
+void Model::write_arpa(const std::string& path) const {
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (!f) throw InputError("cannot open " + path + " for writing");
+    std::string out;
+    out.reserve(1 << 21);
+    bool ok = true;
+    auto flush = [&](bool force) {
+        if (out.size() >= (1 << 20) || force) {
+            ok &= std::fwrite(out.data(), 1, out.size(), f) == out.size();
+            out.clear();
+        }
+    };
+    out += "\\data\\\n";
+    for (int n = 1; n <= order_; ++n) out += "ngram " + std::to_string(n) + "=" + std::to_string(count(n)) + "\n";
+    out += "\n\\1-grams:\n";
+    for (WordId w = 0; w < vocab.size(); ++w) {
+        append_float(out, uni_prob_[w]);
+        out += '\t';
+        out += vocab.word(w);
+        if (order_ > 1) { out += '\t'; append_float(out, uni_backoff_[w]); }
+        out += '\n';
+        flush(false);
+    }
+    for (int n = 2; n <= order_; ++n) {
+        out += "\n\\" + std::to_string(n) + "-grams:\n";
+        const WordId* words = words_[n].data();
+        for (size_t i = 0; i < tables_[n].count; ++i) {
+            const WordId* w = words + i * n;
+            const Slot* s = tables_[n].find(ngram_key(w, n));
+            append_float(out, s->prob);
+            out += '\t';
+            for (int j = 0; j < n; ++j) {
+                if (j) out += ' ';
+                out += vocab.word(w[j]);
+            }
+            if (n < order_) { out += '\t'; append_float(out, s->backoff); }
+            out += '\n';
+            flush(false);
+        }
+    }
+    out += "\n\\end\\\n";
+    flush(true);
+    ok &= std::fclose(f) == 0;
+    if (!ok) throw std::runtime_error("cannot write " + path + " (disk full?)");
+}
+
+}  // namespace ngram

@@ -1,0 +1,49 @@
+// Shared types of the n-gram core: word ids, special words, the n-gram hash, error helpers.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ngram {
+
+using WordId = uint32_t;
+constexpr WordId kUNK = 0;  // <unk>: id 0, as in KenLM
+constexpr WordId kBOS = 1;  // <s>
+constexpr WordId kEOS = 2;  // </s>
+constexpr int kMaxOrder = 8;
+
+// Bad input (malformed ARPA, bad corpus, bad argument): pybind11 turns it into ValueError.
+struct InputError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+// Hash of an n-gram, built from its LAST word leftwards so a query can extend the match
+// into the context one word at a time: key(w) = start(w), key(c w) = extend(key(w), c), ...
+inline uint64_t hash_start(WordId w) { return mix64(uint64_t(w) * 0x9E3779B97F4A7C15ULL + 0x632BE59BD9B4E019ULL); }
+inline uint64_t hash_extend(uint64_t h, WordId w) { return mix64(h ^ (uint64_t(w) * 0xC2B2AE3D27D4EB4FULL + 0x165667B19E3779F9ULL)); }
+
+// Key of the forward n-gram words[0..n).
+inline uint64_t ngram_key(const WordId* words, int n) {
+    uint64_t h = hash_start(words[n - 1]);
+    for (int i = n - 2; i >= 0; --i) h = hash_extend(h, words[i]);
+    return h ? h : 1;  // 0 marks an empty slot
+}
+
+inline uint64_t hash_string(const char* s, size_t n) {  // FNV-1a then mixed
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; ++i) { h ^= uint8_t(s[i]); h *= 0x100000001b3ULL; }
+    return mix64(h);
+}
+
+// Fast range reduction of a 64-bit hash into [0, n).
+inline uint64_t reduce(uint64_t h, uint64_t n) { return uint64_t((unsigned __int128)h * n >> 64); }
+
+}  // namespace ngram
