@@ -151,26 +151,36 @@ def _torch_tiles(x, y, scale, bias, kind, off):
         yield rs, dot, z, pos, yf
 
 
-def _torch_fwd(x, y, scale, bias, kind, off):
-    M = x.shape[0]
+def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
+    """Row log-sum-exps (CLIP), row loss terms and, on request, column log-sum-exps (CLIP)."""
+    M, K = x.shape[0], y.shape[0]
     lse = _new((M,), torch.float32, x.device) if kind == CLIP else None
     rowloss = _new((M,), torch.float32, x.device)
+    col_max = torch.full((K,), float("-inf"), device=x.device) if want_col_lse else None
+    col_sum = torch.zeros(K, device=x.device) if want_col_lse else None
     for rs, _, z, pos, _ in _torch_tiles(x, y, scale, bias, kind, off):
         zpos = (z * pos).sum(1)
         if kind == CLIP:
             lse[rs] = torch.logsumexp(z, dim=1)
             rowloss[rs] = lse[rs] - zpos
+            if want_col_lse:  # online over row blocks, as the row LSE is over column tiles
+                new_max = torch.maximum(col_max, z.max(0).values)
+                col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(z - new_max).sum(0)
+                col_max = new_max
         else:
             rowloss[rs] = F.softplus(z).sum(1) - zpos
-    return lse, rowloss
+    return lse, rowloss, (col_max + torch.log(col_sum) if want_col_lse else None)
 
 
 def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums):
+    """dx (and dy = coef * s * G.T @ x, accumulated over the same row blocks) of one problem."""
     M = x.shape[0]
     dx = _new(x.shape, x.dtype, x.device)
+    dy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # (K, D)
     gdot = _new((M,), torch.float32, x.device) if want_sums else None
     gsum = _new((M,), torch.float32, x.device) if want_sums else None
     cs = coef.float() * scale.float()
+    xf = x.float()
     for rs, dot, z, pos, yf in _torch_tiles(x, y, scale, bias, kind, off):
         if kind == CLIP:
             g = torch.zeros_like(z)
@@ -185,7 +195,8 @@ def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
             gdot[rs] = (g * dot).sum(1)
             gsum[rs] = g.sum(1)
         dx[rs] = (cs * (g @ yf)).to(x.dtype)
-    return dx, gdot, gsum
+        dy += g.T @ xf[rs]
+    return dx, gdot, gsum, (cs * dy).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -206,16 +217,30 @@ def _ops(backend: str, device: torch.device):
     return ct.triton_fwd, ct.triton_bwd
 
 
+def _grads(bwd, x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef):
+    """(dx, row sums of G * dot, row sums of G, dy) of one problem; dy from the transposed
+    problem when the backend does not accumulate it in the same pass (Triton: no atomics)."""
+    dx, gdot, gsum, dy = bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, True)
+    if dy is None:
+        dy = bwd(y, x, scale, bias, kind, -off, lse_y, lse_x, diag_w, coef, False)[0]
+    return dx, gdot, gsum, dy
+
+
 class ClipLossFunction(torch.autograd.Function):
     """CLIP loss of rows (img, txt) against columns (all_img, all_txt); None columns = the rows."""
 
     @staticmethod
     def forward(ctx, img, txt, all_img, all_txt, scale, off, backend):
         fwd, ctx.bwd = _ops(backend, img.device)
-        cols_img = img if all_img is None else all_img
-        cols_txt = txt if all_txt is None else all_txt
-        lse_i, loss_i = fwd(img, cols_txt, scale, None, CLIP, off)  # rows: images vs texts
-        lse_t, loss_t = fwd(txt, cols_img, scale, None, CLIP, off)  # rows: texts vs images
+        if all_img is None:  # square: the text rows are the columns of the image rows
+            lse_i, loss_i, lse_t = fwd(img, txt, scale, None, CLIP, off, True)
+            if lse_t is None:
+                lse_t, loss_t, _ = fwd(txt, img, scale, None, CLIP, off)
+            else:
+                loss_t = lse_t - (lse_i - loss_i)  # lse_i - loss_i is the diagonal logit
+        else:
+            lse_i, loss_i, _ = fwd(img, all_txt, scale, None, CLIP, off)  # images vs all texts
+            lse_t, loss_t, _ = fwd(txt, all_img, scale, None, CLIP, off)  # texts vs all images
         ctx.save_for_backward(img, txt, all_img, all_txt, scale, lse_i, lse_t)
         ctx.off = off
         return (loss_i.sum() + loss_t.sum()) / (2 * img.shape[0])
@@ -226,19 +251,15 @@ class ClipLossFunction(torch.autograd.Function):
         bwd, off = ctx.bwd, ctx.off
         coef = (grad.float() / (2 * img.shape[0])).reshape(())
         d_all_img = d_all_txt = None
-        if all_img is None:  # square: one pass per matrix with G = P_row + P_col - 2I
-            d_img, gdot, _ = bwd(img, txt, scale, None, CLIP, 0, lse_i, lse_t, 2.0, coef, True)
-            d_txt, _, _ = bwd(txt, img, scale, None, CLIP, 0, lse_t, lse_i, 2.0, coef, False)
+        if all_img is None:  # square: one problem with G = P_row + P_col - 2I
+            d_img, gdot, _, d_txt = _grads(bwd, img, txt, scale, None, CLIP, 0, lse_i, lse_t, 2.0,
+                                           coef)
             gdot_sum = gdot.sum()
-        else:  # local rows against gathered columns: rows and columns of both problems
-            d_img, gdot_i, _ = bwd(img, all_txt, scale, None, CLIP, off, lse_i, None, 1.0, coef,
-                                   True)
-            d_all_txt, _, _ = bwd(all_txt, img, scale, None, CLIP, -off, None, lse_i, 1.0, coef,
-                                  False)
-            d_txt, gdot_t, _ = bwd(txt, all_img, scale, None, CLIP, off, lse_t, None, 1.0, coef,
-                                   True)
-            d_all_img, _, _ = bwd(all_img, txt, scale, None, CLIP, -off, None, lse_t, 1.0, coef,
-                                  False)
+        else:  # local rows against gathered columns: two problems
+            d_img, gdot_i, _, d_all_txt = _grads(bwd, img, all_txt, scale, None, CLIP, off, lse_i,
+                                                 None, 1.0, coef)
+            d_txt, gdot_t, _, d_all_img = _grads(bwd, txt, all_img, scale, None, CLIP, off, lse_t,
+                                                 None, 1.0, coef)
             gdot_sum = gdot_i.sum() + gdot_t.sum()
         d_scale = (coef * gdot_sum).reshape(scale.shape).to(scale.dtype)
         return d_img, d_txt, d_all_img, d_all_txt, d_scale, None, None
@@ -250,7 +271,7 @@ class SiglipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, scale, bias, off, backend):
         fwd, ctx.bwd = _ops(backend, img.device)
-        _, rowloss = fwd(img, txt, scale, bias, SIGLIP, off)
+        _, rowloss, _ = fwd(img, txt, scale, bias, SIGLIP, off)
         ctx.save_for_backward(img, txt, scale, bias)
         ctx.off = off
         return rowloss.sum() / img.shape[0]
@@ -258,10 +279,9 @@ class SiglipLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         img, txt, scale, bias = ctx.saved_tensors
-        bwd, off = ctx.bwd, ctx.off
         coef = (grad.float() / img.shape[0]).reshape(())
-        d_img, gdot, gsum = bwd(img, txt, scale, bias, SIGLIP, off, None, None, 1.0, coef, True)
-        d_txt, _, _ = bwd(txt, img, scale, bias, SIGLIP, -off, None, None, 1.0, coef, False)
+        d_img, gdot, gsum, d_txt = _grads(ctx.bwd, img, txt, scale, bias, SIGLIP, ctx.off, None,
+                                          None, 1.0, coef)
         d_scale = (coef * gdot.sum()).reshape(scale.shape).to(scale.dtype)
         d_bias = (coef * gsum.sum()).reshape(bias.shape).to(bias.dtype)
         return d_img, d_txt, d_scale, d_bias, None, None

@@ -160,7 +160,8 @@ def _kernel_flags(x: torch.Tensor, D: int) -> tuple[dict, int]:
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32"), block_d
 
 
-def triton_fwd(x, y, scale, bias, kind, off):
+def triton_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
+    """Row LSEs and row loss terms; column LSEs come from the transposed call (returns None)."""
     M, D = x.shape
     K = y.shape[0]
     flags, _ = _kernel_flags(x, D)
@@ -169,10 +170,11 @@ def triton_fwd(x, y, scale, bias, kind, off):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _fwd_launch[grid](x, y, scale, scale if bias is None else bias, lse, rowloss, M, K, D,
                       x.stride(0), y.stride(0), off, KIND=kind, **flags, **_FWD_META)
-    return (lse if kind == C.CLIP else None), rowloss
+    return (lse if kind == C.CLIP else None), rowloss, None
 
 
 def triton_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums):
+    """dx of one problem; dy (None here) comes from the transposed call."""
     M, D = x.shape
     K = y.shape[0]
     flags, block_d = _kernel_flags(x, D)
@@ -186,4 +188,4 @@ def triton_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
                       float(diag_w), KIND=kind, HAS_LSE_X=lse_x is not None,
                       HAS_LSE_Y=lse_y is not None, WANT_SUMS=want_sums, BLOCK_D=block_d,
                       **flags, **_BWD_META)
-    return dx, (gdot if want_sums else None), (gsum if want_sums else None)
+    return dx, (gdot if want_sums else None), (gsum if want_sums else None), None
