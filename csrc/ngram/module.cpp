@@ -38,6 +38,14 @@ class PyModel {
                                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
     }
 
+    // States are plain values: one made by another model may hold words or lengths this one lacks.
+    void check_state(const State& st) const {
+        if (st.length < 0 || st.length > std::max(0, m_->order() - 1))
+            throw InputError("state of length " + std::to_string(st.length) + " does not fit a model of order " + std::to_string(m_->order()));
+        for (int i = 0; i < st.length; ++i)
+            if (st.words[i] >= m_->vocab_size()) throw InputError("state holds word id " + std::to_string(st.words[i]) + " outside this model's vocabulary");
+    }
+
     // State after the context (bos: the context follows <s>); only the last order-1 words matter.
     State state_after(const int32_t* ids, size_t n, bool bos) const {
         check_ids(ids, n);
@@ -65,7 +73,9 @@ class PyModel {
         if (maps_built_) return;
         maps_built_ = true;
         const size_t V = m_->vocab_size();
-        word_to_token_.assign(V, -1);
+        word_to_token_.assign(V, -1);  // </s> (and non-numeric words) -> -1
+        word_to_token_[kUNK] = -2;
+        word_to_token_[kBOS] = -3;
         token_model_ = V > 3;
         int64_t max_tok = -1;
         for (WordId w = 3; w < V; ++w) {
@@ -120,6 +130,14 @@ void score_ids_into(const Model& m, const int32_t* ids, size_t n, bool bos, bool
         probs[n] = s.prob;
         if (lens) lens[n] = s.ngram_length;
     }
+}
+
+// A sentence total summed in float, as KenLM's query tool and Python module do (corpus sums of
+// these totals are double, as in KenLM's query).
+float sum_like_kenlm(const float* probs, size_t n) {
+    float total = 0.0f;
+    for (size_t i = 0; i < n; ++i) total += probs[i];
+    return total;
 }
 
 py::tuple top_k_py(PyModel& pm, const State& st, int k) {
@@ -291,9 +309,7 @@ PYBIND11_MODULE(_ngram, mod) {
             std::vector<int32_t> ids = encode_sentence(pm.m(), s);
             std::vector<float> probs(ids.size() + eos);
             score_ids_into(pm.m(), ids.data(), ids.size(), bos, eos, probs.data(), nullptr);
-            double total = 0;
-            for (float p : probs) total += p;
-            return total;
+            return sum_like_kenlm(probs.data(), probs.size());
         })
         .def("score_batch", [](const PyModel& pm, IdArray ids, TokArray lengths, bool bos, bool eos) {
             if (ids.ndim() != 2) throw InputError("batch ids must be a 2-D array (B, T)");
@@ -314,9 +330,7 @@ PYBIND11_MODULE(_ngram, mod) {
                 for (size_t b = 0; b < B; ++b) {
                     size_t n = size_t(len[b]);
                     score_ids_into(pm.m(), data + b * T, n, bos, eos, probs.data(), nullptr);
-                    double t = 0;
-                    for (size_t i = 0; i < n + eos; ++i) t += probs[i];
-                    out[b] = t;
+                    out[b] = sum_like_kenlm(probs.data(), n + eos);
                 }
             }
             return totals;
@@ -335,10 +349,9 @@ PYBIND11_MODULE(_ngram, mod) {
                     std::vector<int32_t> ids = encode_sentence(pm.m(), std::string_view(text).substr(p, e - p));
                     probs.resize(ids.size() + eos);
                     score_ids_into(pm.m(), ids.data(), ids.size(), bos, eos, probs.data(), nullptr);
-                    for (size_t i = 0; i < probs.size(); ++i) {
-                        total += probs[i];
-                        if (i < ids.size() && ids[i] == int32_t(kUNK)) { oov_total += probs[i]; ++oovs; }
-                    }
+                    total += sum_like_kenlm(probs.data(), probs.size());
+                    for (size_t i = 0; i < ids.size(); ++i)
+                        if (ids[i] == int32_t(kUNK)) { oov_total += probs[i]; ++oovs; }
                     tokens += probs.size();
                     ++lines;
                     p = e + 1;
@@ -352,17 +365,22 @@ PYBIND11_MODULE(_ngram, mod) {
             return pm.state_after(ids.data(), size_t(ids.size()), bos);
         })
         .def("score_word", [](const PyModel& pm, const State& st, int64_t id) {
+            pm.check_state(st);
             if (id < 0 || size_t(id) >= pm.m().vocab_size()) throw InputError("word id " + std::to_string(id) + " is outside the vocabulary");
             State out;
             Score s = pm.m().score(st, WordId(id), out);
             return py::make_tuple(s.prob, s.ngram_length, out);
         })
         .def("distribution", [](const PyModel& pm, const State& st) {
+            pm.check_state(st);
             py::array_t<float> d(pm.m().vocab_size());
             pm.m().distribution(st, d.mutable_data());
             return d;
         })
-        .def("top_k", [](PyModel& pm, const State& st, int k) { return top_k_py(pm, st, k); })
+        .def("top_k", [](PyModel& pm, const State& st, int k) {
+            pm.check_state(st);
+            return top_k_py(pm, st, k);
+        })
         .def("greedy", [](PyModel& pm, IdArray ctx, int k, bool bos, bool stop_at_eos) {
             if (k < 0) throw InputError("k must be >= 0");
             State st = pm.state_after(ctx.data(), size_t(ctx.size()), bos), next;

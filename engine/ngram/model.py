@@ -1,0 +1,375 @@
+"""The n-gram model API: build from text or token ids, load/save ARPA and binary, query.
+
+Building follows KenLM's lmplz (interpolated modified Kneser-Ney, `<s>`/`</s>` padding, `<unk>` as
+a zeroton); the heavy lifting is the C++ extension `mmfuse._ngram`. Word ids are the model's
+vocabulary ids (`index()`), except for models built from integer token arrays ("token models"),
+whose id arguments and results are the original token ids, with `</s>` as EOS_TOKEN (-1).
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .. import _ngram
+
+MAX_ORDER = _ngram.MAX_ORDER
+EOS_TOKEN = -1  # </s> in the token-id space of token models
+UNK_TOKEN = -2  # <unk> in the token-id space of token models
+_BINARY_MAGIC = b"MMFNGRM1"
+_COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
+_TEXT_BATCH = 1 << 20  # characters of lines handed to C++ at once
+
+
+@dataclass
+class BuildConfig:
+    """Options of `NGramModel.build`, named after lmplz's."""
+    order: int = 3                    # highest n-gram order (1..MAX_ORDER), lmplz -o
+    memory_mb: int = 1024             # counting memory budget; past it sorted runs spill to disk (-S)
+    tmp_dir: str | None = None        # where spilled runs go (-T); default: the system temp dir
+    threads: int = 2                  # counting/sorting threads
+    prune: Sequence[int] = ()         # per-order count thresholds, e.g. (0, 0, 1) (--prune)
+    interpolate_unigrams: bool = True  # False: give the unigram interpolation mass to <unk> (SRILM)
+    discount_fallback: Sequence[float] | None = None  # e.g. (0.5, 1.0, 1.5) (--discount_fallback)
+    skip_symbols: bool = False        # treat <s>, </s>, <unk> in the corpus as whitespace
+    progress: bool = False            # progress lines on stderr
+
+    def validate(self) -> None:
+        if not isinstance(self.order, int) or not 1 <= self.order <= MAX_ORDER:
+            raise ValueError(f"order must be an integer between 1 and {MAX_ORDER}, got {self.order!r}")
+        if self.memory_mb < 16:
+            raise ValueError(f"memory_mb must be at least 16, got {self.memory_mb}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if any(int(t) < 0 for t in self.prune):
+            raise ValueError(f"pruning thresholds must be >= 0, got {list(self.prune)}")
+        if self.discount_fallback is not None and not 1 <= len(self.discount_fallback) <= 3:
+            raise ValueError("discount_fallback takes 1 to 3 discounts (for counts 1, 2, 3+)")
+
+
+@dataclass
+class TokenScore:
+    """The score of one token: log10 probability, length of the n-gram used, out of vocabulary."""
+    word: str
+    log10: float
+    ngram_length: int
+    oov: bool
+
+
+@dataclass
+class Perplexity:
+    """Corpus perplexity as KenLM's `query` reports it (</s> counted as a token when eos)."""
+    including_oovs: float
+    excluding_oovs: float
+    log10_total: float
+    tokens: int
+    oovs: int
+    sentences: int
+
+
+class NGramModel:
+    """A backoff n-gram language model (built here, or read from ARPA or the binary format)."""
+
+    def __init__(self, core: "_ngram.Model"):
+        self._core = core
+        self.summary: dict = {}
+
+    # ---- construction ----
+    @classmethod
+    def build(cls, source, order: int = 3, config: BuildConfig | None = None, **options) -> "NGramModel":
+        """Count and estimate a model. `source`: a text file path (.gz/.xz/.bz2 read through),
+        an iterable of lines, or integer token ids (a 1-D array = one sequence, a 2-D array or a
+        list of 1-D arrays = one sequence per row)."""
+        cfg = config or BuildConfig(order=order, **options)
+        cfg.validate()
+        start = time.perf_counter()
+        builder = _ngram.Builder(cfg.order, int(cfg.memory_mb) << 20, cfg.tmp_dir or tempfile.gettempdir(),
+                                 cfg.threads, cfg.skip_symbols, cfg.progress)
+        _feed(builder, source)
+        if builder.tokens == 0:
+            raise ValueError("the corpus is empty (no tokens)")
+        fallback = None if cfg.discount_fallback is None else [float(d) for d in cfg.discount_fallback]
+        core = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.progress)
+        model = cls(core)
+        model.summary = {
+            "order": cfg.order,
+            "tokens": int(builder.tokens),
+            "lines": int(builder.lines),
+            "types": core.vocab_size,
+            "ngrams": list(core.counts),
+            "discounts": core.discounts,
+            "count_of_counts": core.stats.get("count_of_counts"),
+            "spilled_runs": int(builder.spilled_runs),
+            "seconds": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "warnings": list(core.warnings),
+        }
+        return model
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NGramModel":
+        """Reads an ARPA file (optionally compressed) or a binary model written by `save`."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such model file: {path}")
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head == _BINARY_MAGIC:
+            return cls(_ngram.Model.load_binary(path))
+        opener = _COMPRESSED.get(os.path.splitext(path)[1], open)
+        with opener(path, "rb") as f:
+            data = f.read()
+        try:
+            return cls(_ngram.Model.read_arpa_bytes(data))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def save(self, path: str | os.PathLike, format: str = "binary") -> None:
+        """Writes the model as 'binary' (memory-mapped on load) or 'arpa' (lmplz's layout)."""
+        if format == "binary":
+            self._core.save_binary(os.fspath(path))
+        elif format == "arpa":
+            self._core.write_arpa(os.fspath(path))
+        else:
+            raise ValueError(f"format must be 'binary' or 'arpa', got {format!r}")
+
+    # ---- properties ----
+    @property
+    def order(self) -> int:
+        return self._core.order
+
+    @property
+    def vocab_size(self) -> int:
+        return self._core.vocab_size
+
+    @property
+    def counts(self) -> list[int]:
+        """Number of n-grams per order."""
+        return list(self._core.counts)
+
+    @property
+    def discounts(self) -> list[tuple[float, float, float]] | None:
+        """D1, D2, D3+ per order (None for models read from ARPA)."""
+        return self._core.discounts
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._core.warnings)
+
+    @property
+    def is_token_model(self) -> bool:
+        """True when every word is a decimal token id (models built from token arrays)."""
+        return self._core.is_token_model
+
+    def index(self, word: str) -> int:
+        """Vocabulary id of a word (0, <unk>, when unknown)."""
+        return self._core.index(word)
+
+    def word(self, idx: int) -> str:
+        return self._core.word(int(idx))
+
+    def vocab(self) -> list[str]:
+        return self._core.vocab()
+
+    def __contains__(self, word: str) -> bool:
+        return word == "<unk>" or self._core.index(word) != 0
+
+    def __repr__(self) -> str:
+        return f"NGramModel(order={self.order}, vocab={self.vocab_size}, ngrams={self.counts})"
+
+    # ---- id spaces ----
+    def _ids(self, ids) -> np.ndarray:
+        """Model word ids (int32) from ids in this model's id space (token ids for token models)."""
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False).reshape(-1)
+        if self.is_token_model:
+            special = (arr == EOS_TOKEN) | (arr == UNK_TOKEN)
+            out = self._core.tokens_to_ids(np.where(special, 0, arr))
+            out[arr == EOS_TOKEN] = 2
+            out[arr == UNK_TOKEN] = 0
+            return out
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(f"word ids must be in [0, {self.vocab_size}), got range [{arr.min()}, {arr.max()}]")
+        return arr.astype(np.int32)
+
+    def _out_ids(self, ids: np.ndarray) -> np.ndarray:
+        if not self.is_token_model:
+            return ids.astype(np.int64)
+        return self._core.ids_to_tokens(ids)  # </s> -> EOS_TOKEN, <unk> -> UNK_TOKEN
+
+    # ---- scoring ----
+    def score(self, sentence: str, bos: bool = True, eos: bool = True) -> float:
+        """Log10 probability of a whitespace-tokenised sentence."""
+        return self._core.score_sentence(sentence, bos, eos)
+
+    def full_scores(self, sentence: str, bos: bool = True, eos: bool = True) -> list[TokenScore]:
+        """Per-token scores (</s> last when eos), with the length of the n-gram used."""
+        words = sentence.split()
+        ids = self._core.encode(sentence)
+        probs, lens = self._core.score_ids(ids, bos, eos)
+        words = words + ["</s>"] * eos
+        oov = list(ids == 0) + [False] * eos
+        return [TokenScore(w, float(p), int(n), bool(o)) for w, p, n, o in zip(words, probs, lens, oov)]
+
+    def perplexity(self, sentence: str) -> float:
+        """10^(-log10 p / (words + 1)), like the kenlm module's `perplexity`."""
+        return 10.0 ** (-self.score(sentence) / (len(sentence.split()) + 1))
+
+    def corpus_perplexity(self, lines: Iterable[str] | str | os.PathLike, bos: bool = True,
+                          eos: bool = True) -> Perplexity:
+        """Perplexity of a corpus (a file path or lines), including and excluding OOV tokens."""
+        total = oov_total = 0.0
+        tokens = oovs = sentences = 0
+        for chunk in _text_batches(lines):
+            t, o, n, k, s = self._core.corpus_stats(chunk, bos, eos)
+            total, oov_total, tokens, oovs, sentences = total + t, oov_total + o, tokens + n, oovs + k, sentences + s
+        if tokens == 0:
+            raise ValueError("the corpus is empty (nothing to score)")
+        incl = 10.0 ** (-total / tokens)
+        excl = 10.0 ** (-(total - oov_total) / (tokens - oovs)) if tokens > oovs else float("nan")
+        return Perplexity(incl, excl, total, tokens, oovs, sentences)
+
+    def score_ids(self, ids, bos: bool = True, eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token log10 probabilities (T + eos,) float32 and n-gram lengths (T + eos,) int32."""
+        return self._core.score_ids(self._ids(ids), bos, eos)
+
+    def score_batch(self, batch, lengths=None, bos: bool = True, eos: bool = True) -> np.ndarray:
+        """Log10 totals (B,) float64 of a batch: a (B, T) array with optional lengths (B,), or a
+        list of 1-D arrays."""
+        if isinstance(batch, np.ndarray) and batch.ndim == 2:
+            rows = batch
+            if lengths is None:
+                lengths = np.full(rows.shape[0], rows.shape[1], dtype=np.int64)
+        else:
+            seqs = [np.asarray(s).reshape(-1) for s in batch]
+            lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+            rows = np.zeros((len(seqs), int(lengths.max(initial=0))), dtype=np.int64)
+            for i, s in enumerate(seqs):
+                rows[i, : len(s)] = s
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.shape != (rows.shape[0],):
+            raise ValueError(f"lengths must have shape ({rows.shape[0]},), got {lengths.shape}")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > rows.shape[1]):
+            raise ValueError(f"lengths must lie in [0, {rows.shape[1]}]")
+        mask = np.arange(rows.shape[1])[None, :] < lengths[:, None]
+        ids = np.zeros(rows.shape, dtype=np.int32)
+        ids[mask] = self._ids(np.asarray(rows)[mask])
+        return self._core.score_batch(ids, lengths, bos, eos)
+
+    # ---- incremental state API ----
+    def begin_state(self) -> "_ngram.State":
+        """State after <s>."""
+        return self._core.begin_state()
+
+    def null_state(self) -> "_ngram.State":
+        """Empty context."""
+        return self._core.null_state()
+
+    def score_word(self, state: "_ngram.State", word: str | int) -> tuple[float, int, "_ngram.State"]:
+        """(log10 p(word | state), n-gram length, next state); `word` a string or an id."""
+        idx = self._core.index(word) if isinstance(word, str) else int(self._ids([word])[0])
+        return self._core.score_word(state, idx)
+
+    def state_after(self, context, bos: bool = False) -> "_ngram.State":
+        """State after a context of ids (following <s> when bos)."""
+        return self._core.state_after(self._ids(context), bos)
+
+    def distribution(self, state: "_ngram.State") -> np.ndarray:
+        """Log10 probabilities (V,) float32 of every next word id (<s> gets -inf)."""
+        return self._core.distribution(state)
+
+    # ---- generation and drafting ----
+    def continuations(self, context, k: int, bos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The k most likely next ids after `context` (ids int64, log10 float32, best first),
+        without scoring the whole vocabulary: only words seen after the matched contexts and the
+        top unigrams are candidates."""
+        ids, probs = self._core.top_k(self.state_after(context, bos), int(k))
+        return self._out_ids(ids), probs
+
+    def greedy(self, context, k: int, bos: bool = False, stop_at_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy continuation of up to k ids after `context` (a draft for speculative decoding)."""
+        ids, probs = self._core.greedy(self._ids(context), int(k), bos, stop_at_eos)
+        return self._out_ids(ids), probs
+
+    def sample(self, max_words: int = 100, seed: int = 0, prefix: str | Sequence[int] = "",
+               bos: bool = True) -> list[str]:
+        """Samples words after `prefix` until </s> (included) or max_words."""
+        ctx = self._core.encode(prefix) if isinstance(prefix, str) else self._ids(prefix)
+        ids = self._core.sample(ctx, int(max_words), int(seed) & (2**64 - 1), bos)
+        return [self._core.word(int(i)) for i in ids]
+
+
+def build(source, order: int = 3, **options) -> NGramModel:
+    """Shorthand for NGramModel.build."""
+    return NGramModel.build(source, order, **options)
+
+
+def load(path: str | os.PathLike) -> NGramModel:
+    """Shorthand for NGramModel.load."""
+    return NGramModel.load(path)
+
+
+def _text_batches(lines) -> Iterable[str]:
+    """Newline-joined batches of lines from a path (compressed or not) or an iterable of lines."""
+    if isinstance(lines, (str, os.PathLike)):
+        path = os.fspath(lines)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such corpus file: {path}")
+        opener = _COMPRESSED.get(os.path.splitext(path)[1], open)
+        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
+            yield from _text_batches(f)
+        return
+    batch, size = [], 0
+    for line in lines:
+        if not isinstance(line, str):
+            raise ValueError(f"expected lines of text (str), got {type(line).__name__}")
+        line = line[:-1] if line.endswith("\n") else line
+        batch.append(line)
+        size += len(line) + 1
+        if size >= _TEXT_BATCH:
+            yield "\n".join(batch) + "\n"
+            batch, size = [], 0
+    if batch:
+        yield "\n".join(batch) + "\n"
+
+
+def _feed(builder: "_ngram.Builder", source) -> None:
+    """Hands a corpus to the C++ counter."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such corpus file: {path}")
+        if os.path.splitext(path)[1] not in _COMPRESSED:
+            builder.add_file(path)
+            return
+    if isinstance(source, np.ndarray):
+        if source.dtype.kind not in "iu":
+            raise ValueError(f"token arrays must hold integers, got dtype {source.dtype}")
+        rows = [source] if source.ndim == 1 else list(source) if source.ndim == 2 else None
+        if rows is None:
+            raise ValueError(f"token arrays must be 1-D or 2-D, got shape {source.shape}")
+        for row in rows:
+            builder.add_token_ids(row.astype(np.int64))
+        return
+    if isinstance(source, (bytes, bytearray, io.IOBase)) and not isinstance(source, io.TextIOBase):
+        raise ValueError("pass text as str lines or a file path, not bytes")
+    if isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray):
+        for row in source:
+            row = np.asarray(row)
+            if row.ndim != 1 or row.dtype.kind not in "iu":
+                raise ValueError(f"each token array must be 1-D integers, got shape {row.shape} dtype {row.dtype}")
+            builder.add_token_ids(row.astype(np.int64))
+        return
+    for chunk in _text_batches(source):
+        builder.add_text(chunk)
