@@ -10,6 +10,7 @@ from .errors import MMFuseError
 
 COMMAND_MODULES = [
     "mmfuse.decoder_cli",
+    "mmfuse.encoders.cli",
 ]
 
 

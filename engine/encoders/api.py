@@ -1,0 +1,129 @@
+"""The user-facing encoder: one object per checkpoint folder (CLIP, SigLIP or a BERT sentence
+encoder) that turns images and texts into L2-normalised embeddings, builds zero-shot
+classifiers and classifies images.
+
+    enc = load_encoder("path/to/checkpoint")
+    img = enc.encode_image(["cat.jpg", pil_image, uint8_array])      # (3, E)
+    clf = enc.zero_shot_classifier(["cat", "dog"], ["a photo of a {}."])
+    probs = enc.classify(img, clf)                                    # (3, 2)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import read_config, read_json, resolve_dtype
+from ..errors import ConfigError
+from .bert import SentenceEncoder
+from .clip import ClipModel
+from .dual import DualEncoder
+from .preprocess import ImageProcessor
+from .search import search
+from .siglip import SiglipModel
+from .tokens import TextTokenizer, check_texts
+from .zeroshot import build_zero_shot_classifier
+
+FAMILIES = {"clip": ClipModel, "siglip": SiglipModel}
+
+
+class Encoder:
+    def __init__(self, model, tokenizer: TextTokenizer, processor: Optional[ImageProcessor], device="cpu"):
+        self.model, self.tokenizer, self.processor, self.device = model, tokenizer, processor, torch.device(device)
+        self.dtype = next(model.parameters()).dtype
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.model, DualEncoder)
+
+    @torch.no_grad()
+    def encode_image(self, images, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+        """Images (PIL, paths, uint8 arrays; one or a batch) -> embeddings (N, E) float32."""
+        if not self.has_images:
+            raise ValueError(f"{type(self.model).__name__} has no image tower: encode_image needs a CLIP or SigLIP checkpoint")
+        items = ImageProcessor.as_list(images)
+        if not items:
+            raise ValueError("empty image batch: nothing to encode")
+        out = []
+        for s in range(0, len(items), batch_size):
+            px = self.processor(items[s:s + batch_size]).to(self.device, self.dtype)
+            out.append(self.model.image_features(px).float())
+        e = torch.cat(out)
+        return F.normalize(e, dim=-1) if normalize else e
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Already preprocessed pixels (B, 3, H, W) -> embeddings (B, E)."""
+        e = self.model.image_features(pixels.to(self.device, self.dtype)).float()
+        return F.normalize(e, dim=-1) if normalize else e
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+        """Texts -> embeddings (N, E) float32, in input order. Texts are grouped by length so that
+        each batch pads as little as possible."""
+        texts = check_texts(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(0)
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            ids, lengths = self.tokenizer([texts[i] for i in idx])
+            ids, lengths = ids.to(self.device), lengths.to(self.device)
+            if self.has_images:
+                e = self.model.text_features(ids).float()
+            else:
+                e = self.model(ids, lengths).float()
+            if out.numel() == 0:
+                out = torch.empty(len(texts), e.shape[1])
+            out[torch.tensor(idx)] = e.cpu()
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def zero_shot_classifier(self, classnames: Sequence[str], templates=("a photo of a {}.",)) -> torch.Tensor:
+        """(E, C) class embeddings: templates filled with each class name, averaged and normalised."""
+        return build_zero_shot_classifier(self.encode_text, classnames, templates)
+
+    @torch.no_grad()
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings (Ni, E), (Nt, E) -> the model's logits_per_image (Ni, Nt)."""
+        if not self.has_images:
+            raise ValueError("logits need a CLIP or SigLIP checkpoint")
+        return self.model.logits(image_emb.to(self.device, self.dtype), text_emb.to(self.device, self.dtype)).float()
+
+    def classify(self, images, classifier: torch.Tensor) -> torch.Tensor:
+        """Images (or their normalised embeddings (N, E)) and a classifier (E, C) -> scores (N, C):
+        softmax probabilities for CLIP, independent sigmoid probabilities for SigLIP."""
+        emb = images if isinstance(images, torch.Tensor) and images.dim() == 2 and images.is_floating_point() \
+            else self.encode_image(images)
+        if emb.shape[1] != classifier.shape[0]:
+            raise ValueError(f"embeddings of dimension {emb.shape[1]} do not match the classifier {tuple(classifier.shape)} (E, C)")
+        with torch.no_grad():
+            return self.model.scores(self.logits(emb, classifier.T)).float()
+
+    @staticmethod
+    def search(query_embeddings, index, k: int = 10, chunk_size: int = 65536):
+        return search(query_embeddings, index, k, chunk_size)
+
+
+def load_encoder(folder, dtype="fp32", device="cpu") -> Encoder:
+    """An `Encoder` for a CLIP, SigLIP or BERT (sentence-transformers layout) checkpoint folder."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    mt = cfg.get("model_type")
+    dtype = resolve_dtype(dtype)
+    if mt in FAMILIES:
+        model = FAMILIES[mt].from_pretrained(folder, dtype=dtype, device=device)
+        tok = TextTokenizer(folder, model.text_cfg.max_positions, pad_to_context=(mt == "siglip"),
+                            default_pad_id=model.text_cfg.pad_token_id)
+        proc = ImageProcessor.from_pretrained(folder, model.vision_cfg.image_size)
+        if proc.output_size != (model.vision_cfg.image_size,) * 2:
+            raise ConfigError(f"{folder}: preprocessor output {proc.output_size} does not match the model's "
+                              f"image_size {model.vision_cfg.image_size}")
+        return Encoder(model, tok, proc, device)
+    if mt == "bert":
+        model = SentenceEncoder.from_pretrained(folder, dtype=dtype, device=device)
+        st = read_json(folder / "sentence_bert_config.json", required=False) or {}
+        ctx = min(st.get("max_seq_length", model.encoder.cfg.max_positions), model.encoder.cfg.max_positions)
+        return Encoder(model, TextTokenizer(folder, ctx, default_pad_id=model.encoder.cfg.pad_token_id), None, device)
+    raise ConfigError(f"{folder / 'config.json'}: model_type {mt!r} is not an encoder "
+                      f"(supported: {sorted(FAMILIES) + ['bert']})")
