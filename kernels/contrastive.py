@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 CLIP, SIGLIP = 0, 1
 _BACKENDS = ("auto", "triton", "torch")
-_CHUNK_ELEMENTS = 1 << 22  # torch backend: rows per chunk = this // K (16 MiB of fp32 per buffer)
+_CHUNK_ELEMENTS = 1 << 21  # torch backend: rows per chunk = this // K (8 MiB of fp32 per buffer)
 
 
 # ----------------------------------------------------------------------------- references
@@ -135,20 +135,21 @@ def _new(shape, dtype, device) -> torch.Tensor:
 
 
 def _torch_tiles(x, y, scale, bias, kind, off):
-    """Yield (row slice, dot, z, positive mask) for row blocks of x against all of y, in fp32."""
+    """Yield (row slice, z, (local row, column) index pair of the positives) for row blocks of x.
+
+    z = s * x[rows] @ y.T (+ b) in fp32, (R, K); the caller may overwrite it.
+    """
     M, K = x.shape[0], y.shape[0]
     xf, yf = x.float(), y.float()  # (M, D), (K, D): O(N * D) copies at most
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // K)
-    cols = torch.arange(K, device=x.device)
+    rows_per_chunk = max(32, _CHUNK_ELEMENTS // K)
+    s = float(scale.detach())
+    b = float(bias.detach()) if kind == SIGLIP else 0.0
     for r0 in range(0, M, rows_per_chunk):
         rs = slice(r0, min(M, r0 + rows_per_chunk))
-        dot = xf[rs] @ yf.T  # (R, K)
-        z = dot * scale.float()
-        if kind == SIGLIP:
-            z += bias.float()
+        z = torch.addmm(torch.full((1, 1), b, device=x.device), xf[rs], yf.T, alpha=s)  # (R, K)
         rows = torch.arange(rs.start, rs.stop, device=x.device)
-        pos = cols[None, :] == (rows + off)[:, None]  # (R, K)
-        yield rs, dot, z, pos, yf
+        keep = (rows + off >= 0) & (rows + off < K)
+        yield rs, z, (rows[keep] - rs.start, rows[keep] + off)
 
 
 def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
@@ -158,14 +159,14 @@ def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
     rowloss = _new((M,), torch.float32, x.device)
     col_max = torch.full((K,), float("-inf"), device=x.device) if want_col_lse else None
     col_sum = torch.zeros(K, device=x.device) if want_col_lse else None
-    for rs, _, z, pos, _ in _torch_tiles(x, y, scale, bias, kind, off):
-        zpos = (z * pos).sum(1)
+    for rs, z, pos in _torch_tiles(x, y, scale, bias, kind, off):
+        zpos = torch.zeros(z.shape[0], device=x.device).index_put_((pos[0],), z[pos])
         if kind == CLIP:
             lse[rs] = torch.logsumexp(z, dim=1)
             rowloss[rs] = lse[rs] - zpos
             if want_col_lse:  # online over row blocks, as the row LSE is over column tiles
                 new_max = torch.maximum(col_max, z.max(0).values)
-                col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(z - new_max).sum(0)
+                col_sum = col_sum * torch.exp(col_max - new_max) + z.sub_(new_max).exp_().sum(0)
                 col_max = new_max
         else:
             rowloss[rs] = F.softplus(z).sum(1) - zpos
@@ -179,24 +180,23 @@ def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
     dy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # (K, D)
     gdot = _new((M,), torch.float32, x.device) if want_sums else None
     gsum = _new((M,), torch.float32, x.device) if want_sums else None
-    cs = coef.float() * scale.float()
-    xf = x.float()
-    for rs, dot, z, pos, yf in _torch_tiles(x, y, scale, bias, kind, off):
+    xf, yf = x.float(), y.float()
+    cs = coef.float() * scale.detach().float()
+    for rs, z, pos in _torch_tiles(x, y, scale, bias, kind, off):
         if kind == CLIP:
-            g = torch.zeros_like(z)
-            if lse_x is not None:
-                g += torch.exp(z - lse_x[rs, None])
+            g = (z - lse_x[rs, None]).exp_() if lse_x is not None else torch.zeros_like(z)
             if lse_y is not None:
-                g += torch.exp(z - lse_y[None, :])
+                g += z.sub_(lse_y[None, :]).exp_()
         else:
-            g = torch.sigmoid(z)
-        g -= diag_w * pos
+            g = z.sigmoid_()
+        g[pos] -= diag_w
+        gy = g @ yf  # (R, D)
         if want_sums:
-            gdot[rs] = (g * dot).sum(1)
+            gdot[rs] = (gy * xf[rs]).sum(1)  # = sum_j G_ij (x_i . y_j), in O(R * D)
             gsum[rs] = g.sum(1)
-        dx[rs] = (cs * (g @ yf)).to(x.dtype)
-        dy += g.T @ xf[rs]
-    return dx, gdot, gsum, (cs * dy).to(y.dtype)
+        dx[rs] = gy.mul_(cs)
+        dy.addmm_(g.T, xf[rs])
+    return dx, gdot, gsum, dy.mul_(cs).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd

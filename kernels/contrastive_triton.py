@@ -113,7 +113,8 @@ def _bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_pt
                 lse_y = tl.load(lse_y_ptr + cols, mask=valid, other=0.0)
                 g += tl.exp(z - lse_y[None, :])
         else:
-            g = 1.0 / (1.0 + tl.exp(-z)) - diag
+            e = tl.exp(-tl.abs(z))  # sigmoid without overflow for large |z|
+            g = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) - diag
         g = tl.where(valid[None, :], g, 0.0)
         if WANT_SUMS:
             gdot += tl.sum(g * dot, axis=1)
