@@ -83,6 +83,16 @@ def finish_rows(acc, l_i, m_i):
     return out, lse2
 
 
+def autotuned(kernel, configs, key):
+    """`kernel` autotuned over `configs` (dicts of meta-parameters, num_warps and num_stages) per
+    value of the `key` arguments; None under the interpreter, which runs one fixed config."""
+    if INTERPRET:
+        return None
+    launch = ("num_warps", "num_stages")
+    return triton.autotune(configs=[triton.Config({n: c[n] for n in c if n not in launch}, num_warps=c["num_warps"],
+                                                  num_stages=c["num_stages"]) for c in configs], key=key)(kernel)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are multiplied in full precision (no TF32); fp16/bf16 ignore the setting."""
     return "ieee" if dtype == torch.float32 else "tf32"

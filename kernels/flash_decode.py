@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_common import (INTERPRET, attend_blocks, dot_precision, finish_rows, head_block,
+from .flash_common import (INTERPRET, attend_blocks, autotuned, dot_precision, finish_rows, head_block,
                            new_output, positions, softmax_scale)
 
 MAX_QUERY_TOKENS = 16  # attention() sends Tq <= this here, longer queries to prefill_attention
@@ -129,19 +129,16 @@ def _combine_kernel(OPart, LsePart, Out, Lse, Hq, Tq, num_rows, num_splits,
         tl.store(Lse + row, (m + tl.log2(total)) * 0.6931471805599453, mask=row < num_rows)  # ln 2
 
 
-def _gpu_configs():
-    """H100/H200 candidates (BLOCK_N, warps, stages): memory-bound, so deep pipelines of K/V tiles."""
-    shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
+# H100/H200 autotuning candidates: memory-bound, so deep pipelines of K/V tiles.
+GPU_CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (32, 4, 4)]]
 
 
 # Interpreter: one small config, so short tests still cross several key blocks and splits.
 INTERPRET_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 COMBINE_TILE = 65536 if INTERPRET else 4096  # elements of partial output one combine program reads
-SPLIT_GRANULE = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else 128  # split_len multiple of every BLOCK_N
-_tuned_kernel = None if INTERPRET else triton.autotune(
-    configs=_gpu_configs(), key=["BLOCK_D", "BLOCK_M", "CAUSAL", "SINGLE_SPLIT", "SPLIT_BUCKET"])(
-        _flash_decode_kernel)
+SPLIT_GRANULE = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else max(c["BLOCK_N"] for c in GPU_CONFIGS)  # divides split_len
+_tuned_kernel = autotuned(_flash_decode_kernel, GPU_CONFIGS,
+                          key=["BLOCK_D", "BLOCK_M", "CAUSAL", "SINGLE_SPLIT", "SPLIT_BUCKET"])
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .attention import visibility_mask
-from .flash_common import (INTERPRET, attend_blocks, dot_precision, finish_rows, head_block,
+from .flash_common import (attend_blocks, autotuned, dot_precision, finish_rows, head_block,
                            new_output, positions, softmax_scale)
 
 
@@ -90,17 +90,14 @@ def _flash_prefill_kernel(
         tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Tq)
 
 
-def _gpu_configs():
-    """H100/H200 candidates (BLOCK_M, BLOCK_N, warps, stages); too-large ones fail to compile and are skipped."""
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-              (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+# H100/H200 autotuning candidates; ones too large for a head dim fail to compile and are skipped.
+GPU_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+               for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4)]]
 
 
 # Interpreter: one small config (more programs of smaller blocks exercise the block boundaries).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-_tuned_kernel = None if INTERPRET else triton.autotune(
-    configs=_gpu_configs(), key=["BLOCK_D", "CAUSAL", "TQ_BUCKET", "WRITE_LSE"])(_flash_prefill_kernel)
+_tuned_kernel = autotuned(_flash_prefill_kernel, GPU_CONFIGS, key=["BLOCK_D", "CAUSAL", "TQ_BUCKET", "WRITE_LSE"])
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
