@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 INCOMPLETE = "\ufffd"  # what a decoder yields for bytes that do not (yet) form a character
 PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the first generated ones (as vLLM)
+MAX_CONTEXT_SEARCH = 8  # further prompt tokens tried to start that context on a character boundary
 
 
 class IncrementalDecoder:
@@ -28,17 +29,43 @@ class IncrementalDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids or ())  # prompt + generated ids
-        self.read_offset = len(self.ids)  # ids before this are already turned into text
-        # A prompt ending inside a character leaves it to the generated text to complete.
-        while self.read_offset > 0 and self._decode(max(self.read_offset - PROMPT_CONTEXT, 0), self.read_offset).endswith(INCOMPLETE):
-            self.read_offset -= 1
-        self.prefix_offset = max(self.read_offset - PROMPT_CONTEXT, 0)  # start of the decoded window
+        self.read_offset = len(self.ids)  # ids before it are already text
+        self.prefix_offset = self._window_start(self.read_offset)  # start of the decoded window
+        # A prompt whose text ends in U+FFFD holds invalid bytes or ends inside a character that
+        # the stream may complete: settled by the first text (see `_settle_prompt_end`).
+        self._unsettled = self._decode(self.prefix_offset, self.read_offset).endswith(INCOMPLETE)
         self._pieces: list[str] = []
+
+    def _window_start(self, read: int) -> int:
+        """A window start near `read - PROMPT_CONTEXT`, preferably on a character boundary (a
+        byte-fallback decoder turns a whole run of bytes into U+FFFDs when it starts inside a
+        character), i.e. one whose text up to `read` holds no U+FFFD."""
+        start = max(read - PROMPT_CONTEXT, 0)
+        for prefix in range(start, max(start - MAX_CONTEXT_SEARCH, 0) - 1, -1):
+            if INCOMPLETE not in self._decode(prefix, read):
+                return prefix
+        return start
+
+    def _settle_prompt_end(self) -> None:
+        """Move the read offset back over the prompt's last (at most 3) tokens until the prompt
+        text is a prefix of the text with the stream: the bytes of a character the stream
+        completes then belong to the stream, and invalid prompt bytes are not repeated."""
+        n = self.read_offset
+        for read in range(n, max(n - 3, 0) - 1, -1):
+            prefix = self._window_start(read)
+            if self._decode(prefix).startswith(self._decode(prefix, read)):
+                self.prefix_offset, self.read_offset = prefix, read
+                break
+        self._unsettled = False
 
     def _decode(self, start: int, stop: Optional[int] = None) -> str:
         return self.tokenizer.decode(self.ids[start:stop], skip_special_tokens=self.skip_special_tokens)
 
     def _advance(self, final: bool) -> str:
+        if self._unsettled:
+            if self._decode(self.prefix_offset).endswith(INCOMPLETE) and not final:
+                return ""
+            self._settle_prompt_end()
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         new_text = self._decode(self.prefix_offset)
         if len(new_text) <= len(prefix_text) or (new_text.endswith(INCOMPLETE) and not final):

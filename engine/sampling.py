@@ -136,14 +136,16 @@ def apply_penalties(
     return out - _column(presence, logits) * generated.to(logits.dtype)
 
 
-def apply_top_k(logits: torch.Tensor, k) -> torch.Tensor:
+def apply_top_k(logits: torch.Tensor, k, k_max: Optional[int] = None) -> torch.Tensor:
     """Keep each row's k largest logits (all ties of the k-th are kept, as in HF).
-    `k`: int or (B,) ints; k <= 0 or k >= V leaves the row unchanged."""
+    `k`: int or (B,) ints; k <= 0 or k >= V leaves the row unchanged. `k_max`, when the caller
+    knows it, saves a device sync."""
     V = logits.shape[-1]
     k = _column(k, logits).long()
     off = (k <= 0) | (k >= V)  # (B, 1)
     k = torch.where(off, 1, k)
-    top = torch.topk(logits, int(k.max()), dim=-1).values  # (B, k_max), descending
+    k_max = int(k.max()) if k_max is None else min(max(k_max, 1), V)
+    top = torch.topk(logits, k_max, dim=-1).values  # (B, k_max), descending
     kth = top.gather(1, k - 1)  # (B, 1)
     return logits.masked_fill((logits < kth) & ~off, NEG_INF)
 
@@ -158,10 +160,10 @@ def apply_top_p(logits: torch.Tensor, p) -> torch.Tensor:
 def apply_top_k_top_p(logits: torch.Tensor, k, p) -> torch.Tensor:
     """Top-k, then top-p on the renormalised survivors, with a single sort (HF/vLLM order).
     `k` None means no top-k; otherwise the semantics of `apply_top_k` and `apply_top_p`."""
+    if k is not None and isinstance(p, (int, float)) and p >= 1:
+        return apply_top_k(logits, k)
     p = _column(p, logits)
     p_off = p >= 1  # (B, 1)
-    if k is not None and bool(p_off.all()):
-        return apply_top_k(logits, k)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
     if k is not None:
         k = _column(k, logits).long()
@@ -240,6 +242,7 @@ class Sampler:
             [s and (0 < p.top_k < V or p.top_p < 1) for p, s in zip(params, sampling)], device
         )
         self.top_k = self.top_k_top_p_rows.take(col([p.top_k for p in params], torch.long))
+        self._top_k_max = max((p.top_k for p, s in zip(params, sampling) if s and 0 < p.top_k < V), default=1)
         self.top_p = self.top_k_top_p_rows.take(col([p.top_p for p in params]))
         self.min_p_rows = _Rows([s and p.min_p > 0 for p, s in zip(params, sampling)], device)
         self.min_p = self.min_p_rows.take(col([p.min_p for p in params]))
@@ -299,10 +302,12 @@ class Sampler:
             x = apply_penalties(x, self.prompt_mask, self.output_counts, self.repetition, self.presence, self.frequency)
         if self.sampling_rows.any:
             x = x / self.temperature
-        if self.top_k_top_p_rows.any:
-            rows = self.top_k_top_p_rows
+        rows = self.top_k_top_p_rows
+        if self.top_p_rows.any:
             k = self.top_k if self.top_k_rows.any else None
             x = rows.put(x, apply_top_k_top_p(rows.take(x), k, self.top_p))
+        elif self.top_k_rows.any:
+            x = rows.put(x, apply_top_k(rows.take(x), self.top_k, self._top_k_max))
         if self.min_p_rows.any:
             x = self.min_p_rows.put(x, apply_min_p(self.min_p_rows.take(x), self.min_p))
         return x

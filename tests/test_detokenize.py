@@ -1,12 +1,13 @@
 """Incremental detokenization against one-shot `Tokenizer.decode`, on tokenizers the test trains
 (byte-level BPE as GPT-2, and a Metaspace BPE whose decoder strips the first leading space as
 SentencePiece does), and stop-string matching over streamed pieces."""
+import json
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from mmfuse.detokenize import IncrementalDecoder, StopStringMatcher
 
@@ -41,6 +42,25 @@ def metaspace():
     return tok
 
 
+@pytest.fixture(scope="module")
+def byte_fallback():
+    """Llama-2 style: SentencePiece BPE with <0xXX> byte tokens for characters it never saw."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    ascii_corpus = [line for line in corpus(2) if line.isascii()]
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", SPECIAL], show_progress=False)
+    tok.train_from_iterator(ascii_corpus, trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
 def stream(tokenizer, ids, prompt_ids=None, skip_special_tokens=True):
     decoder = IncrementalDecoder(tokenizer, prompt_ids, skip_special_tokens)
     pieces = [decoder.push(i) for i in ids]
@@ -55,7 +75,7 @@ def test_tokenizer_splits_characters_over_tokens(byte_level):
     assert len(partial) > 50
 
 
-@pytest.mark.parametrize("name", ["byte_level", "metaspace"])
+@pytest.mark.parametrize("name", ["byte_level", "metaspace", "byte_fallback"])
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), skip=st.booleans())
 def test_random_ids_stream_to_the_one_shot_decode(request, name, data, skip):
@@ -63,16 +83,22 @@ def test_random_ids_stream_to_the_one_shot_decode(request, name, data, skip):
     ids = data.draw(st.lists(st.integers(0, tok.get_vocab_size() - 1), max_size=40))
     pieces = stream(tok, ids, skip_special_tokens=skip)
     full = tok.decode(ids, skip_special_tokens=skip)
-    assert "".join(pieces) == full
     if "\ufffd" not in full:
+        assert "".join(pieces) == full
         assert not any("\ufffd" in p for p in pieces)
+    elif name != "byte_fallback":
+        # Byte-level decoding is lossy UTF-8 over all bytes, so even invalid bytes stream exactly.
+        # ByteFallback instead turns a whole run of byte tokens into U+FFFDs once a stray byte
+        # follows a completed character, which a stream that already showed the character
+        # cannot take back (as in vLLM and TGI).
+        assert "".join(pieces) == full
 
 
 @settings(max_examples=60, deadline=None)
 @given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=15), sep=st.sampled_from([" ", "", "\n"]))
-def test_real_text_streams_without_replacement_chars(byte_level, metaspace, words, sep):
+def test_real_text_streams_without_replacement_chars(byte_level, metaspace, byte_fallback, words, sep):
     text = sep.join(words)
-    for tok in (byte_level, metaspace):
+    for tok in (byte_level, metaspace, byte_fallback):
         ids = tok.encode(text).ids
         pieces = stream(tok, ids)
         assert "".join(pieces) == tok.decode(ids)
@@ -97,8 +123,8 @@ def bytes_to_unicode_symbol(b):
 
 @settings(max_examples=60, deadline=None)
 @given(prompt=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8), gen=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8))
-def test_with_prompt_the_stream_continues_the_prompt_text(byte_level, metaspace, prompt, gen):
-    for tok in (byte_level, metaspace):
+def test_with_prompt_the_stream_continues_the_prompt_text(byte_level, metaspace, byte_fallback, prompt, gen):
+    for tok in (byte_level, metaspace, byte_fallback):
         prompt_ids = tok.encode(" ".join(prompt)).ids
         gen_ids = tok.encode(" " + " ".join(gen)).ids
         pieces = stream(tok, gen_ids, prompt_ids)
@@ -111,6 +137,35 @@ def test_prompt_ending_inside_a_character_is_completed_by_the_stream(byte_level)
     prompt = byte_level.encode("hello").ids + smile[:2]
     pieces = stream(byte_level, smile[2:] + byte_level.encode(" world").ids, prompt)
     assert "".join(pieces) == "🙂 world"
+
+
+def test_prompt_holding_invalid_bytes_is_not_repeated(byte_level):
+    stray = byte_level.get_vocab()[bytes_to_unicode_symbol(0xFF)]  # never valid in UTF-8
+    for tail in ("ab", "", "日本"):
+        prompt = byte_level.encode("hello").ids + [stray] + byte_level.encode(tail).ids
+        gen = byte_level.encode(" world 🙂").ids
+        pieces = stream(byte_level, gen, prompt)
+        assert byte_level.decode(prompt) + "".join(pieces) == byte_level.decode(prompt + gen)
+        assert "".join(pieces) == " world 🙂"
+    # a stray byte and then bytes that complete nothing: the prompt's U+FFFD is not repeated
+    prompt = byte_level.encode("hello").ids + [stray]
+    gen = [byte_level.get_vocab()[bytes_to_unicode_symbol(b)] for b in b"\x9f\x99"] + byte_level.encode("!").ids
+    assert byte_level.decode(prompt) + "".join(stream(byte_level, gen, prompt)) == byte_level.decode(prompt + gen)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_random_prompt_and_stream_continue_the_prompt_text(byte_level, data):
+    ids = st.lists(st.integers(0, byte_level.get_vocab_size() - 1), max_size=12)
+    prompt, gen = data.draw(ids), data.draw(ids)
+    text = "".join(stream(byte_level, gen, prompt))
+    prompt_text, full = byte_level.decode(prompt), byte_level.decode(prompt + gen)
+    if full.startswith(prompt_text):
+        assert prompt_text + text == full
+    else:  # the stream completed a character the prompt ended inside of: it owns its bytes
+        cut = next(r for r in range(len(prompt) - 1, -1, -1) if full.startswith(byte_level.decode(prompt[:r])))
+        assert len(prompt) - cut <= 3
+        assert text == full[len(byte_level.decode(prompt[:cut])):]
 
 
 def test_special_tokens_skipped_or_kept(byte_level):
