@@ -1,21 +1,23 @@
-"""Decode/prefill throughput of the engine on a model: the measurement behind `mmfuse bench`."""
+"""Prefill and decode throughput, measured the same way for the engine and for a peer.
+
+A generator function `run(n)` produces n new tokens for a whole batch. Prefill time is the median
+time of run(1); decode time per step is (median run(N) - median run(1)) / (N - 1). Applying the
+same method to the engine and to transformers `generate` keeps the comparison fair: both include
+their own sampling and bookkeeping.
+"""
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
-from .generate import DecodeState
+from .generate import Engine
 from .model import Decoder
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def weight_bytes(model: Decoder) -> int:
+def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes read per decode step for the weights (tied tensors counted once)."""
     seen, total = set(), 0
     for p in model.parameters():
@@ -25,32 +27,39 @@ def weight_bytes(model: Decoder) -> int:
     return total
 
 
-@torch.inference_mode()
-def bench_decode(model: Decoder, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
-                 cuda_graph: bool = False, seed: int = 0) -> dict:
-    """Greedy prefill + decode of random prompts; medians over `repeats` runs.
-
-    Returns prefill seconds, decode seconds per step, tokens/s for both, and the weight bytes."""
-    g = torch.Generator().manual_seed(seed)
-    dev = model.lm_head.weight.device
-    prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    state = DecodeState(model, batch, prompt_len + new_tokens, cuda_graph=cuda_graph)
-    prefill, step = [], []
-    for r in range(repeats + 1):  # the first run warms up (and captures the CUDA graph)
-        _sync(dev)
+def time_generation(run: Callable[[int], object], batch: int, prompt_len: int, new_tokens: int,
+                    repeats: int = 3, device="cpu") -> dict:
+    def timed(n):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = state.prefill(prompts)
-        _sync(dev)
-        t1 = time.perf_counter()
-        tok = logits.argmax(-1)
-        for _ in range(new_tokens - 1):
-            tok = state.decode(tok).argmax(-1)
-        _sync(dev)
-        t2 = time.perf_counter()
-        if r:
-            prefill.append(t1 - t0)
-            step.append((t2 - t1) / max(new_tokens - 1, 1))
-    p, s = statistics.median(prefill), statistics.median(step)
-    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_s": p,
-            "prefill_tok_s": batch * prompt_len / p, "step_s": s, "decode_tok_s": batch / s,
-            "weight_bytes": weight_bytes(model)}
+        run(n)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(new_tokens)  # warm-up (and CUDA-graph capture)
+    t1 = statistics.median(timed(1) for _ in range(repeats))
+    tn = statistics.median(timed(new_tokens) for _ in range(repeats))
+    step = max(tn - t1, 1e-9) / (new_tokens - 1)
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_s": t1,
+            "prefill_tok_s": batch * prompt_len / t1, "step_s": step, "decode_tok_s": batch / step}
+
+
+def random_prompts(vocab: int, batch: int, prompt_len: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt_len), generator=g).tolist()
+
+
+def bench_engine(model: Decoder, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
+                 cuda_graph: bool = False) -> dict:
+    """Greedy generation of random prompts with the engine (eos ignored, so every run is full length)."""
+    engine = Engine(model, cuda_graph=cuda_graph)
+    prompts = random_prompts(model.cfg.vocab_size, batch, prompt_len)
+    dev = model.lm_head.weight.device
+
+    def run(n):
+        engine.generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True)
+
+    with torch.inference_mode():
+        return time_generation(run, batch, prompt_len, new_tokens, repeats, dev)

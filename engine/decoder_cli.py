@@ -100,7 +100,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import bench_decode
+    from .benchmark import bench_engine, weight_bytes
     from .config import PRESETS
     from .loader import load_decoder
     from .model import Decoder
@@ -117,8 +117,8 @@ def cmd_bench(args) -> int:
           f"median of {args.repeats}")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} {'floor ms':>9} {'x floor':>8}")
     for bs in args.batch:
-        r = bench_decode(model, bs, args.prompt_len, args.new_tokens, repeats=args.repeats, cuda_graph=args.cuda_graph)
-        floor = r["weight_bytes"] / (args.bandwidth_gbs * 1e9)
+        r = bench_engine(model, bs, args.prompt_len, args.new_tokens, repeats=args.repeats, cuda_graph=args.cuda_graph)
+        floor = weight_bytes(model) / (args.bandwidth_gbs * 1e9)
         print(f"{bs:>5} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} {r['step_s'] * 1e3:>8.2f} "
               f"{floor * 1e3:>9.2f} {r['step_s'] / floor:>8.2f}")
     return 0
