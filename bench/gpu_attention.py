@@ -81,6 +81,17 @@ def _report(err, ok, label):
     return ok
 
 
+def _check_configs(kind, kernel, configs, q, k, v, q_start, kv_len) -> bool:
+    """bf16, causal: each autotuning candidate, then attention()'s autotuned path."""
+    sem = dict(causal=True, q_start=_ints(q_start), kv_len=_ints(kv_len))
+    ref = attention_reference(q.float(), k.float(), v.float(), **sem)
+    ok = True
+    for cfg in configs:
+        ok &= _report(*_max_err(kernel(q, k, v, config=cfg, **sem), ref, TOL[q.dtype]), f"bfloat16 {kind} config {cfg}")
+    return ok & _report(*_max_err(attention(q, k, v, **sem), ref, TOL[q.dtype]),
+                        f"bfloat16 {kind} via attention() (autotuned)")
+
+
 def check_correctness() -> bool:
     """Every case in bf16 and fp16 (output and LSE, one fixed config so compiles stay few), each
     autotuning candidate on a chunked-prefill and a decode case, and attention()'s autotuned path."""
@@ -104,21 +115,9 @@ def check_correctness() -> bool:
                         torch.allclose(lse[fin], lref[fin], atol=1e-2, rtol=1e-3)
                     ok_all &= _report(err, ok, f"{str(dtype)[6:]:8s} {name:30s} {label:9s} (+LSE)")
         q, k, v = _qkv(2, 16, 4, 300, 2048, 128, torch.bfloat16, seed=99)
-        sem = dict(causal=True, q_start=_ints([1700, 0]), kv_len=_ints([2000, 300]))
-        ref = attention_reference(q.float(), k.float(), v.float(), **sem)
-        for cfg in fp.GPU_CONFIGS:
-            ok_all &= _report(*_max_err(fp.prefill_attention(q, k, v, config=cfg, **sem), ref, TOL[torch.bfloat16]),
-                              label=f"bfloat16 prefill config {cfg}")
-        ok_all &= _report(*_max_err(attention(q, k, v, **sem), ref, TOL[torch.bfloat16]),
-                          label="bfloat16 prefill via attention() (autotuned)")
-        q = q[:, :, :3]
-        sem = dict(causal=True, q_start=_ints([1997, 297]), kv_len=_ints([2000, 300]))
-        ref = attention_reference(q.float(), k.float(), v.float(), **sem)
-        for cfg in fd.GPU_CONFIGS:
-            ok_all &= _report(*_max_err(fd.decode_attention(q, k, v, config=cfg, **sem), ref, TOL[torch.bfloat16]),
-                              label=f"bfloat16 decode config {cfg}")
-        ok_all &= _report(*_max_err(attention(q, k, v, **sem), ref, TOL[torch.bfloat16]),
-                          label="bfloat16 decode via attention() (autotuned)")
+        ok_all &= _check_configs("prefill", fp.prefill_attention, fp.GPU_CONFIGS, q, k, v, [1700, 0], [2000, 300])
+        ok_all &= _check_configs("decode", fd.decode_attention, fd.GPU_CONFIGS, q[:, :, :3], k, v,
+                                 [1997, 297], [2000, 300])
     return ok_all
 
 

@@ -76,6 +76,36 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride
 
 
 @triton.jit
+def attend(q, q_pos, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, lo, full, hi, qk_scale,
+           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+           CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of q's rows over keys [lo, full) without masks, then [full, hi) with them.
+    Returns (acc, l_i, m_i) for `finish_rows`."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                  q_pos, lo, full, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PRECISION)
+    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                  q_pos, full, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def row_extent(QStart, KvLen, b, q_start_default, Tk, HAS_Q_START: tl.constexpr, HAS_KV_LEN: tl.constexpr):
+    """(q_start, kv_len) of batch row b: the loaded values or the defaults; kv_len clipped to Tk."""
+    if HAS_Q_START:
+        q_start = tl.load(QStart + b).to(tl.int32)
+    else:
+        q_start = q_start_default
+    if HAS_KV_LEN:
+        kv_len = tl.minimum(tl.load(KvLen + b).to(tl.int32), Tk)
+    else:
+        kv_len = Tk
+    return q_start, kv_len
+
+
+@triton.jit
 def finish_rows(acc, l_i, m_i):
     """Normalised output rows and their log2-sum-exp; rows that saw no key give 0 and -inf."""
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_common import (INTERPRET, attend_blocks, autotuned, dot_precision, finish_rows, head_block,
-                           new_output, positions, softmax_scale)
+from .flash_common import (INTERPRET, attend, autotuned, dot_precision, finish_rows, head_block,
+                           row_extent, new_output, positions, softmax_scale)
 
 MAX_QUERY_TOKENS = 16  # attention() sends Tq <= this here, longer queries to prefill_attention
 MAX_SPLITS = 64
@@ -45,14 +45,7 @@ def _flash_decode_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    if HAS_Q_START:
-        q_start = tl.load(QStart + b).to(tl.int32)
-    else:
-        q_start = q_start_default
-    if HAS_KV_LEN:
-        kv_end = tl.minimum(tl.load(KvLen + b).to(tl.int32), Tk)
-    else:
-        kv_end = Tk
+    q_start, kv_end = row_extent(QStart, KvLen, b, q_start_default, Tk, HAS_Q_START, HAS_KV_LEN)
     if CAUSAL:
         kv_end = tl.minimum(kv_end, q_start + Tq)  # the last token's horizon
 
@@ -76,15 +69,8 @@ def _flash_decode_kernel(
 
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                                  stride_vt, stride_vd, q_pos, lo, full, qk_scale,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PRECISION)
-    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                                  stride_vt, stride_vd, q_pos, full, hi, qk_scale,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
+    acc, l_i, m_i = attend(q, q_pos, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, lo, full, hi,
+                           qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
     out, lse2 = finish_rows(acc, l_i, m_i)
     if SINGLE_SPLIT:
         o_ptrs = (Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh
@@ -130,13 +116,15 @@ def _combine_kernel(OPart, LsePart, Out, Lse, Hq, Tq, num_rows, num_splits,
 
 
 # H100/H200 autotuning candidates: memory-bound, so deep pipelines of K/V tiles.
-GPU_CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (32, 4, 4)]]
+GPU_CONFIGS = [dict(BLOCK_N=n, num_warps=w, num_stages=s)
+               for n, w, s in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (32, 4, 4)]]
 
 
 # Interpreter: one small config, so short tests still cross several key blocks and splits.
 INTERPRET_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 COMBINE_TILE = 65536 if INTERPRET else 4096  # elements of partial output one combine program reads
-SPLIT_GRANULE = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else max(c["BLOCK_N"] for c in GPU_CONFIGS)  # divides split_len
+# split_len is a multiple of every candidate BLOCK_N
+SPLIT_GRANULE = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else max(c["BLOCK_N"] for c in GPU_CONFIGS)
 _tuned_kernel = autotuned(_flash_decode_kernel, GPU_CONFIGS,
                           key=["BLOCK_D", "BLOCK_M", "CAUSAL", "SINGLE_SPLIT", "SPLIT_BUCKET"])
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .attention import visibility_mask
-from .flash_common import (attend_blocks, autotuned, dot_precision, finish_rows, head_block,
+from .flash_common import (attend, autotuned, dot_precision, finish_rows, head_block, row_extent,
                            new_output, positions, softmax_scale)
 
 
@@ -44,14 +44,7 @@ def _flash_prefill_kernel(
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // group
-    if HAS_Q_START:
-        q_start = tl.load(QStart + b).to(tl.int32)
-    else:
-        q_start = q_start_default
-    if HAS_KV_LEN:
-        kv_len = tl.minimum(tl.load(KvLen + b).to(tl.int32), Tk)
-    else:
-        kv_len = Tk
+    q_start, kv_len = row_extent(QStart, KvLen, b, q_start_default, Tk, HAS_Q_START, HAS_KV_LEN)
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)  # (M,)
@@ -73,15 +66,8 @@ def _flash_prefill_kernel(
 
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                                  stride_vt, stride_vd, q_pos, 0, full, qk_scale,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PRECISION)
-    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd,
-                                  stride_vt, stride_vd, q_pos, full, hi, qk_scale,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
+    acc, l_i, m_i = attend(q, q_pos, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, 0, full, hi,
+                           qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
     out, lse2 = finish_rows(acc, l_i, m_i)
     o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
