@@ -163,6 +163,41 @@ def defaults_from_generation_config(folder) -> dict:
     return out
 
 
+class RequestOutput:
+    """Bookkeeping of one generated sequence: incremental text, stop ids, stop strings, length."""
+
+    def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int]):
+        self.params = params
+        self.detok = IncrementalDecoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
+        self.stops = StopStringMatcher(params.stop_strings) if params.stop_strings else None
+        self.stop_ids = set(params.stop_token_ids)
+        self.n = 0
+
+    def add(self, token: int) -> tuple:
+        """Record one generated token: (newly released text, finish reason or None)."""
+        self.n += 1
+        stop_id = token in self.stop_ids
+        piece = self.detok.push(token) if self.detok is not None and not stop_id else ""
+        if self.stops is not None:
+            piece = self.stops.push(piece)
+        reason = "stop" if stop_id or (self.stops is not None and self.stops.stopped) else None
+        if reason is None and self.n >= self.params.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            piece += self._final_text()
+        return piece, reason
+
+    def _final_text(self) -> str:
+        """Text still held back when the row ends (partial characters, a possible stop-string start)."""
+        if self.stops is not None and self.stops.stopped:
+            return ""
+        tail = self.detok.flush() if self.detok is not None else ""
+        if self.stops is not None:
+            tail = self.stops.push(tail)
+            tail += "" if self.stops.stopped else self.stops.flush()
+        return tail
+
+
 class Engine:
     """A decoder with its tokenizer and generation defaults: `generate()` and `stream()`."""
 
@@ -210,28 +245,33 @@ class Engine:
             s = self._state = DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
         return s
 
+    def check_request(self, b: int, ids: list, p: SamplingParams, extra: int = 0) -> None:
+        """Raise before any allocation if prompt + new tokens (+ `extra` draft slots) exceed the context."""
+        ctx = self.model.cfg.max_seq_len
+        if not ids:
+            raise ValueError(f"prompt {b} is empty")
+        if len(ids) + p.max_new_tokens + extra > ctx:
+            more = f" + {extra} draft slots" if extra else ""
+            raise CapacityError(f"prompt {b}: {len(ids)} prompt + {p.max_new_tokens} new tokens{more} exceed "
+                                f"the model's context of {ctx} positions")
+        if p.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+    def without_eos(self, p: SamplingParams) -> SamplingParams:
+        eos = set(self.model.cfg.eos_token_ids)
+        return replace(p, stop_token_ids=tuple(t for t in p.stop_token_ids if t not in eos))
+
     def _run(self, prompts: list, params: list, ignore_eos: bool = False) -> Iterator[tuple]:
         """Yield (row, token_id, text_piece, logprob, finish_reason) for every generated token."""
-        ctx = self.model.cfg.max_seq_len
         for b, (ids, p) in enumerate(zip(prompts, params)):
-            if not ids:
-                raise ValueError(f"prompt {b} is empty")
-            if len(ids) + p.max_new_tokens > ctx:
-                raise CapacityError(f"prompt {b}: {len(ids)} prompt + {p.max_new_tokens} new tokens exceed "
-                                    f"the model's context of {ctx} positions")
-            if p.stop_strings and self.tokenizer is None:
-                raise ValueError("stop strings need a tokenizer")
+            self.check_request(b, ids, p)
         B = len(prompts)
         state = self._decode_state(B, max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
         dev = state.lengths.device
         if ignore_eos:
-            eos = set(self.model.cfg.eos_token_ids)
-            params = [replace(p, stop_token_ids=tuple(t for t in p.stop_token_ids if t not in eos)) for p in params]
+            params = [self.without_eos(p) for p in params]
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
-        detok = [IncrementalDecoder(self.tokenizer, prompt_ids=ids) if self.tokenizer else None for ids in prompts]
-        stops = [StopStringMatcher(p.stop_strings) if p.stop_strings else None for p in params]
-        stop_ids = [set(p.stop_token_ids) for p in params]
-        n_new = [0] * B
+        rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
         done = [p.max_new_tokens == 0 for p in params]
         logits = state.prefill(prompts) if not all(done) else None
         step = 0
@@ -241,36 +281,14 @@ class Engine:
             toks = tokens.tolist()
             lps = logprobs.tolist() if logprobs is not None else [None] * B
             for b in range(B):
-                if done[b]:
-                    continue
-                t = toks[b]
-                n_new[b] += 1
-                stop_id = t in stop_ids[b]
-                piece = detok[b].push(t) if detok[b] is not None and not stop_id else ""
-                if stops[b] is not None:
-                    piece = stops[b].push(piece)
-                reason = "stop" if stop_id or (stops[b] is not None and stops[b].stopped) else None
-                if reason is None and n_new[b] >= params[b].max_new_tokens:
-                    reason = "length"
-                if reason is not None:
-                    piece += self._final_text(detok[b], stops[b])
-                done[b] = reason is not None
-                yield b, t, piece, lps[b] if params[b].logprobs else None, reason
+                if not done[b]:
+                    piece, reason = rows[b].add(toks[b])
+                    done[b] = reason is not None
+                    yield b, toks[b], piece, lps[b] if params[b].logprobs else None, reason
             step += 1
             if not all(done):
                 active = torch.tensor([not d for d in done], device=dev)
                 logits = state.decode(tokens, active)
-
-    @staticmethod
-    def _final_text(detok, stops) -> str:
-        """Text still held back when a row ends (partial characters, a possible stop-string start)."""
-        if stops is not None and stops.stopped:
-            return ""
-        tail = detok.flush() if detok is not None else ""
-        if stops is not None:
-            tail = stops.push(tail)
-            tail += "" if stops.stopped else stops.flush()
-        return tail
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
                  **overrides) -> list:
