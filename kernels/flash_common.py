@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import _check as check_shapes
 from .attention import check_positions
 
 # Triton decides interpreter or compiler when a kernel is decorated; the kernel configs follow it
@@ -132,17 +133,18 @@ def head_block(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def positions(q: torch.Tensor, k: torch.Tensor, q_start: Optional[torch.Tensor],
+def positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: Optional[torch.Tensor],
               kv_len: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int, bool, bool]:
-    """Device copies of q_start / kv_len (dummies when absent) and the default query start.
+    """Checked shapes; device copies of q_start / kv_len and the default query start.
 
     Returns (q_start_t, kv_len_t, q_start_default, has_q_start, has_kv_len).
     """
+    check_shapes(q, k, v)
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     check_positions(B, q_start, kv_len)
-    dummy = q.new_zeros(1, dtype=torch.int32) if q_start is None or kv_len is None else None
-    qs = dummy if q_start is None else q_start.reshape(B).to(q.device, non_blocking=True).contiguous()
-    kl = dummy if kv_len is None else kv_len.reshape(B).to(q.device, non_blocking=True).contiguous()
+    # An absent tensor is never read (HAS_Q_START / HAS_KV_LEN = False): pass q as a placeholder.
+    qs = q if q_start is None else q_start.reshape(B).to(q.device, non_blocking=True).contiguous()
+    kl = q if kv_len is None else kv_len.reshape(B).to(q.device, non_blocking=True).contiguous()
     return qs, kl, Tk - Tq, q_start is not None, kv_len is not None
 
 

@@ -41,8 +41,8 @@ def _flash_decode_kernel(
         HAS_Q_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, CAUSAL: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr, WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     q_start, kv_end = row_extent(QStart, KvLen, b, q_start_default, Tk, HAS_Q_START, HAS_KV_LEN)
@@ -169,7 +169,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     num_splits = triton.cdiv(Tk, split_len)  # no split starts past the cache
     single = num_splits == 1
 
-    qs, kl, q_start_default, has_qs, has_kl = positions(q, k, q_start, kv_len)
+    qs, kl, q_start_default, has_qs, has_kl = positions(q, k, v, q_start, kv_len)
     out, lse = new_output(q, return_lse)
     if single:
         o_part = lse_part = out  # unused
@@ -184,7 +184,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     meta = dict(HAS_Q_START=has_qs, HAS_KV_LEN=has_kl, CAUSAL=bool(causal), SINGLE_SPLIT=single,
                 WRITE_LSE=return_lse, PRECISION=dot_precision(q.dtype), HEAD_DIM=D,
                 BLOCK_D=head_block(D), BLOCK_M=block_m)
-    grid = (num_splits, B * Hkv, row_blocks)
+    grid = (B * Hkv, num_splits, row_blocks)
     if config is None and _tuned_kernel is not None:
         _tuned_kernel[grid](*args, **meta)
     else:

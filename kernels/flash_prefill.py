@@ -37,10 +37,10 @@ def _flash_prefill_kernel(
         HAS_Q_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, CAUSAL: tl.constexpr,
         WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(0)  # heads of one KV group run side by side and share K/V in L2
+    pid_m = tl.program_id(1)
     if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest rows first: better tail balance
-    pid_bh = tl.program_id(1)
+        pid_m = tl.num_programs(1) - 1 - pid_m  # the longest rows first: better tail balance
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // group
@@ -98,7 +98,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    qs, kl, q_start_default, has_qs, has_kl = positions(q, k, q_start, kv_len)
+    qs, kl, q_start_default, has_qs, has_kl = positions(q, k, v, q_start, kv_len)
     out, lse = new_output(q, return_lse)
     args = (q, k, v, out, out if lse is None else lse, qs, kl,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -107,11 +107,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     meta = dict(HAS_Q_START=has_qs, HAS_KV_LEN=has_kl, CAUSAL=bool(causal), WRITE_LSE=return_lse,
                 PRECISION=dot_precision(q.dtype), HEAD_DIM=D, BLOCK_D=head_block(D))
     if config is None and _tuned_kernel is not None:
-        grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * Hq)  # noqa: E731
+        grid = lambda META: (B * Hq, triton.cdiv(Tq, META["BLOCK_M"]))  # noqa: E731
         _tuned_kernel[grid](*args, **meta)
     else:
         config = dict(INTERPRET_CONFIG if config is None else config)
-        _flash_prefill_kernel[(triton.cdiv(Tq, config["BLOCK_M"]), B * Hq)](*args, **meta, **config)
+        _flash_prefill_kernel[(B * Hq, triton.cdiv(Tq, config["BLOCK_M"]))](*args, **meta, **config)
     return (out, lse) if return_lse else out
 
 

@@ -239,6 +239,10 @@ def test_bad_positions_and_backend_names(backend):
         attention(q, k, v, q_start=torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="backend"):
         backend("flash")
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        prefill_attention(q, k[..., :32], v)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        decode_attention(q, k, v[:1])
 
 
 # ---------------------------------------------------------------- the decoder on the kernels
