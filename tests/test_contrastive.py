@@ -28,6 +28,7 @@ def poison_and_chunk(monkeypatch):
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     monkeypatch.setattr(C, "_new", nan_new)
     monkeypatch.setattr(C, "_CHUNK_ELEMENTS", 8192)  # torch backend: several row blocks
+    monkeypatch.setattr(C, "_MIN_CHUNK_ROWS", 32)
 
 
 def make_inputs(N, D, dtype, kind, seed):
