@@ -2,8 +2,9 @@
 
 `attend_blocks` is the FlashAttention-2 inner loop: online softmax over key blocks in the log2
 domain (scores pre-multiplied by scale * log2(e) so the exponentials are exp2), fp32 statistics and
-accumulator. Both kernels call it twice: once over the key blocks every query row of the program
-may see in full (no masks, the fast path) and once over the boundary blocks (masked).
+accumulator. Both kernels go through `attend`, which runs it twice: over the key blocks every query
+row of the program sees in full (no masks, the fast path), then over the boundary blocks (masked).
+`row_extent` reads a batch row's q_start / kv_len, `finish_rows` normalises and gives the LSE.
 
 The Python helpers normalise the optional `q_start` / `kv_len` arguments of `attention()` and
 allocate the output in (B, Tq, Hq, D) memory order, returned as a (B, Hq, Tq, D) view, so that the
@@ -26,7 +27,6 @@ from .attention import check_positions
 # (the interpreter runs one config, autotuning runs several).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 
 
 @triton.jit

@@ -144,9 +144,9 @@ def choose_num_splits(programs: int, Tk: int, num_sms: int, granule: int = SPLIT
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                 q_start: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
-                 scale: Optional[float] = None, return_lse: bool = False,
-                 num_splits: Optional[int] = None, config: Optional[dict] = None):
+                     q_start: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, return_lse: bool = False,
+                     num_splits: Optional[int] = None, config: Optional[dict] = None):
     """Attention with the semantics of `attention()` for Tq <= 16 query tokens per sequence.
 
     q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) -- typically the whole static cache, any strides.
@@ -163,6 +163,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     block_m = max(16, triton.next_power_of_2(min(group * Tq, MAX_ROWS)))
     row_blocks = triton.cdiv(group * Tq, block_m)
     granule = SPLIT_GRANULE if config is None else max(SPLIT_GRANULE, config["BLOCK_N"])
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
     if num_splits is None:
         num_splits = choose_num_splits(B * Hkv * row_blocks, Tk, _num_sms(q.device), granule)
     split_len = triton.cdiv(triton.cdiv(Tk, num_splits), granule) * granule

@@ -87,8 +87,8 @@ _tuned_kernel = autotuned(_flash_prefill_kernel, GPU_CONFIGS, key=["BLOCK_D", "C
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                  q_start: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
-                  scale: Optional[float] = None, return_lse: bool = False, config: Optional[dict] = None):
+                      q_start: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
+                      scale: Optional[float] = None, return_lse: bool = False, config: Optional[dict] = None):
     """Attention with the semantics of `attention()` for any Tq (best for Tq > 16).
 
     q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D), any strides. Returns out (B, Hq, Tq, D) in q's dtype
