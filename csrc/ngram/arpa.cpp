@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "model.hh"
 
@@ -151,7 +152,7 @@ std::unique_ptr<Model> Model::read_arpa(const char* data, size_t len, std::vecto
     }
     if (trim(line) != "\\end\\") fail(in.line_no(), "expected \\end\\, found '" + std::string(line.substr(0, 60)) + "'");
     try {
-        return build(std::move(orders), std::move(vocab), warnings);
+        return build(std::move(orders), std::move(vocab), warnings, true);
     } catch (const InputError& e) {
         throw InputError(std::string("ARPA file: ") + e.what());
     }
@@ -160,16 +161,9 @@ std::unique_ptr<Model> Model::read_arpa(const char* data, size_t len, std::vecto
 void Model::write_arpa(const std::string& path) const {
     FILE* f = std::fopen(path.c_str(), "wb");
     if (!f) throw InputError("cannot open " + path + " for writing");
-    std::string out;
-    out.reserve(1 << 21);
     bool ok = true;
-    auto flush = [&](bool force) {
-        if (out.size() >= (1 << 20) || force) {
-            ok &= std::fwrite(out.data(), 1, out.size(), f) == out.size();
-            out.clear();
-        }
-    };
-    out += "\\data\\\n";
+    auto put = [&](const std::string& s) { ok &= std::fwrite(s.data(), 1, s.size(), f) == s.size(); };
+    std::string out = "\\data\\\n";
     for (int n = 1; n <= order_; ++n) out += "ngram " + std::to_string(n) + "=" + std::to_string(count(n)) + "\n";
     out += "\n\\1-grams:\n";
     for (WordId w = 0; w < vocab.size(); ++w) {
@@ -178,27 +172,50 @@ void Model::write_arpa(const std::string& path) const {
         out += vocab.word(w);
         if (order_ > 1) { out += '\t'; append_float(out, uni_backoff_[w]); }
         out += '\n';
-        flush(false);
     }
+    put(out);
+    // Higher orders: two threads format alternate blocks of lines, written in order.
+    constexpr size_t kBlock = 1 << 17;
+    std::string bufs[2];
     for (int n = 2; n <= order_; ++n) {
-        out += "\n\\" + std::to_string(n) + "-grams:\n";
+        put("\n\\" + std::to_string(n) + "-grams:\n");
         const WordId* words = words_[n].data();
-        for (size_t i = 0; i < tables_[n].count; ++i) {
-            const WordId* w = words + i * n;
-            const Slot* s = tables_[n].find(ngram_key(w, n));
-            append_float(out, s->prob);
-            out += '\t';
-            for (int j = 0; j < n; ++j) {
-                if (j) out += ' ';
-                out += vocab.word(w[j]);
+        const size_t total = tables_[n].count;
+        auto format = [&](size_t begin, size_t end, std::string& o) {
+            o.clear();
+            constexpr size_t kAhead = 16;  // slots are prefetched this many lines ahead
+            uint64_t keys[kAhead];
+            for (size_t i = begin; i < std::min(end, begin + kAhead); ++i) {
+                keys[i % kAhead] = ngram_key(words + i * n, n);
+                tables_[n].prefetch(keys[i % kAhead]);
             }
-            if (n < order_) { out += '\t'; append_float(out, s->backoff); }
-            out += '\n';
-            flush(false);
+            for (size_t i = begin; i < end; ++i) {
+                const WordId* w = words + i * n;
+                const Slot* s = tables_[n].find(keys[i % kAhead]);
+                if (i + kAhead < end) {
+                    keys[i % kAhead] = ngram_key(words + (i + kAhead) * n, n);
+                    tables_[n].prefetch(keys[i % kAhead]);
+                }
+                append_float(o, s->prob);
+                o += '\t';
+                for (int j = 0; j < n; ++j) {
+                    if (j) o += ' ';
+                    o += vocab.word(w[j]);
+                }
+                if (n < order_) { o += '\t'; append_float(o, s->backoff); }
+                o += '\n';
+            }
+        };
+        for (size_t at = 0; at < total; at += 2 * kBlock) {
+            size_t mid = std::min(total, at + kBlock), end = std::min(total, at + 2 * kBlock);
+            std::thread helper([&] { format(mid, end, bufs[1]); });
+            format(at, mid, bufs[0]);
+            helper.join();
+            put(bufs[0]);
+            put(bufs[1]);
         }
     }
-    out += "\n\\end\\\n";
-    flush(true);
+    put("\n\\end\\\n");
     ok &= std::fclose(f) == 0;
     if (!ok) throw std::runtime_error("cannot write " + path + " (disk full?)");
 }

@@ -1,6 +1,9 @@
 // Shared types of the n-gram core: word ids, special words, the n-gram hash, error helpers.
 #pragma once
+#include <sys/mman.h>
+
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,5 +48,30 @@ inline uint64_t hash_string(const char* s, size_t n) {  // FNV-1a then mixed
 
 // Fast range reduction of a 64-bit hash into [0, n).
 inline uint64_t reduce(uint64_t h, uint64_t n) { return uint64_t((unsigned __int128)h * n >> 64); }
+
+// Allocator of large randomly-accessed arrays (hash tables): transparent huge pages cut the TLB
+// misses that otherwise dominate lookups.
+template <class T> struct HugeAlloc {
+    using value_type = T;
+    HugeAlloc() = default;
+    template <class U> HugeAlloc(const HugeAlloc<U>&) {}
+    static constexpr size_t kHuge = size_t(1) << 21;
+    T* allocate(size_t n) {
+        size_t bytes = n * sizeof(T);
+        if (bytes < kHuge) return static_cast<T*>(::operator new(bytes));
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) throw std::bad_alloc();
+        ::madvise(p, bytes, MADV_HUGEPAGE);
+        return static_cast<T*>(p);
+    }
+    void deallocate(T* p, size_t n) {
+        size_t bytes = n * sizeof(T);
+        if (bytes < kHuge) ::operator delete(p);
+        else ::munmap(p, bytes);
+    }
+    template <class U> bool operator==(const HugeAlloc<U>&) const { return true; }
+    template <class U> bool operator!=(const HugeAlloc<U>&) const { return false; }
+};
+template <class T> using HugeVector = std::vector<T, HugeAlloc<T>>;
 
 }  // namespace ngram

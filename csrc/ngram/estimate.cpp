@@ -20,10 +20,10 @@ namespace {
 // The n-grams of one order during estimation: reversed words in suffix order.
 struct Level {
     int m = 0;
-    std::vector<WordId> r;      // (size, m), r[0] is the last word
-    std::vector<uint32_t> cnt;  // adjusted count (raw for the top order and bos n-grams)
-    std::vector<uint64_t> raw;  // raw occurrence count, only kept when pruning
-    std::vector<uint32_t> suf;  // index of the suffix (drop first word) in the order below
+    HugeVector<WordId> r;      // (size, m), r[0] is the last word
+    HugeVector<uint32_t> cnt;  // adjusted count (raw for the top order and bos n-grams)
+    HugeVector<uint64_t> raw;  // raw occurrence count, only kept when pruning
+    HugeVector<uint32_t> suf;  // index of the suffix (drop first word) in the order below
     size_t size() const { return cnt.size(); }
     const WordId* at(size_t i) const { return r.data() + i * m; }
     void push(const WordId* w, uint32_t c, uint64_t raw_count, bool keep_raw) {
@@ -156,8 +156,8 @@ EstimateResult estimate(CountedGrams&& grams, size_t vocab_size, const EstimateO
     auto pruned = [&](const Level& lv, size_t i) { return pruning && lv.m >= 2 && lv.raw[i] <= prune[lv.m - 1]; };
 
     // Probabilities in ascending order: p(g) = u(g) + gamma(context) * p(suffix).
-    std::vector<std::vector<float>> prob(N + 1), gamma(N + 1);
-    std::vector<uint32_t> ctx_prev, ctx_cur, begin_prev;
+    std::vector<HugeVector<float>> prob(N + 1), gamma(N + 1);
+    HugeVector<uint32_t> ctx_prev, ctx_cur, begin_prev;
     res.orders.resize(N);
 
     // Emits order m (all its probabilities and the gammas of its n-grams as contexts are known).
@@ -176,17 +176,17 @@ EstimateResult estimate(CountedGrams&& grams, size_t vocab_size, const EstimateO
             out.backoff.push_back(bo);
         }
         lv.release();
-        std::vector<float>().swap(prob[m]);
-        std::vector<float>().swap(gamma[m]);
+        HugeVector<float>().swap(prob[m]);
+        HugeVector<float>().swap(gamma[m]);
     };
 
     // Gammas of the contexts of order m-1 from the n-grams of order m: sum of discounts over distinct
     // continuations (plus the mass of pruned ones) divided by the sum of adjusted counts.
-    auto context_gammas = [&](int m, const std::vector<uint32_t>& ctx, size_t n_ctx) {
+    auto context_gammas = [&](int m, const HugeVector<uint32_t>& ctx, size_t n_ctx) {
         const Level& lv = L[m];
         const Discount& d = res.discounts[m - 1];
-        std::vector<uint64_t> den(n_ctx, 0), norm(pruning ? n_ctx : 0, 0);
-        std::vector<uint32_t> nk(n_ctx * 4, 0);
+        HugeVector<uint64_t> den(n_ctx, 0), norm(pruning ? n_ctx : 0, 0);
+        HugeVector<uint32_t> nk(n_ctx * 4, 0);
         for (size_t i = 0; i < lv.size(); ++i) {
             uint32_t c = ctx.empty() ? 0 : ctx[i];
             uint64_t a = lv.cnt[i];
@@ -194,7 +194,7 @@ EstimateResult estimate(CountedGrams&& grams, size_t vocab_size, const EstimateO
             if (pruned(lv, i)) norm[c] += a;
             else if (a > 0) ++nk[c * 4 + std::min<uint64_t>(a, 3)];
         }
-        std::vector<float>& g = gamma[m - 1];
+        HugeVector<float>& g = gamma[m - 1];
         g.assign(n_ctx, -1.0f);  // -1: not a context
         for (size_t c = 0; c < n_ctx; ++c) {
             if (!den[c]) continue;
@@ -208,11 +208,11 @@ EstimateResult estimate(CountedGrams&& grams, size_t vocab_size, const EstimateO
     };
 
     {  // unigrams: the empty context
-        std::vector<uint64_t> den = context_gammas(1, {}, 1);
+        HugeVector<uint64_t> den = context_gammas(1, {}, 1);
         const float g0 = gamma[0][0];
         const float uniform = static_cast<float>(1.0 / static_cast<float>(vocab_size - 1));  // excludes <s>
         const Discount& d = res.discounts[0];
-        std::vector<float>& p = prob[1];
+        HugeVector<float>& p = prob[1];
         p.resize(vocab_size);
         const float fden = static_cast<float>(den[0]);
         for (size_t i = 0; i < vocab_size; ++i) {
@@ -244,9 +244,9 @@ EstimateResult estimate(CountedGrams&& grams, size_t vocab_size, const EstimateO
                 ctx_cur[i] = a;
             }
         }
-        std::vector<uint64_t> den = context_gammas(m, ctx_cur, lo.size());
+        HugeVector<uint64_t> den = context_gammas(m, ctx_cur, lo.size());
         const Discount& d = res.discounts[m - 1];
-        std::vector<float>& p = prob[m];
+        HugeVector<float>& p = prob[m];
         p.resize(lv.size());
         for (size_t i = 0; i < lv.size(); ++i) {
             uint32_t c = ctx_cur[i];

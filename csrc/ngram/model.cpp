@@ -12,7 +12,6 @@
 #include <cstring>
 #include <limits>
 #include <unordered_map>
-#include <unordered_set>
 
 namespace ngram {
 
@@ -27,7 +26,8 @@ Model::~Model() {
     if (map_) ::munmap(map_, map_len_);
 }
 
-std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vocab, std::vector<std::string>* warnings) {
+std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vocab, std::vector<std::string>* warnings,
+                                   bool close_contexts) {
     const int N = int(orders.size());
     if (N < 1 || N > kMaxOrder) throw InputError("model order must be between 1 and " + std::to_string(kMaxOrder));
     std::unique_ptr<Model> m(new Model());
@@ -53,21 +53,26 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
     m->uni_backoff_.own(std::move(ub));
 
     // Pruned ARPA files (SRILM) may lack the context of an n-gram: add it, scored by backing off.
-    for (int n = N; n >= 3; --n) {
+    for (int n = N; close_contexts && n >= 3; --n) {
         OrderTable& lo = orders[n - 2];
-        std::unordered_set<uint64_t> have;
-        have.reserve(lo.size() * 2);
-        for (size_t i = 0; i < lo.size(); ++i) have.insert(ngram_key(&lo.words[i * (n - 1)], n - 1));
+        std::vector<uint64_t> have(lo.size());
+        for (size_t i = 0; i < lo.size(); ++i) have[i] = ngram_key(&lo.words[i * (n - 1)], n - 1);
+        std::sort(have.begin(), have.end());
         const OrderTable& hi = orders[n - 1];
-        size_t added = 0;
+        std::vector<std::pair<uint64_t, size_t>> missing;
         for (size_t i = 0; i < hi.size(); ++i) {
-            const WordId* w = &hi.words[i * n];
-            if (have.insert(ngram_key(w, n - 1)).second) {
-                lo.words.insert(lo.words.end(), w, w + n - 1);
-                lo.prob.push_back(nan);
-                lo.backoff.push_back(0.0f);
-                ++added;
-            }
+            uint64_t k = ngram_key(&hi.words[i * n], n - 1);
+            if (!std::binary_search(have.begin(), have.end(), k)) missing.emplace_back(k, i);
+        }
+        std::sort(missing.begin(), missing.end());
+        size_t added = 0;
+        for (size_t j = 0; j < missing.size(); ++j) {
+            if (j && missing[j].first == missing[j - 1].first) continue;
+            const WordId* w = &hi.words[missing[j].second * n];
+            lo.words.insert(lo.words.end(), w, w + n - 1);
+            lo.prob.push_back(nan);
+            lo.backoff.push_back(0.0f);
+            ++added;
         }
         if (added && warnings)
             warnings->push_back("added " + std::to_string(added) + " missing " + std::to_string(n - 1) + "-gram contexts");
@@ -79,10 +84,14 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
     for (int n = 2; n <= N; ++n) {
         OrderTable& t = orders[n - 1];
         const size_t cnt = t.size();
-        std::vector<Slot> slots(cnt + cnt / 2 + 1, Slot{0, 0.0f, 0.0f});
+        HugeVector<Slot> slots(cnt + cnt / 2 + 1, Slot{0, 0.0f, 0.0f});
         const size_t cap = slots.size();
+        constexpr size_t kAhead = 16;  // slots are prefetched this many n-grams ahead
+        std::vector<uint64_t> keys(cnt);
+        for (size_t i = 0; i < cnt; ++i) keys[i] = ngram_key(&t.words[i * n], n);
         for (size_t i = 0; i < cnt; ++i) {
-            uint64_t key = ngram_key(&t.words[i * n], n);
+            if (i + kAhead < cnt) __builtin_prefetch(&slots[reduce(keys[i + kAhead], cap)]);
+            uint64_t key = keys[i];
             size_t s = reduce(key, cap);
             while (slots[s].key && slots[s].key != key) s = (s + 1 == cap ? 0 : s + 1);
             if (slots[s].key) {
@@ -114,16 +123,23 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
         // Group the n-grams by context: child ranges per unigram id (n == 2) or slot of order n-1.
         const size_t nctx = n == 2 ? V : m->tables_[n - 1].slots.size();
         std::vector<uint32_t> ctx(cnt);
-        std::vector<Range> ranges(nctx, Range{0, 0});
+        HugeVector<Range> ranges(nctx, Range{0, 0});
+        if (n > 2)
+            for (size_t i = 0; i < cnt; ++i) keys[i] = ngram_key(&t.words[i * n], n - 1);
         for (size_t i = 0; i < cnt; ++i) {
             const WordId* w = &t.words[i * n];
-            if (n == 2) ctx[i] = w[0];
-            else ctx[i] = uint32_t(m->tables_[n - 1].find(ngram_key(w, n - 1)) - m->tables_[n - 1].slots.data());
+            if (n == 2) {
+                ctx[i] = w[0];
+            } else {
+                if (i + kAhead < cnt) m->tables_[n - 1].prefetch(keys[i + kAhead]);
+                ctx[i] = uint32_t(m->tables_[n - 1].find(keys[i]) - m->tables_[n - 1].slots.data());
+            }
             ++ranges[ctx[i]].end;
         }
+        std::vector<uint64_t>().swap(keys);
         uint32_t at = 0;
         for (Range& r : ranges) { r.begin = at; at += r.end; r.end = r.begin; }
-        std::vector<WordId> grouped(cnt * n);
+        HugeVector<WordId> grouped(cnt * n);
         for (size_t i = 0; i < cnt; ++i) {
             uint32_t pos = ranges[ctx[i]].end++;
             std::memcpy(&grouped[size_t(pos) * n], &t.words[i * n], n * sizeof(WordId));

@@ -18,14 +18,15 @@ namespace ngram {
 // A read-only array that either owns its storage or points into a memory-mapped file.
 template <class T> class Array {
   public:
-    void own(std::vector<T>&& v) { own_ = std::move(v); p_ = own_.data(); n_ = own_.size(); }
+    void own(HugeVector<T>&& v) { own_ = std::move(v); p_ = own_.data(); n_ = own_.size(); }
+    void own(std::vector<T>&& v) { own(HugeVector<T>(v.begin(), v.end())); }
     void view(const T* p, size_t n) { own_.clear(); p_ = p; n_ = n; }
     const T* data() const { return p_; }
     size_t size() const { return n_; }
     const T& operator[](size_t i) const { return p_[i]; }
 
   private:
-    std::vector<T> own_;
+    HugeVector<T> own_;
     const T* p_ = nullptr;
     size_t n_ = 0;
 };
@@ -51,8 +52,9 @@ struct Score { float prob; int ngram_length; };
 class Model {
   public:
     // From estimated or parsed n-grams (orders[n-1] holds the n-grams of order n, forward words).
+    // close_contexts: add missing contexts of n-grams (pruned ARPA files); estimates have them all.
     static std::unique_ptr<Model> build(std::vector<OrderTable>&& orders, Vocab&& vocab,
-                                        std::vector<std::string>* warnings = nullptr);
+                                        std::vector<std::string>* warnings = nullptr, bool close_contexts = false);
     static std::unique_ptr<Model> load_binary(const std::string& path);
     static std::unique_ptr<Model> read_arpa(const char* data, size_t len, std::vector<std::string>* warnings);
     ~Model();
@@ -87,6 +89,7 @@ class Model {
     struct Table {
         Array<Slot> slots;
         uint64_t count = 0;
+        void prefetch(uint64_t key) const { __builtin_prefetch(&slots[reduce(key, slots.size())]); }
         const Slot* find(uint64_t key) const {
             size_t cap = slots.size();
             for (size_t s = reduce(key, cap);; s = (s + 1 == cap ? 0 : s + 1)) {

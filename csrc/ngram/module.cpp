@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 
 #include <charconv>
+#include <cstdio>
+#include <ctime>
 #include <chrono>
 #include <cstring>
 
@@ -213,13 +215,21 @@ PYBIND11_MODULE(_ngram, mod) {
                 py::gil_scoped_release nogil;
                 normalise_prune(eo.prune, c.order());
                 auto t0 = std::chrono::steady_clock::now();
+                auto stage = [&](const char* what) {
+                    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                    if (progress)
+                        std::fprintf(stderr, "[mmfuse.ngram] %s (%.1f s, %.1f s of CPU in all)\n", what, t,
+                                     double(std::clock()) / CLOCKS_PER_SEC);
+                    return t;
+                };
                 CountedGrams grams = c.finish();
-                t_count = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-                if (c.tokens == 0 && c.lines == 0) throw InputError("the corpus is empty");
+                t_count = stage("counts merged");
                 const size_t V = c.vocab.size();
                 res = estimate(std::move(grams), V, eo);
+                stage("estimated");
                 model = Model::build(std::move(res.orders), std::move(c.vocab), &w);
                 model->discounts = res.discounts;
+                stage("query tables built");
             }
             auto pm = std::make_unique<PyModel>(std::move(model));
             pm->warnings = res.warnings;

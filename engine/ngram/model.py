@@ -34,7 +34,7 @@ _TEXT_BATCH = 1 << 20  # characters of lines handed to C++ at once
 class BuildConfig:
     """Options of `NGramModel.build`, named after lmplz's."""
     order: int = 3                    # highest n-gram order (1..MAX_ORDER), lmplz -o
-    memory_mb: int = 1024             # counting memory budget; past it sorted runs spill to disk (-S)
+    memory_mb: float = 1024           # counting memory budget; past it sorted runs spill to disk (-S)
     tmp_dir: str | None = None        # where spilled runs go (-T); default: the system temp dir
     threads: int = 2                  # counting/sorting threads
     prune: Sequence[int] = ()         # per-order count thresholds, e.g. (0, 0, 1) (--prune)
@@ -46,8 +46,8 @@ class BuildConfig:
     def validate(self) -> None:
         if not isinstance(self.order, int) or not 1 <= self.order <= MAX_ORDER:
             raise ValueError(f"order must be an integer between 1 and {MAX_ORDER}, got {self.order!r}")
-        if self.memory_mb < 16:
-            raise ValueError(f"memory_mb must be at least 16, got {self.memory_mb}")
+        if self.memory_mb < 1:
+            raise ValueError(f"memory_mb must be at least 1, got {self.memory_mb}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if any(int(t) < 0 for t in self.prune):
@@ -92,7 +92,7 @@ class NGramModel:
         cfg = config or BuildConfig(order=order, **options)
         cfg.validate()
         start = time.perf_counter()
-        builder = _ngram.Builder(cfg.order, int(cfg.memory_mb) << 20, cfg.tmp_dir or tempfile.gettempdir(),
+        builder = _ngram.Builder(cfg.order, int(cfg.memory_mb * (1 << 20)), cfg.tmp_dir or tempfile.gettempdir(),
                                  cfg.threads, cfg.skip_symbols, cfg.progress)
         _feed(builder, source)
         if builder.tokens == 0:
