@@ -26,6 +26,8 @@ import torch
 from .errors import MMFuseError
 
 NEG_INF = float("-inf")
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily
+TOP_P_CANDIDATES = 256  # first guess at how many tokens hold the top-p mass
 
 
 class SamplingParamsError(MMFuseError, ValueError):
@@ -38,7 +40,7 @@ class SamplingParams:
 
     max_new_tokens: int = 64  # stop after this many generated tokens
     min_new_tokens: int = 0  # stop ids (and eos) are suppressed until this many tokens exist
-    temperature: float = 1.0  # logits are divided by it; 0 means greedy (argmax)
+    temperature: float = 1.0  # logits are divided by it; 0 (below 1e-5) means greedy (argmax)
     top_k: int = 0  # keep the k most likely tokens (ties at the k-th kept); 0 = off
     top_p: float = 1.0  # keep the smallest most-likely set with mass >= top_p; 1.0 = off
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0.0 = off
@@ -53,7 +55,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax decoding; a temperature below GREEDY_TEMPERATURE counts as 0 (as in vLLM),
+        since dividing by it would overflow float32 logits."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> "SamplingParams":
         """Raise SamplingParamsError naming the first bad field and its value; return self."""
@@ -150,18 +154,53 @@ def apply_top_k(logits: torch.Tensor, k, k_max: Optional[int] = None) -> torch.T
     return logits.masked_fill((logits < kth) & ~off, NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, p) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p, candidates: Optional[int] = None) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability mass is >= p: token i (in
     descending order) is kept iff the mass strictly before it is < p, so the top token always
     stays. `p`: float or (B,); p >= 1 leaves the row unchanged."""
-    return apply_top_k_top_p(logits, None, p)
+    return apply_top_k_top_p(logits, None, p, candidates=candidates)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, k, p) -> torch.Tensor:
-    """Top-k, then top-p on the renormalised survivors, with a single sort (HF/vLLM order).
-    `k` None means no top-k; otherwise the semantics of `apply_top_k` and `apply_top_p`."""
-    if k is not None and isinstance(p, (int, float)) and p >= 1:
-        return apply_top_k(logits, k)
+def apply_top_k_top_p(
+    logits: torch.Tensor, k, p, k_max: Optional[int] = None, candidates: Optional[int] = None
+) -> torch.Tensor:
+    """Top-k, then top-p on the renormalised survivors (HF/vLLM order); `k` None means no top-k,
+    otherwise the semantics of `apply_top_k` and `apply_top_p`.
+
+    A full sort of a 50k vocabulary costs ~10 ms on a CPU, so the cut is looked for among the
+    `candidates` most likely tokens (torch.topk), growing them 4x until they hold the top-k set
+    (with its ties) and the top-p mass; it ends at a full sort for very flat distributions."""
+    B, V = logits.shape
+    p = _column(p, logits)
+    p_on = p < 1  # (B, 1)
+    k = _column(0 if k is None else k, logits).long()
+    k_on = (k > 0) & (k < V)  # (B, 1)
+    if k_max is None:
+        k_max = int(torch.where(k_on, k, 0).max())
+    n = min(V, max(TOP_P_CANDIDATES if candidates is None else candidates, k_max, 1))
+    lse_all = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1): normaliser without top-k
+    while True:
+        values, index = torch.topk(logits, n, dim=-1)  # (B, n), descending
+        kth = values.gather(1, torch.where(k_on, k, n).clamp(max=n) - 1)  # (B, 1)
+        in_k = (values >= kth) | ~k_on  # (B, n)
+        values = values.masked_fill(~in_k, NEG_INF)
+        lse = torch.where(k_on, torch.logsumexp(values, dim=-1, keepdim=True), lse_all)
+        probs = torch.exp(values - lse)  # (B, n): probabilities after top-k
+        mass = probs.cumsum(dim=-1)  # (B, n)
+        holds_k = ~k_on | ((logits >= kth).sum(-1, keepdim=True) == in_k.sum(-1, keepdim=True))
+        holds_p = k_on | ~p_on | (mass[:, -1:] >= p)
+        if n == V or bool((holds_k & holds_p).all()):
+            break
+        n = min(V, 4 * n)
+    mass_before = mass.roll(1, dims=-1)  # (B, n): exclusive cumulative mass
+    mass_before[:, 0] = 0
+    values = values.masked_fill((mass_before >= p) & p_on, NEG_INF)
+    out = torch.full_like(logits, NEG_INF).scatter_(1, index, values)
+    return torch.where(k_on | p_on, out, logits)
+
+
+def apply_top_k_top_p_reference(logits: torch.Tensor, k, p) -> torch.Tensor:
+    """Plain reference of `apply_top_k_top_p`: one full sort, as HF does."""
     p = _column(p, logits)
     p_off = p >= 1  # (B, 1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
@@ -305,7 +344,7 @@ class Sampler:
         rows = self.top_k_top_p_rows
         if self.top_p_rows.any:
             k = self.top_k if self.top_k_rows.any else None
-            x = rows.put(x, apply_top_k_top_p(rows.take(x), k, self.top_p))
+            x = rows.put(x, apply_top_k_top_p(rows.take(x), k, self.top_p, self._top_k_max))
         elif self.top_k_rows.any:
             x = rows.put(x, apply_top_k(rows.take(x), self.top_k, self._top_k_max))
         if self.min_p_rows.any:

@@ -16,6 +16,7 @@ from mmfuse.sampling import (
     apply_penalties,
     apply_top_k,
     apply_top_k_top_p,
+    apply_top_k_top_p_reference,
     apply_top_p,
     sample_inverse_cdf,
 )
@@ -149,10 +150,11 @@ def check_top_p_row(row_x, row_out, p):
 
 
 @PROPS
-@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), V=st.integers(1, 70), p=st.floats(0.01, 1.0), ties=st.booleans())
-def test_top_p_invariants(seed, B, V, p, ties):
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), V=st.integers(1, 70), p=st.floats(0.01, 1.0), ties=st.booleans(),
+       candidates=st.sampled_from([1, 3, None]))
+def test_top_p_invariants(seed, B, V, p, ties, candidates):
     x = random_logits(seed, B, V, ties)
-    out = apply_top_p(x, p)
+    out = apply_top_p(x, p, candidates=candidates)  # few candidates: the search must grow them
     if p >= 1:
         assert torch.equal(out, x)
     for row_x, row_out in zip(x, out):
@@ -182,12 +184,28 @@ def test_per_row_parameters_and_single_sort_composition(seed, V, data):
     x = random_logits(seed, B, V)
     ks = torch.tensor(data.draw(st.lists(st.integers(0, V + 1), min_size=B, max_size=B)))
     ps = torch.tensor(data.draw(st.lists(st.floats(0.05, 1.0), min_size=B, max_size=B)))
-    both = apply_top_k_top_p(x, ks, ps)
+    both = apply_top_k_top_p(x, ks, ps, candidates=data.draw(st.sampled_from([1, 3, None])))
     composed = apply_top_p(apply_top_k(x, ks), ps)
     assert torch.equal(torch.isfinite(both), torch.isfinite(composed))
     for r in range(B):
         assert torch.equal(apply_top_k(x[r : r + 1], int(ks[r])), apply_top_k(x, ks)[r : r + 1])
         check_top_p_row(apply_top_k(x[r : r + 1], int(ks[r]))[0], both[r], float(ps[r]))
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 5.0])  # flat (needs a full sort) to peaked
+@pytest.mark.parametrize("k", [None, 0, 1, 40, 700, 5000])
+def test_top_k_top_p_equals_the_full_sort_reference(scale, k):
+    x = random_logits(11, 4, 3001) * scale
+    p = torch.tensor([0.3, 0.9, 0.99, 1.0])
+    fast, ref = apply_top_k_top_p(x, k, p), apply_top_k_top_p_reference(x, k, p)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(ref))
+    assert torch.equal(fast[torch.isfinite(fast)], x[torch.isfinite(fast)])
+    ties = torch.round(x * 2) / 2  # ties at the k-th value straddle the first candidates
+    fast = apply_top_k_top_p(ties, k, p, candidates=7)
+    top_k = apply_top_k(ties, 0 if k is None else k)
+    for r in range(4):  # sums over many equal probabilities round differently: check invariants
+        check_top_p_row(top_k[r], fast[r], float(p[r]))
+    assert torch.equal(fast[3], top_k[3])
 
 
 def penalties_reference(logits, prompts, generated, rep, pres, freq):
@@ -314,6 +332,8 @@ def test_small_temperature_equals_greedy():
     tokens, _ = Sampler(cold, V, "cpu", [[0]] * B).sample(logits, 0)
     assert torch.equal(tokens, greedy)
     assert torch.equal(greedy, logits.argmax(-1))
+    tiny = Sampler([SamplingParams(temperature=1e-30, seed=0)] * B, V, "cpu", [[0]] * B)
+    assert torch.equal(tiny.sample(logits * 1e3, 0)[0], greedy)  # no float32 overflow to NaN
 
 
 def test_greedy_with_penalties_equals_reference():
