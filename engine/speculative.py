@@ -139,12 +139,17 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
         logits = state.forward(torch.tensor([[comp.token_ids[-1]] + draft], device=dev))[0]  # (1 + len(draft), V)
         stats.forwards += 1
         stats.drafted += len(draft)
-        finished = False
+        # Greedy without penalties or pending min_new_tokens: the targets are plain argmaxes, all at once.
+        plain = p.greedy and not sampler.uses_penalties and len(comp.token_ids) >= p.min_new_tokens
+        targets = logits.argmax(-1).tolist() if plain else None
         for i, d in enumerate(draft):
-            probs = sampler.probs(logits[i: i + 1].float(), len(comp.token_ids))[0]
-            u = sampler.uniforms()[0] if not p.greedy else None
-            u2 = sampler.uniforms()[0] if not p.greedy else None
-            token, ok = accept_token(probs, d, u, u2, p.greedy)
+            if plain:
+                token, ok = targets[i], targets[i] == d
+            else:
+                probs = sampler.probs(logits[i: i + 1].float(), len(comp.token_ids))[0]
+                u = sampler.uniforms()[0] if not p.greedy else None
+                u2 = sampler.uniforms()[0] if not p.greedy else None
+                token, ok = accept_token(probs, d, u, u2, p.greedy)
             stats.accepted += ok
             finished = emit(token, logits[i])
             if finished or not ok:
