@@ -25,7 +25,9 @@ MAX_CONTEXT_SEARCH = 8  # further prompt tokens tried to start that context on a
 class IncrementalDecoder:
     """Decodes token ids one at a time: `push(id)` returns only the newly completed text."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Sequence[int]] = None, skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Optional[Sequence[int]] = None, skip_special_tokens: bool = True
+    ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids or ())  # prompt + generated ids

@@ -232,7 +232,8 @@ class _Rows:
     def __init__(self, mask: Sequence[bool], device):
         self.any = any(mask)
         self.all = all(mask)
-        self.index = None if self.all else torch.tensor([i for i, m in enumerate(mask) if m], dtype=torch.long, device=device)
+        rows = [i for i, m in enumerate(mask) if m]
+        self.index = None if self.all else torch.tensor(rows, dtype=torch.long, device=device)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.all else x.index_select(0, self.index)
@@ -305,7 +306,7 @@ class Sampler:
         self._one = torch.ones(1, 1, dtype=torch.float32, device=device)
 
         # min_new_tokens: (row, stop id) pairs suppressed while step < that row's min_new_tokens.
-        pairs = [(r, t, p.min_new_tokens) for r, p in enumerate(params) if p.min_new_tokens > 0 for t in p.stop_token_ids]
+        pairs = [(r, t, p.min_new_tokens) for r, p in enumerate(params) if p.min_new_tokens for t in p.stop_token_ids]
         self._stop_pairs = None
         if pairs:
             r, t, m = zip(*pairs)

@@ -115,14 +115,15 @@ def test_multibyte_character_is_held_until_complete(byte_level):
 
 def bytes_to_unicode_symbol(b):
     """GPT-2's byte-to-printable-character map, for one byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     if b in printable:
         return chr(b)
     return chr(256 + [c for c in range(256) if c not in printable].index(b))
 
 
 @settings(max_examples=60, deadline=None)
-@given(prompt=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8), gen=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8))
+@given(prompt=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8),
+       gen=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8))
 def test_with_prompt_the_stream_continues_the_prompt_text(byte_level, metaspace, byte_fallback, prompt, gen):
     for tok in (byte_level, metaspace, byte_fallback):
         prompt_ids = tok.encode(" ".join(prompt)).ids

@@ -150,8 +150,8 @@ def check_top_p_row(row_x, row_out, p):
 
 
 @PROPS
-@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), V=st.integers(1, 70), p=st.floats(0.01, 1.0), ties=st.booleans(),
-       candidates=st.sampled_from([1, 3, None]))
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), V=st.integers(1, 70), p=st.floats(0.01, 1.0),
+       ties=st.booleans(), candidates=st.sampled_from([1, 3, None]))
 def test_top_p_invariants(seed, B, V, p, ties, candidates):
     x = random_logits(seed, B, V, ties)
     out = apply_top_p(x, p, candidates=candidates)  # few candidates: the search must grow them
@@ -240,7 +240,8 @@ def test_penalties_match_reference(seed, V, data):
         for t in generated[r]:
             counts[r, t] += 1
     out = apply_penalties(x, prompt_mask, counts, torch.tensor(rep), torch.tensor(pres), torch.tensor(freq))
-    torch.testing.assert_close(out.double(), penalties_reference(x, prompts, generated, rep, pres, freq), rtol=1e-6, atol=1e-5)
+    expected = penalties_reference(x, prompts, generated, rep, pres, freq)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
     neutral = apply_penalties(x, prompt_mask, counts, 1.0, 0.0, 0.0)
     assert torch.equal(neutral, x)  # neutral values leave rows bit-for-bit unchanged
 
@@ -315,7 +316,8 @@ def test_batch_rows_equal_the_same_requests_alone(device):
 def test_logprobs_are_raw_log_softmax_at_the_chosen_token():
     V = 50
     logits = random_logits(1, 2, V)
-    sampler = Sampler([SamplingParams(seed=3, top_k=3, temperature=0.5, logprobs=True), SamplingParams(temperature=0)], V, "cpu", [[1], [2]])
+    params = [SamplingParams(seed=3, top_k=3, temperature=0.5, logprobs=True), SamplingParams(temperature=0)]
+    sampler = Sampler(params, V, "cpu", [[1], [2]])
     tokens, lps = sampler.sample(logits, 0)
     assert lps.dtype == torch.float32
     torch.testing.assert_close(lps, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
@@ -374,7 +376,8 @@ def test_min_new_tokens_suppresses_stop_ids_until_reached(device):
 def test_probs_is_the_distribution_sampled_from(device):
     V = 40
     logits = random_logits(9, 3, V).to(device)
-    params = [SamplingParams(temperature=0), SamplingParams(seed=0, top_k=4, temperature=0.7), SamplingParams(seed=0, min_p=0.3)]
+    params = [SamplingParams(temperature=0), SamplingParams(seed=0, top_k=4, temperature=0.7),
+              SamplingParams(seed=0, min_p=0.3)]
     sampler = Sampler(params, V, device, [[1]] * 3)
     probs = sampler.probs(logits, 0)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, device=device))
