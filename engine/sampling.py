@@ -302,7 +302,8 @@ class Sampler:
                 rows = [r for r, ids in enumerate(prompt_ids) for _ in ids]
                 cols = [t for ids in prompt_ids for t in ids]
                 self.prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=device)
-                self.prompt_mask[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = True
+                index = torch.tensor([rows, cols], dtype=torch.long, device=device)  # (2, prompt tokens)
+                self.prompt_mask[index[0], index[1]] = True
         self._one = torch.ones(1, 1, dtype=torch.float32, device=device)
 
         # min_new_tokens: (row, stop id) pairs suppressed while step < that row's min_new_tokens.

@@ -397,6 +397,14 @@ def test_update_counts_tokens_for_penalties():
     assert torch.equal(sampler.process(torch.zeros(2, V), 0), -expected)
 
 
+def test_repetition_penalty_covers_prompt_tokens_even_of_empty_prompts():
+    sampler = Sampler([SamplingParams(repetition_penalty=2.0, seed=0)] * 2, 6, "cpu", [[], [3, 3, 5]])
+    logits = torch.tensor([[1.0, -1, 2, 4, 0, -2]] * 2)
+    expected = logits.clone()
+    expected[1, 3], expected[1, 5] = 2.0, -4.0
+    assert torch.equal(sampler.process(logits, 0), expected)
+
+
 @pytest.mark.parametrize(
     "params,expected",
     [
