@@ -9,6 +9,7 @@ import sys
 from .errors import MMFuseError
 
 COMMAND_MODULES = [
+    "mmfuse.ngram.cli",
     "mmfuse.decoder_cli",
     "mmfuse.encoders.cli",
 ]

@@ -81,6 +81,7 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
     m->tables_.resize(N + 1);
     m->child_.resize(N + 1);
     m->words_.resize(N + 1);
+    std::vector<uint32_t> pos_of_slot;  // position in words_[n-1] of the n-gram in each slot of order n-1
     for (int n = 2; n <= N; ++n) {
         OrderTable& t = orders[n - 1];
         const size_t cnt = t.size();
@@ -88,6 +89,7 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
         const size_t cap = slots.size();
         constexpr size_t kAhead = 16;  // slots are prefetched this many n-grams ahead
         std::vector<uint64_t> keys(cnt);
+        std::vector<uint32_t> slot_of(cnt);
         for (size_t i = 0; i < cnt; ++i) keys[i] = ngram_key(&t.words[i * n], n);
         for (size_t i = 0; i < cnt; ++i) {
             if (i + kAhead < cnt) __builtin_prefetch(&slots[reduce(keys[i + kAhead], cap)]);
@@ -100,6 +102,7 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
                 throw InputError("duplicate " + std::to_string(n) + "-gram '" + g + "'");
             }
             slots[s] = Slot{key, t.prob[i], t.backoff[i]};
+            slot_of[i] = uint32_t(s);
         }
         // Missing contexts get the probability the lower orders give them.
         for (size_t i = 0; i < cnt; ++i) {
@@ -120,30 +123,40 @@ std::unique_ptr<Model> Model::build(std::vector<OrderTable>&& orders, Vocab&& vo
         m->tables_[n].count = cnt;
         m->tables_[n].slots.own(std::move(slots));
 
-        // Group the n-grams by context: child ranges per unigram id (n == 2) or slot of order n-1.
-        const size_t nctx = n == 2 ? V : m->tables_[n - 1].slots.size();
-        std::vector<uint32_t> ctx(cnt);
-        HugeVector<Range> ranges(nctx, Range{0, 0});
+        // Group the n-grams by context, groups in the order of their contexts in the order below
+        // (word ids for bigrams), so the layout (and ARPA line order) does not depend on insertion
+        // order. Child ranges are indexed by unigram id (n == 2) or by slot of order n-1.
+        const size_t nparent = n == 2 ? V : size_t(m->tables_[n - 1].count);
+        std::vector<uint32_t> parent(cnt), start(nparent + 1, 0);
         if (n > 2)
             for (size_t i = 0; i < cnt; ++i) keys[i] = ngram_key(&t.words[i * n], n - 1);
+        const Table& below = m->tables_[n - 1];
         for (size_t i = 0; i < cnt; ++i) {
-            const WordId* w = &t.words[i * n];
             if (n == 2) {
-                ctx[i] = w[0];
+                parent[i] = t.words[i * n];
             } else {
-                if (i + kAhead < cnt) m->tables_[n - 1].prefetch(keys[i + kAhead]);
-                ctx[i] = uint32_t(m->tables_[n - 1].find(keys[i]) - m->tables_[n - 1].slots.data());
+                if (i + kAhead < cnt) below.prefetch(keys[i + kAhead]);
+                parent[i] = pos_of_slot[below.find(keys[i]) - below.slots.data()];
             }
-            ++ranges[ctx[i]].end;
+            ++start[parent[i] + 1];
         }
         std::vector<uint64_t>().swap(keys);
-        uint32_t at = 0;
-        for (Range& r : ranges) { r.begin = at; at += r.end; r.end = r.begin; }
-        HugeVector<WordId> grouped(cnt * n);
-        for (size_t i = 0; i < cnt; ++i) {
-            uint32_t pos = ranges[ctx[i]].end++;
-            std::memcpy(&grouped[size_t(pos) * n], &t.words[i * n], n * sizeof(WordId));
+        for (size_t p = 0; p < nparent; ++p) start[p + 1] += start[p];
+        HugeVector<Range> ranges(n == 2 ? V : below.slots.size(), Range{0, 0});
+        if (n == 2) {
+            for (size_t w = 0; w < V; ++w) ranges[w] = Range{start[w], start[w + 1]};
+        } else {
+            for (size_t sl = 0; sl < below.slots.size(); ++sl)
+                if (below.slots[sl].key) ranges[sl] = Range{start[pos_of_slot[sl]], start[pos_of_slot[sl] + 1]};
         }
+        HugeVector<WordId> grouped(cnt * n);
+        std::vector<uint32_t> next_pos(m->tables_[n].slots.size(), 0);
+        for (size_t i = 0; i < cnt; ++i) {
+            uint32_t pos = start[parent[i]]++;
+            std::memcpy(&grouped[size_t(pos) * n], &t.words[i * n], n * sizeof(WordId));
+            next_pos[slot_of[i]] = pos;
+        }
+        pos_of_slot.swap(next_pos);
         m->child_[n - 1].own(std::move(ranges));
         m->words_[n].own(std::move(grouped));
         t = OrderTable{n};
