@@ -94,3 +94,23 @@ def test_bert_config_errors(tmp_path, minilm):
         load_encoder(tmp_path / "m")
     with pytest.raises(ValueError, match="no image tower"):
         load_encoder(minilm).encode_image([])
+
+
+def test_length_buckets_cover_in_order_and_bound_padding():
+    from mmfuse.encoders.tokens import length_buckets
+    g = torch.Generator().manual_seed(0)
+    for n, max_rows in [(1, 64), (7, 3), (100, 64), (300, 17)]:
+        lengths = sorted(torch.randint(1, 80, (n,), generator=g).tolist(), reverse=True)
+        groups = length_buckets(lengths, max_rows, max_padding=0.25, min_rows=4)
+        assert [i for grp in groups for i in grp] == list(range(n))  # contiguous cover, in order
+        for grp in groups:
+            rows = [lengths[i] for i in grp]
+            assert 1 <= len(rows) <= max_rows
+            if len(rows) > 4:
+                assert rows[0] * len(rows) <= 1.25 * sum(rows)
+
+
+def test_bucketing_does_not_change_embeddings(minilm):
+    enc = load_encoder(minilm)
+    torch.testing.assert_close(enc.encode_text(SENTENCES * 3, bucket=False), enc.encode_text(SENTENCES * 3),
+                               atol=1e-5, rtol=0)

@@ -17,21 +17,24 @@ import torch.nn.functional as F
 
 from ..checkpoint import read_config, read_json, resolve_dtype
 from ..errors import ConfigError
+from ..tokenizer import load_tokenizer
 from .bert import SentenceEncoder
 from .clip import ClipModel
 from .dual import DualEncoder
 from .preprocess import ImageProcessor
 from .search import search
 from .siglip import SiglipModel
-from .tokens import TextTokenizer, check_texts
+from .tokens import TextTokenizer, check_texts, length_buckets
 from .zeroshot import build_zero_shot_classifier
 
 FAMILIES = {"clip": ClipModel, "siglip": SiglipModel}
 
 
 class Encoder:
-    def __init__(self, model, tokenizer: TextTokenizer, processor: Optional[ImageProcessor], device="cpu"):
-        self.model, self.tokenizer, self.processor, self.device = model, tokenizer, processor, torch.device(device)
+    def __init__(self, model, tokenizer: Optional[TextTokenizer], processor: Optional[ImageProcessor], folder,
+                 device="cpu"):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.folder, self.device = Path(folder), torch.device(device)
         self.dtype = next(model.parameters()).dtype
 
     @property
@@ -60,23 +63,29 @@ class Encoder:
         return F.normalize(e, dim=-1) if normalize else e
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
-        """Texts -> embeddings (N, E) float32, in input order. Texts are grouped by length so that
-        each batch pads as little as possible."""
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True,
+                    bucket: bool = True) -> torch.Tensor:
+        """Texts -> embeddings (N, E) float32, in input order. Texts are sorted by token count and
+        split into batches of at most `batch_size`; with `bucket`, batches are further split where
+        that saves padding (`length_buckets`)."""
         texts = check_texts(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.empty(0)
-        for s in range(0, len(texts), batch_size):
-            idx = order[s:s + batch_size]
-            ids, lengths = self.tokenizer([texts[i] for i in idx])
+        if self.tokenizer is None:
+            load_tokenizer(self.folder)  # raises CheckpointError naming the missing tokenizer.json
+        seqs = self.tokenizer.encode(texts)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        if self.tokenizer.pad_to_context or not bucket:  # (SigLIP: every batch has the same length anyway)
+            groups = [range(s, min(s + batch_size, len(seqs))) for s in range(0, len(seqs), batch_size)]
+        else:
+            groups = length_buckets([len(seqs[i]) for i in order], batch_size)
+        out = None
+        for g in groups:
+            idx = [order[i] for i in g]
+            ids, lengths = self.tokenizer.pad([seqs[i] for i in idx])
             ids, lengths = ids.to(self.device), lengths.to(self.device)
-            if self.has_images:
-                e = self.model.text_features(ids).float()
-            else:
-                e = self.model(ids, lengths).float()
-            if out.numel() == 0:
-                out = torch.empty(len(texts), e.shape[1])
-            out[torch.tensor(idx)] = e.cpu()
+            e = self.model.text_features(ids) if self.has_images else self.model(ids, lengths)
+            if out is None:
+                out = torch.empty(len(seqs), e.shape[1])
+            out[idx] = e.float().cpu()
         return F.normalize(out, dim=-1) if normalize else out
 
     def zero_shot_classifier(self, classnames: Sequence[str], templates=("a photo of a {}.",)) -> torch.Tensor:
@@ -113,17 +122,20 @@ def load_encoder(folder, dtype="fp32", device="cpu") -> Encoder:
     dtype = resolve_dtype(dtype)
     if mt in FAMILIES:
         model = FAMILIES[mt].from_pretrained(folder, dtype=dtype, device=device)
-        tok = TextTokenizer(folder, model.text_cfg.max_positions, pad_to_context=(mt == "siglip"),
-                            default_pad_id=model.text_cfg.pad_token_id)
+        tok = None  # an image-only use needs no tokenizer.json; encode_text then says it is missing
+        if (folder / "tokenizer.json").is_file():
+            tok = TextTokenizer(folder, model.text_cfg.max_positions, pad_to_context=(mt == "siglip"),
+                                default_pad_id=model.text_cfg.pad_token_id)
         proc = ImageProcessor.from_pretrained(folder, model.vision_cfg.image_size)
         if proc.output_size != (model.vision_cfg.image_size,) * 2:
             raise ConfigError(f"{folder}: preprocessor output {proc.output_size} does not match the model's "
                               f"image_size {model.vision_cfg.image_size}")
-        return Encoder(model, tok, proc, device)
+        return Encoder(model, tok, proc, folder, device)
     if mt == "bert":
         model = SentenceEncoder.from_pretrained(folder, dtype=dtype, device=device)
         st = read_json(folder / "sentence_bert_config.json", required=False) or {}
         ctx = min(st.get("max_seq_length", model.encoder.cfg.max_positions), model.encoder.cfg.max_positions)
-        return Encoder(model, TextTokenizer(folder, ctx, default_pad_id=model.encoder.cfg.pad_token_id), None, device)
+        return Encoder(model, TextTokenizer(folder, ctx, default_pad_id=model.encoder.cfg.pad_token_id), None, folder,
+                       device)
     raise ConfigError(f"{folder / 'config.json'}: model_type {mt!r} is not an encoder "
                       f"(supported: {sorted(FAMILIES) + ['bert']})")

@@ -3,12 +3,14 @@
 Truncation to the model's context length keeps the special tokens the post-processor adds
 (CLIP's end-of-text, BERT's [SEP]). Padding is on the right, to the longest text of the batch,
 or to the full context for models trained that way (SigLIP pools the last position).
+`length_buckets` groups texts of similar length so that batches carry little padding.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..checkpoint import read_json
@@ -37,16 +39,38 @@ class TextTokenizer:
                 return self.tok.token_to_id(tok)
         return 0 if default is None else default
 
-    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids (B, T) int64 right-padded, lengths (B,) real tokens per text."""
-        texts = check_texts(texts)
-        enc = self.tok.encode_batch(texts)
-        lengths = [len(e.ids) for e in enc]
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated to the context length (special tokens kept)."""
+        return [e.ids for e in self.tok.encode_batch(check_texts(texts))]
+
+    def pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids (B, T) int64 right-padded (T = longest, or the context), lengths (B,)."""
+        lengths = [len(s) for s in seqs]
         T = self.context_length if self.pad_to_context else max(lengths)
-        ids = torch.full((len(texts), T), self.pad_id, dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-        return ids, torch.tensor(lengths, dtype=torch.long)
+        ids = np.full((len(seqs), T), self.pad_id, dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s
+        return torch.from_numpy(ids), torch.tensor(lengths, dtype=torch.long)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> ids (B, T) int64 right-padded, lengths (B,) real tokens per text."""
+        return self.pad(self.encode(texts))
+
+
+def length_buckets(lengths: Sequence[int], max_rows: int, max_padding: float = 0.25, min_rows: int = 4) -> list:
+    """Split lengths sorted longest first into consecutive groups (ranges) of at most `max_rows`,
+    starting a new group when padding to the group's longest text would waste more than
+    `max_padding` of the group's tokens (groups of fewer than `min_rows` always grow: tiny
+    batches cost more in per-call overhead than padding does)."""
+    groups, start, total = [], 0, 0
+    for j, n in enumerate(lengths):
+        rows = j - start + 1
+        if rows > max_rows or (rows > min_rows and lengths[start] * rows > (1 + max_padding) * (total + n)):
+            groups.append(range(start, j))
+            start, total = j, 0
+        total += n
+    groups.append(range(start, len(lengths)))
+    return groups
 
 
 def check_texts(texts) -> list:
