@@ -1,16 +1,18 @@
 """The contrastive training loop: a tiny CLIP learns generated shape/caption pairs, its checkpoint
 loads in transformers' CLIPModel, gradient accumulation equals one big batch, the schedule and the
 logit_scale clamp behave."""
+import json
 import math
 
 import pytest
 import torch
 
-from mmfuse.encoders import ClipModel, ImageProcessor, SiglipModel, TextTokenizer, clip_config
+from mmfuse.encoders import ClipModel, ImageProcessor, SiglipModel, TextTokenizer, clip_config, load_encoder
 from mmfuse.encoders.synthetic import COLOURS, SHAPES, caption, shapes_dataset, write_word_tokenizer
 from mmfuse.encoders.train import TrainConfig, lr_at, tensor_batches, train, train_step
 
 IMG, CTX = 32, 8
+PROC = {"size": {"height": IMG, "width": IMG}}  # preprocessor_config.json: plain resize, CLIP mean/std
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def _siglip_config(vocab):
 
 def _data(folder, n, seed):
     vocab = write_word_tokenizer(folder, ["a", *COLOURS, *SHAPES], CTX)
-    proc = ImageProcessor.from_config({"size": {"height": IMG, "width": IMG}})
+    proc = ImageProcessor.from_config(PROC)
     pairs = shapes_dataset(n, IMG, seed=seed)
     ids, _ = TextTokenizer(folder, CTX)([c for _, c in pairs])
     return vocab, proc([im for im, _ in pairs]), ids, [c for _, c in pairs]
@@ -47,8 +49,9 @@ def test_tiny_clip_learns_shapes_and_saves_hf_checkpoint(tmp_path, one_thread):
     transformers = pytest.importorskip("transformers")
     vocab, px, ids, _ = _data(tmp_path, 640, seed=0)
     model = ClipModel.random(_tiny_config(vocab), seed=0)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PROC))
     cfg = TrainConfig(steps=80, lr=3e-3, warmup_steps=5, accum_steps=2, progress=False, out_dir=str(tmp_path / "run"),
-                      save_every=40)
+                      save_every=40, assets_from=str(tmp_path))
     losses = train(model, tensor_batches(px, ids, 32, seed=0), cfg)
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert start > 3.0 and end < 0.7 * start, (start, end)
@@ -72,6 +75,9 @@ def test_tiny_clip_learns_shapes_and_saves_hf_checkpoint(tmp_path, one_thread):
     torch.testing.assert_close(ours, out.logits_per_image, atol=1e-4, rtol=1e-4)
     reloaded = ClipModel.from_pretrained(tmp_path / "run" / "final")
     torch.testing.assert_close(reloaded.logits(*reloaded(test_px[:6], name_ids)), ours, atol=1e-5, rtol=0)
+    enc = load_encoder(tmp_path / "run" / "final")  # tokenizer and preprocessor travelled with it
+    torch.testing.assert_close(enc.encode_text(names), txt, atol=1e-5, rtol=0)
+    assert enc.processor.output_size == (IMG, IMG)
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])

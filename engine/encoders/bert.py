@@ -8,6 +8,7 @@ modules.json and 1_Pooling/config.json when present (all-MiniLM-L6-v2 layout).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -76,7 +77,6 @@ class SentenceEncoder(nn.Module):
         pooling, normalize = "mean", True
         modules = folder / "modules.json"
         if modules.is_file():
-            import json
             try:
                 mods = json.loads(modules.read_text(encoding="utf-8"))
                 types = [m["type"].rsplit(".", 1)[-1] for m in mods]

@@ -7,6 +7,7 @@ and how similarities become scores (softmax over classes vs independent sigmoids
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -19,6 +20,10 @@ from .config import TowerConfig
 from .text import TextTower
 from .vit import VisionTower
 from .weights import KeyTable, block_keys, load_weights, module_keys, save_weights
+
+# Files of a checkpoint folder besides the weights that a saved model carries along.
+ASSETS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+          "preprocessor_config.json")
 
 
 class DualEncoder(nn.Module):
@@ -63,20 +68,21 @@ class DualEncoder(nn.Module):
         ]
 
     @classmethod
-    def from_config(cls, cfg: dict, source: str = "config.json") -> "DualEncoder":
+    def checked_config(cls, cfg: dict, source: str) -> tuple[TowerConfig, TowerConfig, int]:
         if cfg.get("model_type") != cls.model_type:
             raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not {cls.model_type!r}")
-        return cls(cfg, *cls.parse_config(cfg, source))
+        return cls.parse_config(cfg, source)
+
+    @classmethod
+    def from_config(cls, cfg: dict, source: str = "config.json") -> "DualEncoder":
+        return cls(cfg, *cls.checked_config(cfg, source))
 
     @classmethod
     def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "DualEncoder":
         """Load a Hugging Face checkpoint folder (config.json + safetensors)."""
         folder = Path(folder)
         cfg = read_config(folder)
-        source = str(folder / "config.json")
-        if cfg.get("model_type") != cls.model_type:
-            raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not {cls.model_type!r}")
-        vision, text, dim = cls.parse_config(cfg, source)
+        vision, text, dim = cls.checked_config(cfg, str(folder / "config.json"))
         model = load_weights(lambda: cls(cfg, vision, text, dim), folder, cls.key_table(vision, text),
                              dtype=dtype, device=device)
         return model.eval()
@@ -100,9 +106,16 @@ class DualEncoder(nn.Module):
     def init_logits(self) -> None:
         raise NotImplementedError
 
-    def save_pretrained(self, folder) -> Path:
-        """Write a Hugging Face checkpoint folder that transformers loads as CLIPModel / SiglipModel."""
-        return save_weights(self, folder, self.key_table(self.vision_cfg, self.text_cfg), self.hf_config)
+    def save_pretrained(self, folder, assets_from=None) -> Path:
+        """Write a Hugging Face checkpoint folder that transformers loads as CLIPModel / SiglipModel;
+        tokenizer and preprocessor files are copied from `assets_from` when given."""
+        folder = save_weights(self, folder, self.key_table(self.vision_cfg, self.text_cfg), self.hf_config)
+        if assets_from is not None:
+            for name in ASSETS:
+                src = Path(assets_from) / name
+                if src.is_file():
+                    shutil.copyfile(src, folder / name)
+        return folder
 
     # ---- embedding and scoring
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:

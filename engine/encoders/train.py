@@ -1,6 +1,6 @@
 """A minimal contrastive trainer for CLIP / SigLIP models (natural-language supervision).
 
-AdamW (no weight decay on gains, biases, embeddings and the logit scale/bias), linear warm-up then
+AdamW (no weight decay on gains, biases and the logit scale/bias, as OpenCLIP), linear warm-up then
 cosine decay, logit_scale clamped at ln(100) after every step, gradient accumulation, bf16/fp16
 autocast on CUDA, a tqdm progress bar, and checkpoints written as Hugging Face folders
 (`save_pretrained`) that transformers loads as CLIPModel / SiglipModel.
@@ -42,6 +42,7 @@ class TrainConfig:
     precision: str = "auto"           # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     save_every: int = 0               # checkpoint every N steps (0: only at the end)
     out_dir: Optional[str] = None     # where checkpoints go (step-XXXXXX/ and final/)
+    assets_from: Optional[str] = None # folder whose tokenizer/preprocessor files each checkpoint gets
     progress: bool = True             # tqdm bar
 
 
@@ -58,8 +59,7 @@ def make_optimizer(model: DualEncoder, cfg: TrainConfig) -> torch.optim.AdamW:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exclude = p.ndim < 2 or "embed" in name or "logit_" in name or name.endswith(".cls") or "probe" in name
-        (no_decay if exclude else decay).append(p)
+        (no_decay if p.ndim < 2 or name.startswith("logit_") else decay).append(p)  # OpenCLIP's rule
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
@@ -168,8 +168,8 @@ def train(model: DualEncoder, batches: Iterable, cfg: TrainConfig) -> list[float
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", scale=f"{model.logit_scale.exp().item():.1f}")
         if cfg.out_dir and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            model.save_pretrained(Path(cfg.out_dir) / f"step-{step + 1:06d}")
+            model.save_pretrained(Path(cfg.out_dir) / f"step-{step + 1:06d}", assets_from=cfg.assets_from)
     model.eval()
     if cfg.out_dir:
-        model.save_pretrained(Path(cfg.out_dir) / "final")
+        model.save_pretrained(Path(cfg.out_dir) / "final", assets_from=cfg.assets_from)
     return losses
