@@ -25,7 +25,8 @@ from .attention import check_positions
 
 # Triton decides interpreter or compiler when a kernel is decorated; the kernel configs follow it
 # (the interpreter runs one config, autotuning runs several).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
 
 
