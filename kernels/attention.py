@@ -142,13 +142,14 @@ def _attention_few_queries(q, k, v, mask, scale):
 
 
 @functools.lru_cache(maxsize=None)
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _kernels_usable(device: torch.device) -> bool:
+    """"auto" uses the kernels on Ampere or newer GPUs (bf16 tensor cores) with triton installed."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _triton_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forced: bool) -> bool:
     """Whether the Triton kernels handle these inputs ("auto": CUDA fp16/bf16 only)."""
-    if not forced and not (q.is_cuda and _have_triton()):
+    if not forced and not (q.is_cuda and _kernels_usable(q.device)):
         return False
     if forced and not q.is_cuda:
         dtypes = (torch.float16, torch.float32)  # the interpreter's bf16 arithmetic is wrong
