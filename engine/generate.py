@@ -272,11 +272,11 @@ class Engine:
             params = [self.without_eos(p) for p in params]
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
         rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
-        done = [p.max_new_tokens == 0 for p in params]
-        logits = state.prefill(prompts) if not all(done) else None
+        done = [False] * B
+        logits = state.prefill(prompts)
         step = 0
         while not all(done):
-            tokens, logprobs = sampler.sample(logits.float(), step)
+            tokens, logprobs = sampler.sample(logits, step)
             sampler.update(tokens)
             toks = tokens.tolist()
             lps = logprobs.tolist() if logprobs is not None else [None] * B

@@ -128,7 +128,7 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
         return reason is not None
 
     logits = state.prefill([ids])  # (1, V)
-    tok, _ = sampler.sample(logits.float(), 0)
+    tok, _ = sampler.sample(logits, 0)
     if emit(int(tok), logits[0]):
         return comp, stats
     while True:
@@ -146,7 +146,7 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
             if plain:
                 token, ok = targets[i], targets[i] == d
             else:
-                probs = sampler.probs(logits[i: i + 1].float(), len(comp.token_ids))[0]
+                probs = sampler.probs(logits[i: i + 1], len(comp.token_ids))[0]
                 u = sampler.uniforms()[0] if not p.greedy else None
                 u2 = sampler.uniforms()[0] if not p.greedy else None
                 token, ok = accept_token(probs, d, u, u2, p.greedy)
@@ -155,7 +155,7 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
             if finished or not ok:
                 break
         else:
-            tok, _ = sampler.sample(logits[len(draft): len(draft) + 1].float(), len(comp.token_ids))
+            tok, _ = sampler.sample(logits[len(draft): len(draft) + 1], len(comp.token_ids))
             finished = emit(int(tok), logits[len(draft)])
         if finished:
             return comp, stats
