@@ -319,3 +319,23 @@ def test_cli_embed(clip_ckpt, tmp_path, capsys):
     assert np.load(tmp_path / "t.npy").shape == (2, 24)
     assert main(["embed", str(folder), "--images", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_legacy_config_fields_are_accepted(clip_ckpt, tmp_path):
+    """Configs written by older transformers (e.g. openai/clip-vit-base-patch32) repeat every generic
+    PretrainedConfig field in each tower and carry text_config_dict / vision_config_dict."""
+    import shutil
+    folder = tmp_path / "legacy"
+    shutil.copytree(clip_ckpt[0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    legacy = {"_name_or_path": "", "add_cross_attention": False, "architectures": None, "bad_words_ids": None,
+              "chunk_size_feed_forward": 0, "diversity_penalty": 0.0, "do_sample": False, "dropout": 0.0,
+              "early_stopping": False, "finetuning_task": None, "id2label": {"0": "LABEL_0"}, "is_decoder": False,
+              "initializer_factor": 1.0, "length_penalty": 1.0, "max_length": 20, "num_beams": 1, "prefix": None,
+              "pruned_heads": {}, "return_dict": True, "tie_encoder_decoder": False, "torchscript": False,
+              "typical_p": 1.0, "use_bfloat16": False, "projection_dim": 24, "torch_dtype": None}
+    cfg["text_config"].update(legacy)
+    cfg["vision_config"].update(legacy)
+    cfg["text_config_dict"], cfg["vision_config_dict"] = None, None
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.testing.assert_close(load_encoder(folder).encode_text(TEXTS), load_encoder(clip_ckpt[0]).encode_text(TEXTS))
