@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import _ACTIVATIONS, _GENERIC_FIELDS
+from ..config import _ACTIVATIONS, _GENERIC_FIELDS, _need
 from ..errors import ConfigError
 
 
@@ -50,10 +50,6 @@ class TowerConfig:
         if self.act not in set(_ACTIVATIONS.values()):
             raise ConfigError(f"unsupported activation {self.act!r}")
 
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
 
 # Per-tower fields that describe training (dropout, init) or other heads: no effect on inference.
 _IGNORED = _GENERIC_FIELDS | {
@@ -66,12 +62,6 @@ _VIT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_att
 _TEXT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings", "hidden_act", "layer_norm_eps"}
 _BERT_FIELDS = _TEXT_FIELDS | {"type_vocab_size", "position_embedding_type"}
-
-
-def _need(cfg: dict, key: str, source: str):
-    if cfg.get(key) is None:
-        raise ConfigError(f"{source}: required field {key!r} is missing")
-    return cfg[key]
 
 
 def _check_fields(cfg: dict, allowed: set, source: str) -> None:
