@@ -244,3 +244,20 @@ def test_uninterpolated_unigrams_give_unk_the_mass():
     assert total == pytest.approx(1.0, abs=1e-5)
     default = NGramModel.build(TRAIN, 2)
     assert model.score_word(model.null_state(), "<unk>")[0] > default.score_word(default.null_state(), "<unk>")[0]
+
+
+def test_cli_build_query_perplexity(tmp_path, capsys):
+    from mmfuse.cli import main
+
+    arpa, binary = tmp_path / "m.arpa", tmp_path / "m.bin"
+    assert main(["ngram", "build", str(TRAIN), "-o", "3", "--arpa", str(arpa), "--binary", str(binary), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens 24,814" in err and "3-grams       20,194" in err and "D1 0.819212" in err
+    assert main(["ngram", "perplexity", str(binary), str(TEST)]) == 0
+    out = capsys.readouterr().out
+    assert f"Perplexity including OOVs:\t{REF_PPL[3][0]:.10g}" in out and "Tokens:\t5899" in out
+    assert main(["ngram", "query", str(arpa), str(TEST)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("Total: -14.06846 OOV: 0") and lines[0].startswith("shared=")
+    assert main(["ngram", "build", str(tmp_path / "missing.txt"), "-o", "3", "--arpa", str(arpa)]) == 2
+    assert "no such corpus file" in capsys.readouterr().err

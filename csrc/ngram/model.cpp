@@ -199,6 +199,34 @@ Score Model::score(const State& in, WordId w, State& out) const {
     return Score{p, len};
 }
 
+void Model::score_sequence(const WordId* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) const {
+    std::vector<WordId> w;  // the padded sentence
+    w.reserve(n + 2);
+    if (bos) w.push_back(kBOS);
+    w.insert(w.end(), ids, ids + n);
+    if (eos) w.push_back(kEOS);
+    const size_t first = bos ? 1 : 0;
+    constexpr size_t kAhead = 8;  // tokens
+    auto prefetch = [&](size_t p) {
+        __builtin_prefetch(&uni_prob_[w[p]]);
+        __builtin_prefetch(&uni_backoff_[w[p]]);
+        uint64_t h = hash_start(w[p]);
+        for (int k = 1; k < order_ && p >= size_t(k); ++k) {
+            h = hash_extend(h, w[p - k]);
+            tables_[k + 1].prefetch(h ? h : 1);
+        }
+    };
+    for (size_t p = first; p < std::min(w.size(), first + kAhead); ++p) prefetch(p);
+    State st = bos ? begin_state() : null_state(), next;
+    for (size_t p = first; p < w.size(); ++p) {
+        if (p + kAhead < w.size()) prefetch(p + kAhead);
+        Score sc = score(st, w[p], next);
+        probs[p - first] = sc.prob;
+        if (lens) lens[p - first] = sc.ngram_length;
+        st = next;
+    }
+}
+
 const Range* Model::children(const State& st, int j) const {
     if (j + 1 > order_) return nullptr;
     if (j == 1) return &child_[1][st.words[0]];

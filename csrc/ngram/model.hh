@@ -71,6 +71,10 @@ class Model {
     State begin_state() const;
     State null_state() const { return State{}; }
     Score score(const State& in, WordId w, State& out) const;
+    // Scores a whole sequence (after <s> when bos, then </s> when eos): probs and n-gram lengths
+    // (lens may be null) of n + eos entries. Knowing the words ahead, it prefetches the hash-table
+    // slots of the coming n-grams, hiding most of the memory latency of the lookups.
+    void score_sequence(const WordId* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) const;
 
     // Log10 probability of every word after `st` (dense, <s> gets -inf).
     void distribution(const State& st, float* out) const;

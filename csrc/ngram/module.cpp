@@ -118,20 +118,8 @@ std::vector<int32_t> encode_sentence(const Model& m, std::string_view s) {
     return ids;
 }
 
-// Scores a sentence of word ids: per-token log10 probability and n-gram length (plus </s> if eos).
 void score_ids_into(const Model& m, const int32_t* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) {
-    State st = bos ? m.begin_state() : m.null_state(), next;
-    for (size_t i = 0; i < n; ++i) {
-        Score s = m.score(st, WordId(ids[i]), next);
-        probs[i] = s.prob;
-        if (lens) lens[i] = s.ngram_length;
-        st = next;
-    }
-    if (eos) {
-        Score s = m.score(st, kEOS, next);
-        probs[n] = s.prob;
-        if (lens) lens[n] = s.ngram_length;
-    }
+    m.score_sequence(reinterpret_cast<const WordId*>(ids), n, bos, eos, probs, lens);
 }
 
 // A sentence total summed in float, as KenLM's query tool and Python module do (corpus sums of
