@@ -138,20 +138,31 @@ if INTERPRET:  # one fixed config; small blocks that still exercise every loop a
     _fwd_launch, _bwd_launch = _fwd_kernel, _bwd_kernel
     _FWD_META = dict(BLOCK_M=64, BLOCK_N=64)
     _BWD_META = dict(BLOCK_M=64, BLOCK_N=64, D_SPLITS=2)
-else:  # GPU: autotuned; configs chosen for D = 256..1024 (untuned on real hardware)
+else:  # GPU: autotuned. Compiled for sm_90 without a GPU (bench/gpu_contrastive.py --compile-only)
+    # but never timed on one: the candidates keep registers in bounds rather than being tuned.
     _fwd_launch = triton.autotune(
         configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
                  for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
                                        (128, 128, 8, 4), (64, 64, 4, 2)]],
         key=["D", "KIND"])(_fwd_kernel)
     _bwd_launch = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, D_SPLITS=sp), num_warps=w,
-                               num_stages=st)
-                 for bm, bn, sp, w, st in [(64, 64, 1, 8, 2), (64, 64, 2, 4, 2),
-                                           (128, 64, 2, 8, 2), (128, 32, 4, 8, 2),
-                                           (64, 32, 1, 4, 3), (32, 64, 1, 4, 2)]],
-        key=["D", "KIND", "HAS_LSE_X", "HAS_LSE_Y"])(_bwd_kernel)
+        configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, D_SPLITS=sp), num_warps=w, num_stages=2)
+                 for bm, bn, w, splits in [(64, 64, 8, (1, 2, 4, 8)), (128, 64, 8, (2, 4, 8)),
+                                           (128, 32, 8, (2, 4, 8)), (64, 128, 8, (2, 4))]
+                 for sp in splits],
+        key=["D", "KIND", "HAS_LSE_X", "HAS_LSE_Y"],
+        prune_configs_by=dict(early_config_prune=lambda configs, nargs, **kw: _bwd_prune(configs, kw)),
+    )(_bwd_kernel)
     _FWD_META, _BWD_META = {}, {}
+
+
+def _bwd_prune(configs, kwargs):
+    """Keep the configs whose per-program output slice, BLOCK_D / D_SPLITS, is 64..256 wide (a
+    (BLOCK_M, 512) fp32 accumulator spills); D_SPLITS = 1 always when BLOCK_D <= 256."""
+    block_d = kwargs["BLOCK_D"]
+    keep = [c for c in configs if block_d // c.kwargs["D_SPLITS"] <= 256
+            and (c.kwargs["D_SPLITS"] == 1 or block_d // c.kwargs["D_SPLITS"] >= 64)]
+    return keep or configs[:1]
 
 
 def _kernel_flags(x: torch.Tensor, D: int) -> tuple[dict, int]:
