@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 
 import numpy as np
 
@@ -69,21 +70,25 @@ def run_child(cmd: list[str], stdin=None, stdout=None) -> tuple[float, float, st
 
 BUILD_CHILD = """
 import json, sys, time
-from mmfuse.ngram import NGramModel
-corpus, order, memory_mb, threads, arpa = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+from mmfuse.ngram import NGramModel, build_arpa
+corpus, order, memory_mb, threads, mode, out = sys.argv[1:7]
+kw = dict(memory_mb=float(memory_mb), threads=int(threads))
 t = time.perf_counter()
-m = NGramModel.build(corpus, order, memory_mb=memory_mb, threads=threads)
-built = time.perf_counter() - t
-if arpa != "-":
-    m.save(arpa, "arpa")
-s = dict(m.summary); s["build_seconds"] = built; s["total_seconds"] = time.perf_counter() - t
+if mode == "arpa":  # lmplz's job: counts -> estimate -> ARPA
+    s = build_arpa(corpus, out, int(order), **kw)
+else:  # counts -> estimate -> query model -> binary file
+    m = NGramModel.build(corpus, int(order), **kw)
+    m.save(out)
+    s = dict(m.summary)
+s["total_seconds"] = time.perf_counter() - t
 print(json.dumps(s))
 """
 
 
-def bench_build(corpus: str, order: int, memory_mb: int, threads: int, arpa: str) -> dict:
-    wall, rss, out = run_child([sys.executable, "-c", BUILD_CHILD, corpus, str(order), str(memory_mb), str(threads), arpa])
-    s = json.loads(out.strip().splitlines()[-1])
+def bench_build(corpus: str, order: int, memory_mb: int, threads: int, mode: str, out: str) -> dict:
+    wall, rss, stdout = run_child([sys.executable, "-c", BUILD_CHILD, corpus, str(order), str(memory_mb),
+                                   str(threads), mode, out])
+    s = json.loads(stdout.strip().splitlines()[-1])
     s["wall_seconds"] = wall
     s["peak_rss_mb"] = rss
     return s
@@ -104,12 +109,7 @@ def bench_scoring(arpa: str, sentences: list[str], repeats: int) -> dict:
     rows = {}
 
     def timed(fn):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
 
     rows["mmfuse score(str) loop"] = timed(lambda: [ours.score(s) for s in sentences])
     ids = [ours._core.encode(s) for s in sentences]
@@ -157,20 +157,25 @@ def main(argv=None) -> int:
     print(f"corpus {corpus}: {size_mb:.1f} MB; machine: {os.cpu_count()} cores (shared and noisy)")
 
     arpa = os.path.join(args.workdir, f"mmfuse.o{args.order}.arpa")
-    builds = [bench_build(corpus, args.order, args.memory_mb, args.threads, arpa) for _ in range(args.repeats)]
-    med = lambda key: statistics.median(b[key] for b in builds)  # noqa: E731
-    b = builds[0]
-    print(f"\n## build, order {args.order} ({args.repeats} runs, medians)")
+    rows = []
+    for mode, out, what in [("arpa", arpa, "mmfuse corpus -> ARPA"),
+                            ("model", arpa + ".bin", "mmfuse corpus -> query model -> binary")]:
+        runs = [bench_build(corpus, args.order, args.memory_mb, args.threads, mode, out) for _ in range(args.repeats)]
+        rows.append((what, runs))
+    b = rows[0][1][0]
+    print(f"\n## build, order {args.order} ({args.repeats} runs each, medians; each run in a fresh process)")
     print(f"tokens {b['tokens']:,}  lines {b['lines']:,}  types {b['types']:,}  n-grams {b['ngrams']}")
-    print("| what | wall s | build s (no ARPA) | peak RSS MB | tokens/s |")
-    print("|---|---|---|---|---|")
-    print(f"| mmfuse | {med('wall_seconds'):.2f} | {med('build_seconds'):.2f} | {med('peak_rss_mb'):.0f} | "
-          f"{b['tokens'] / med('wall_seconds') / 1e6:.2f}M |")
+    print("| what | wall s | peak RSS MB | tokens/s |")
+    print("|---|---|---|---|")
+    for what, runs in rows:
+        wall = statistics.median(r["wall_seconds"] for r in runs)
+        rss = statistics.median(r["peak_rss_mb"] for r in runs)
+        print(f"| {what} | {wall:.2f} | {rss:.0f} | {b['tokens'] / wall / 1e6:.2f}M |")
     if args.lmplz:
         runs = [bench_lmplz(args.lmplz, corpus, args.order, arpa + ".lmplz") for _ in range(args.repeats)]
         wall = statistics.median(r["wall_seconds"] for r in runs)
         rss = statistics.median(r["peak_rss_mb"] for r in runs)
-        print(f"| lmplz | {wall:.2f} | - | {rss:.0f} | {b['tokens'] / wall / 1e6:.2f}M |")
+        print(f"| lmplz -o {args.order} -S 1G | {wall:.2f} | {rss:.0f} | {b['tokens'] / wall / 1e6:.2f}M |")
     print(f"\nreference: {LMPLZ_REFERENCE} (0.58M tokens/s)")
 
     with open(corpus, errors="replace") as f:
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
     with open(small_corpus, "w") as f:
         f.write("\n".join(sentences) + "\n")
     small_arpa = os.path.join(args.workdir, f"score_slice.o{args.order}.arpa")
-    bench_build(small_corpus, args.order, args.memory_mb, args.threads, small_arpa)
+    bench_build(small_corpus, args.order, args.memory_mb, args.threads, "arpa", small_arpa)
     s = bench_scoring(small_arpa, sentences, args.repeats)
     print(f"\n## scoring: {s['sentences']:,} sentences / {s['tokens']:,} tokens (incl. </s>), model order {args.order} "
           f"on {args.score_mb:g} MB, medians of {args.repeats}")

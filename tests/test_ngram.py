@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfuse.ngram import EOS_TOKEN, NGramModel
+from mmfuse.ngram import EOS_TOKEN, NGramModel, build_arpa
 
 DATA = Path(__file__).parent / "data" / "kenlm"
 TRAIN, TEST = DATA / "train.txt", DATA / "test.txt"
@@ -51,6 +51,13 @@ def test_same_ngrams_probabilities_backoffs_as_lmplz(built):
     p_ref, p_ours = np.array([ref[k] for k in ref]), np.array([ours[k] for k in ref])
     np.testing.assert_allclose(p_ours, p_ref, atol=1e-5, rtol=0)
     assert model.counts == [sum(1 for k in ref if k[0] == n) for n in range(1, order + 1)]
+
+
+@pytest.mark.parametrize("order", [3, 5])
+def test_direct_arpa_is_byte_identical_to_lmplz(order, tmp_path):
+    summary = build_arpa(TRAIN, tmp_path / "direct.arpa", order)
+    assert (tmp_path / "direct.arpa").read_bytes() == lzma.open(DATA / f"train.o{order}.arpa.xz").read()
+    assert summary["tokens"] == 24814 and summary["types"] == 4654
 
 
 def test_same_discounts_as_lmplz(built):

@@ -158,59 +158,45 @@ std::unique_ptr<Model> Model::read_arpa(const char* data, size_t len, std::vecto
     }
 }
 
-void Model::write_arpa(const std::string& path) const {
+namespace {
+
+void append_line(std::string& o, float prob, const WordId* w, int n, const Vocab& vocab, bool with_backoff, float backoff) {
+    append_float(o, prob);
+    o += '\t';
+    for (int j = 0; j < n; ++j) {
+        if (j) o += ' ';
+        o += vocab.word(w[j]);
+    }
+    if (with_backoff) { o += '\t'; append_float(o, backoff); }
+    o += '\n';
+}
+
+// Writes an ARPA file in lmplz's layout. format(n, begin, end, out) appends the lines of n-grams
+// [begin, end) of order n; two threads format alternate blocks, written in order.
+template <class Format>
+void write_arpa_file(const std::string& path, const std::vector<uint64_t>& counts, Format&& format) {
     FILE* f = std::fopen(path.c_str(), "wb");
     if (!f) throw InputError("cannot open " + path + " for writing");
     bool ok = true;
     auto put = [&](const std::string& s) { ok &= std::fwrite(s.data(), 1, s.size(), f) == s.size(); };
-    std::string out = "\\data\\\n";
-    for (int n = 1; n <= order_; ++n) out += "ngram " + std::to_string(n) + "=" + std::to_string(count(n)) + "\n";
-    out += "\n\\1-grams:\n";
-    for (WordId w = 0; w < vocab.size(); ++w) {
-        append_float(out, uni_prob_[w]);
-        out += '\t';
-        out += vocab.word(w);
-        if (order_ > 1) { out += '\t'; append_float(out, uni_backoff_[w]); }
-        out += '\n';
-    }
-    put(out);
-    // Higher orders: two threads format alternate blocks of lines, written in order.
+    std::string head = "\\data\\\n";
+    for (size_t n = 1; n <= counts.size(); ++n) head += "ngram " + std::to_string(n) + "=" + std::to_string(counts[n - 1]) + "\n";
+    put(head);
     constexpr size_t kBlock = 1 << 17;
     std::string bufs[2];
-    for (int n = 2; n <= order_; ++n) {
+    std::exception_ptr err;
+    for (int n = 1; n <= int(counts.size()); ++n) {
         put("\n\\" + std::to_string(n) + "-grams:\n");
-        const WordId* words = words_[n].data();
-        const size_t total = tables_[n].count;
-        auto format = [&](size_t begin, size_t end, std::string& o) {
-            o.clear();
-            constexpr size_t kAhead = 16;  // slots are prefetched this many lines ahead
-            uint64_t keys[kAhead];
-            for (size_t i = begin; i < std::min(end, begin + kAhead); ++i) {
-                keys[i % kAhead] = ngram_key(words + i * n, n);
-                tables_[n].prefetch(keys[i % kAhead]);
-            }
-            for (size_t i = begin; i < end; ++i) {
-                const WordId* w = words + i * n;
-                const Slot* s = tables_[n].find(keys[i % kAhead]);
-                if (i + kAhead < end) {
-                    keys[i % kAhead] = ngram_key(words + (i + kAhead) * n, n);
-                    tables_[n].prefetch(keys[i % kAhead]);
-                }
-                append_float(o, s->prob);
-                o += '\t';
-                for (int j = 0; j < n; ++j) {
-                    if (j) o += ' ';
-                    o += vocab.word(w[j]);
-                }
-                if (n < order_) { o += '\t'; append_float(o, s->backoff); }
-                o += '\n';
-            }
-        };
+        const size_t total = counts[n - 1];
         for (size_t at = 0; at < total; at += 2 * kBlock) {
             size_t mid = std::min(total, at + kBlock), end = std::min(total, at + 2 * kBlock);
-            std::thread helper([&] { format(mid, end, bufs[1]); });
-            format(at, mid, bufs[0]);
+            std::thread helper([&] {
+                try { bufs[1].clear(); format(n, mid, end, bufs[1]); } catch (...) { err = std::current_exception(); }
+            });
+            bufs[0].clear();
+            format(n, at, mid, bufs[0]);
             helper.join();
+            if (err) { std::fclose(f); std::rethrow_exception(err); }
             put(bufs[0]);
             put(bufs[1]);
         }
@@ -218,6 +204,47 @@ void Model::write_arpa(const std::string& path) const {
     put("\n\\end\\\n");
     ok &= std::fclose(f) == 0;
     if (!ok) throw std::runtime_error("cannot write " + path + " (disk full?)");
+}
+
+}  // namespace
+
+void write_arpa(const std::vector<OrderTable>& orders, const Vocab& vocab, const std::string& path) {
+    std::vector<uint64_t> counts;
+    for (const OrderTable& t : orders) counts.push_back(t.size());
+    const int N = int(orders.size());
+    write_arpa_file(path, counts, [&](int n, size_t begin, size_t end, std::string& o) {
+        const OrderTable& t = orders[n - 1];
+        for (size_t i = begin; i < end; ++i) append_line(o, t.prob[i], &t.words[i * n], n, vocab, n < N, t.backoff[i]);
+    });
+}
+
+void Model::write_arpa(const std::string& path) const {
+    std::vector<uint64_t> counts;
+    for (int n = 1; n <= order_; ++n) counts.push_back(count(n));
+    write_arpa_file(path, counts, [&](int n, size_t begin, size_t end, std::string& o) {
+        if (n == 1) {
+            for (size_t i = begin; i < end; ++i) {
+                WordId w = WordId(i);
+                append_line(o, uni_prob_[w], &w, 1, vocab, order_ > 1, uni_backoff_[w]);
+            }
+            return;
+        }
+        const WordId* words = words_[n].data();
+        constexpr size_t kAhead = 16;  // slots are prefetched this many lines ahead
+        uint64_t keys[kAhead];
+        for (size_t i = begin; i < std::min(end, begin + kAhead); ++i) {
+            keys[i % kAhead] = ngram_key(words + i * n, n);
+            tables_[n].prefetch(keys[i % kAhead]);
+        }
+        for (size_t i = begin; i < end; ++i) {
+            const Slot* s = tables_[n].find(keys[i % kAhead]);
+            if (i + kAhead < end) {
+                keys[i % kAhead] = ngram_key(words + (i + kAhead) * n, n);
+                tables_[n].prefetch(keys[i % kAhead]);
+            }
+            append_line(o, s->prob, words + i * n, n, vocab, n < order_, s->backoff);
+        }
+    });
 }
 
 }  // namespace ngram

@@ -117,4 +117,7 @@ class Model {
     size_t map_len_ = 0;
 };
 
+// Writes estimated n-grams straight to ARPA (lmplz's line order), without building a model.
+void write_arpa(const std::vector<OrderTable>& orders, const Vocab& vocab, const std::string& path);
+
 }  // namespace ngram

@@ -185,7 +185,8 @@ PYBIND11_MODULE(_ngram, mod) {
         .def_readonly("spilled_runs", &Counter::spilled_runs)
         .def_property_readonly("vocab_size", [](const Counter& c) { return c.vocab.size(); })
         .def("finish", [](Counter& c, std::vector<uint64_t> prune, bool interpolate_unigrams,
-                          std::optional<std::vector<float>> fallback, bool progress) {
+                          std::optional<std::vector<float>> fallback, bool progress, std::string arpa_path,
+                          bool build_model) -> py::object {
             EstimateOptions eo;
             eo.prune = prune;
             eo.interpolate_unigrams = interpolate_unigrams;
@@ -215,9 +216,27 @@ PYBIND11_MODULE(_ngram, mod) {
                 const size_t V = c.vocab.size();
                 res = estimate(std::move(grams), V, eo);
                 stage("estimated");
-                model = Model::build(std::move(res.orders), std::move(c.vocab), &w);
-                model->discounts = res.discounts;
-                stage("query tables built");
+                if (!arpa_path.empty()) {
+                    write_arpa(res.orders, c.vocab, arpa_path);
+                    stage("ARPA written");
+                }
+                if (build_model) {
+                    model = Model::build(std::move(res.orders), std::move(c.vocab), &w);
+                    model->discounts = res.discounts;
+                    stage("query tables built");
+                }
+            }
+            if (!model) {  // only the ARPA file was asked for
+                py::dict stats;
+                stats["count_of_counts"] = py::cast(res.count_of_counts);
+                py::list disc;
+                for (auto& d : res.discounts) disc.append(py::make_tuple(d.amount[1], d.amount[2], d.amount[3]));
+                stats["discounts"] = disc;
+                std::vector<uint64_t> counts;
+                for (auto& t : res.orders) counts.push_back(t.size());
+                stats["counts"] = counts;
+                stats["warnings"] = res.warnings;
+                return std::move(stats);
             }
             auto pm = std::make_unique<PyModel>(std::move(model));
             pm->warnings = res.warnings;
@@ -226,8 +245,11 @@ PYBIND11_MODULE(_ngram, mod) {
             stats["count_of_counts"] = py::cast(res.count_of_counts);
             stats["merge_seconds"] = t_count;
             pm->stats = stats;
-            return pm;
-        }, py::arg("prune"), py::arg("interpolate_unigrams"), py::arg("discount_fallback"), py::arg("progress"));
+            return py::cast(std::move(pm));
+        }, py::arg("prune"), py::arg("interpolate_unigrams"), py::arg("discount_fallback"), py::arg("progress"),
+           py::arg("arpa_path") = "", py::arg("build_model") = true,
+           "Merges the counts and estimates the model; writes ARPA to arpa_path when given. Returns the "
+           "Model, or (build_model=False) a dict of statistics.");
 
     py::class_<PyModel>(mod, "Model")
         .def_static("load_binary", [](const std::string& path) {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .model import BuildConfig, NGramModel, _text_batches
+from .model import BuildConfig, NGramModel, _text_batches, build_arpa
 
 _UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
@@ -61,12 +61,12 @@ def _build(args) -> int:
     cfg = BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
                       prune=args.prune, interpolate_unigrams=not args.no_interpolate_unigrams,
                       discount_fallback=fallback, skip_symbols=args.skip_symbols, progress=not args.quiet)
-    model = NGramModel.build(args.corpus, config=cfg)
-    if args.arpa:
-        model.save(args.arpa, "arpa")
     if args.binary:
+        model = NGramModel.build(args.corpus, config=cfg, arpa_path=args.arpa)
         model.save(args.binary, "binary")
-    s = model.summary
+        s = model.summary
+    else:  # ARPA only: no query structures needed
+        s = build_arpa(args.corpus, args.arpa, config=cfg)
     err = sys.stderr
     print(f"tokens {s['tokens']:,}  lines {s['lines']:,}  types {s['types']:,} (incl. <unk>, <s>, </s>)", file=err)
     for n, (count, d) in enumerate(zip(s["ngrams"], s["discounts"]), 1):

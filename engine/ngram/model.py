@@ -85,34 +85,15 @@ class NGramModel:
 
     # ---- construction ----
     @classmethod
-    def build(cls, source, order: int = 3, config: BuildConfig | None = None, **options) -> "NGramModel":
+    def build(cls, source, order: int = 3, config: BuildConfig | None = None, arpa_path=None,
+              **options) -> "NGramModel":
         """Count and estimate a model. `source`: a text file path (.gz/.xz/.bz2 read through),
         an iterable of lines, or integer token ids (a 1-D array = one sequence, a 2-D array or a
-        list of 1-D arrays = one sequence per row)."""
-        cfg = config or BuildConfig(order=order, **options)
-        cfg.validate()
-        start = time.perf_counter()
-        builder = _ngram.Builder(cfg.order, int(cfg.memory_mb * (1 << 20)), cfg.tmp_dir or tempfile.gettempdir(),
-                                 cfg.threads, cfg.skip_symbols, cfg.progress)
-        _feed(builder, source)
-        if builder.tokens == 0:
-            raise ValueError("the corpus is empty (no tokens)")
-        fallback = None if cfg.discount_fallback is None else [float(d) for d in cfg.discount_fallback]
-        core = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.progress)
+        list of 1-D arrays = one sequence per row). With `arpa_path`, the ARPA file is written
+        straight from the estimate, in lmplz's line order."""
+        core, summary = _estimate(source, config or BuildConfig(order=order, **options), arpa_path, True)
         model = cls(core)
-        model.summary = {
-            "order": cfg.order,
-            "tokens": int(builder.tokens),
-            "lines": int(builder.lines),
-            "types": core.vocab_size,
-            "ngrams": list(core.counts),
-            "discounts": core.discounts,
-            "count_of_counts": core.stats.get("count_of_counts"),
-            "spilled_runs": int(builder.spilled_runs),
-            "seconds": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "warnings": list(core.warnings),
-        }
+        model.summary = summary
         return model
 
     @classmethod
@@ -308,6 +289,41 @@ class NGramModel:
         ctx = self._core.encode(prefix) if isinstance(prefix, str) else self._ids(prefix)
         ids = self._core.sample(ctx, int(max_words), int(seed) & (2**64 - 1), bos)
         return [self._core.word(int(i)) for i in ids]
+
+
+def _estimate(source, cfg: BuildConfig, arpa_path, build_model: bool):
+    """Runs the C++ builder: (core model or None, summary dict)."""
+    cfg.validate()
+    start = time.perf_counter()
+    builder = _ngram.Builder(cfg.order, int(cfg.memory_mb * (1 << 20)), cfg.tmp_dir or tempfile.gettempdir(),
+                             cfg.threads, cfg.skip_symbols, cfg.progress)
+    _feed(builder, source)
+    if builder.tokens == 0:
+        raise ValueError("the corpus is empty (no tokens)")
+    fallback = None if cfg.discount_fallback is None else [float(d) for d in cfg.discount_fallback]
+    out = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.progress,
+                         "" if arpa_path is None else os.fspath(arpa_path), build_model)
+    stats = out.stats if build_model else out
+    summary = {
+        "order": cfg.order,
+        "tokens": int(builder.tokens),
+        "lines": int(builder.lines),
+        "types": int(builder.vocab_size) if not build_model else out.vocab_size,
+        "ngrams": list(out.counts) if build_model else list(stats["counts"]),
+        "discounts": out.discounts if build_model else list(stats["discounts"]),
+        "count_of_counts": stats.get("count_of_counts"),
+        "spilled_runs": int(builder.spilled_runs),
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "warnings": list(out.warnings if build_model else stats["warnings"]),
+    }
+    return (out if build_model else None), summary
+
+
+def build_arpa(source, arpa_path, order: int = 3, config: BuildConfig | None = None, **options) -> dict:
+    """Estimates a model and writes it as ARPA without building the query structures (lmplz's
+    job); returns the build summary."""
+    return _estimate(source, config or BuildConfig(order=order, **options), arpa_path, False)[1]
 
 
 def build(source, order: int = 3, **options) -> NGramModel:
