@@ -111,12 +111,22 @@ def _attention_sdpa(q, k, v, causal, q_start, kv_len, scale):
     Tk = k.shape[2]
     if causal and q_start is None:
         q_start = torch.full((B,), Tk - Tq, device=q.device)
-    if kv_len is not None and not kv_len.is_cuda:
-        # Only read the filled part of a static cache (no host sync needed on CPU).
-        used = int(kv_len.max())
+    if q.is_cuda:
+        top_left = kv_len is None and causal and Tq == Tk and not bool(q_start.any())
+    else:
+        # Host values cost nothing on the CPU: read only the filled part of a static cache and drop
+        # masks that hide nothing, so decode and prefill reach the mask-free fast paths.
+        lens = kv_len.tolist() if kv_len is not None else [Tk] * B
+        used = max(lens)
         if used < Tk:
             k, v, Tk = k[:, :, :used], v[:, :, :used], used
-    if kv_len is None and causal and Tq == Tk and not bool(q_start.any()):
+        if min(lens) >= Tk:
+            kv_len = None
+        starts = q_start.tolist() if causal else None
+        if causal and all(s >= min(n, Tk) - 1 for s, n in zip(starts, lens)):
+            causal = False  # each row's first query already sees every valid key (decode)
+        top_left = kv_len is None and causal and Tq == Tk and not any(starts)
+    if top_left:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != Hq)
     mask = visibility_mask(B, Tq, Tk, causal, q_start, kv_len, q.device)
