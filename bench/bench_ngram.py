@@ -117,7 +117,8 @@ def bench_scoring(arpa: str, sentences: list[str], repeats: int) -> dict:
     batch = np.zeros((len(ids), lengths.max()), dtype=np.int32)
     for i, row in enumerate(ids):
         batch[i, : len(row)] = row
-    rows["mmfuse score_batch(ids)"] = timed(lambda: ours.score_batch(batch, lengths))
+    rows["mmfuse score_batch(ids), 1 thread"] = timed(lambda: ours.score_batch(batch, lengths, threads=1))
+    rows["mmfuse score_batch(ids), 2 threads"] = timed(lambda: ours.score_batch(batch, lengths, threads=2))
     try:
         import kenlm
     except ImportError:

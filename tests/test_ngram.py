@@ -142,6 +142,10 @@ def test_state_api_and_batches_match_sentence_scores(built):
         assert [t.ngram_length for t in model.full_scores(s)] == list(lens)
     ids = [model._core.encode(s) for s in lines]
     np.testing.assert_array_equal(model.score_batch(ids), [model.score(s) for s in lines])
+    every = TEST.read_text().splitlines()  # enough rows for both threads to take a share
+    every_ids = [model._core.encode(s) for s in every]
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(model.score_batch(every_ids, threads=threads), [model.score(s) for s in every])
     width = max(len(i) for i in ids) + 3
     padded = np.full((len(ids), width), -7, dtype=np.int64)  # padding must be ignored
     for i, row in enumerate(ids):

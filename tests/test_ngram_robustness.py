@@ -204,3 +204,17 @@ def test_arpa_parser_survives_corruption(edits):
     except ValueError:
         return
     m.score("a b </s> zzz"), m.continuations([0, 3], 4), m.sample(max_words=5)
+
+
+@pytest.mark.parametrize("order", [7, 8])
+def test_high_orders_estimate_proper_distributions(order):
+    from pathlib import Path
+
+    lines = (Path(__file__).parent / "data" / "kenlm" / "train.txt").read_text().splitlines()[:400]
+    m = NGramModel.build(lines, order)
+    assert len(m.counts) == order and m.counts[-1] > 0
+    for ctx in lines[:5]:
+        words = ctx.split()
+        state = m.state_after(m._core.encode(" ".join(words[:order])), bos=True)
+        assert 1 <= state.length <= order - 1
+        assert abs(np.sum(10.0 ** m.distribution(state).astype(np.float64)) - 1.0) < 1e-6

@@ -9,6 +9,7 @@
 #include <ctime>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "count.hh"
 #include "estimate.hh"
@@ -331,7 +332,7 @@ PYBIND11_MODULE(_ngram, mod) {
             score_ids_into(pm.m(), ids.data(), ids.size(), bos, eos, probs.data(), nullptr);
             return sum_like_kenlm(probs.data(), probs.size());
         })
-        .def("score_batch", [](const PyModel& pm, IdArray ids, TokArray lengths, bool bos, bool eos) {
+        .def("score_batch", [](const PyModel& pm, IdArray ids, TokArray lengths, bool bos, bool eos, int threads) {
             if (ids.ndim() != 2) throw InputError("batch ids must be a 2-D array (B, T)");
             const size_t B = size_t(ids.shape(0)), T = size_t(ids.shape(1));
             if (lengths.ndim() != 1 || size_t(lengths.size()) != B)
@@ -346,15 +347,23 @@ PYBIND11_MODULE(_ngram, mod) {
             const int64_t* len = lengths.data();
             {
                 py::gil_scoped_release nogil;
-                std::vector<float> probs(T + 1);
-                for (size_t b = 0; b < B; ++b) {
-                    size_t n = size_t(len[b]);
-                    score_ids_into(pm.m(), data + b * T, n, bos, eos, probs.data(), nullptr);
-                    out[b] = sum_like_kenlm(probs.data(), n + eos);
-                }
+                auto rows = [&](size_t begin, size_t end) {
+                    std::vector<float> probs(T + 1);
+                    for (size_t b = begin; b < end; ++b) {
+                        size_t n = size_t(len[b]);
+                        score_ids_into(pm.m(), data + b * T, n, bos, eos, probs.data(), nullptr);
+                        out[b] = sum_like_kenlm(probs.data(), n + eos);
+                    }
+                };
+                // Rows are independent: split them over the threads (the model is read-only).
+                const size_t workers = std::max<size_t>(1, std::min<size_t>(size_t(threads), B / 64 + 1));
+                std::vector<std::thread> pool;
+                for (size_t t = 1; t < workers; ++t) pool.emplace_back(rows, B * t / workers, B * (t + 1) / workers);
+                rows(0, B / workers);
+                for (auto& th : pool) th.join();
             }
             return totals;
-        }, py::arg("ids"), py::arg("lengths"), py::arg("bos"), py::arg("eos"))
+        }, py::arg("ids"), py::arg("lengths"), py::arg("bos"), py::arg("eos"), py::arg("threads") = 2)
         .def("corpus_stats", [](const PyModel& pm, const std::string& text, bool bos, bool eos) {
             // Sums over lines: (total log10, log10 of OOV tokens, tokens scored, OOVs, lines).
             double total = 0, oov_total = 0;

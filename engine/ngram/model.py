@@ -225,9 +225,9 @@ class NGramModel:
         """Per-token log10 probabilities (T + eos,) float32 and n-gram lengths (T + eos,) int32."""
         return self._core.score_ids(self._ids(ids), bos, eos)
 
-    def score_batch(self, batch, lengths=None, bos: bool = True, eos: bool = True) -> np.ndarray:
+    def score_batch(self, batch, lengths=None, bos: bool = True, eos: bool = True, threads: int = 2) -> np.ndarray:
         """Log10 totals (B,) float64 of a batch: a (B, T) array with optional lengths (B,), or a
-        list of 1-D arrays."""
+        list of 1-D arrays. Rows are scored by `threads` threads."""
         if isinstance(batch, np.ndarray) and batch.ndim == 2:
             rows = batch
             if lengths is None:
@@ -246,7 +246,9 @@ class NGramModel:
         mask = np.arange(rows.shape[1])[None, :] < lengths[:, None]
         ids = np.zeros(rows.shape, dtype=np.int32)
         ids[mask] = self._ids(np.asarray(rows)[mask])
-        return self._core.score_batch(ids, lengths, bos, eos)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        return self._core.score_batch(ids, lengths, bos, eos, int(threads))
 
     # ---- incremental state API ----
     def begin_state(self) -> "_ngram.State":
