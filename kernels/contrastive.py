@@ -14,18 +14,18 @@ L2-normalised already. The loss is returned in float32.
 Implementation. Both losses reduce to two primitives over a rectangular problem x (M, D) against
 y (K, D), z = s * x @ y.T (+ b), where row i of x is paired with column i + off of y:
 
-    _fwd: per row, the log-sum-exp of z (CLIP) and the row's loss term, in one pass over y;
-    _bwd: per row, dx = c * s * G @ y with G = dL/dz recomputed tile by tile from z and the saved
-          log-sum-exps, plus the row sums of G * (x . y) and of G (for the scale and bias grads).
+    fwd: per row, the log-sum-exp of z (CLIP) and the row's loss term, in one pass over y;
+    bwd: per row, dx = c * s * G @ y with G = dL/dz recomputed tile by tile from z and the saved
+         log-sum-exps, plus the row sums of G * (x . y) and of G (for the scale and bias grads).
 
-The gradient for y is the same `_bwd` on the transposed problem (y against x, offset -off), so no
-atomics are needed and results are deterministic. For CLIP the single-process backward fuses both
-softmax directions into one G = P_row + P_col - 2I, so each feature matrix costs one pass.
-Backends: "triton" (contrastive_triton.py, imported on first use; CUDA tensors, or CPU tensors
-under TRITON_INTERPRET=1), "torch" (chunked row blocks:
-O(rows_per_chunk * K) scratch, used for CPU tensors), and the "_reference" functions below, which
-materialise the logits as OpenCLIP does. "auto" picks triton on CUDA and torch otherwise; the
-environment variable MMFUSE_CONTRASTIVE overrides the default.
+For CLIP the single-process backward fuses both softmax directions into one
+G = P_row + P_col - 2I. The y side (column log-sum-exps, dy = c * s * G.T @ x) comes either from
+the same pass (the "torch" backend: chunked row blocks, O(rows_per_chunk * K) scratch, the default
+for CPU tensors) or from the same primitive on the transposed problem (y against x, offset -off:
+the "triton" backend in contrastive_triton.py, imported on first use, for CUDA tensors or CPU
+tensors under TRITON_INTERPRET=1; no atomics, deterministic). The "_reference" functions below
+materialise the logits as OpenCLIP does. Backend "auto" picks triton on CUDA and torch otherwise;
+the environment variable MMFUSE_CONTRASTIVE overrides the default.
 
 Distributed: `gather_features` gathers across ranks exactly as OpenCLIP does. With
 `distributed=True`, `local_loss=True` each rank computes its local rows against all gathered
@@ -167,7 +167,7 @@ def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
             lse[rs] = torch.logsumexp(z, dim=1)
             rowloss[rs] = lse[rs] - zpos
             if want_col_lse:  # online over row blocks, as the row LSE is over column tiles
-                new_max = torch.maximum(col_max, z.max(0).values)
+                new_max = torch.maximum(col_max, z.amax(0))
                 col_sum = col_sum * torch.exp(col_max - new_max) + z.sub_(new_max).exp_().sum(0)
                 col_max = new_max
         else:
