@@ -200,8 +200,8 @@ Score Model::score(const State& in, WordId w, State& out) const {
 }
 
 void Model::score_sequence(const WordId* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) const {
-    std::vector<WordId> w;  // the padded sentence
-    w.reserve(n + 2);
+    thread_local std::vector<WordId> w;  // the padded sentence (buffer reused across calls)
+    w.clear();
     if (bos) w.push_back(kBOS);
     w.insert(w.end(), ids, ids + n);
     if (eos) w.push_back(kEOS);

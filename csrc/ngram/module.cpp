@@ -106,16 +106,22 @@ template <class T> py::array_t<T> to_numpy(const std::vector<T>& v) {
     return a;
 }
 
-// Splits a sentence on whitespace into word ids.
-std::vector<int32_t> encode_sentence(const Model& m, std::string_view s) {
-    std::vector<int32_t> ids;
+inline bool is_blank(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\v' || c == '\f'; }
+
+// Splits a sentence on whitespace into word ids (appended to ids).
+void encode_into(const Model& m, std::string_view s, std::vector<int32_t>& ids) {
     size_t p = 0;
     while (p < s.size()) {
-        while (p < s.size() && std::strchr(" \t\r\n\v\f", s[p]) && s[p]) ++p;
+        while (p < s.size() && is_blank(s[p])) ++p;
         size_t b = p;
-        while (p < s.size() && !(std::strchr(" \t\r\n\v\f", s[p]) && s[p])) ++p;
+        while (p < s.size() && !is_blank(s[p])) ++p;
         if (p > b) ids.push_back(int32_t(m.index(s.substr(b, p - b))));
     }
+}
+
+std::vector<int32_t> encode_sentence(const Model& m, std::string_view s) {
+    std::vector<int32_t> ids;
+    encode_into(m, s, ids);
     return ids;
 }
 
@@ -326,9 +332,12 @@ PYBIND11_MODULE(_ngram, mod) {
             score_ids_into(pm.m(), ids.data(), n, bos, eos, probs.mutable_data(), lens.mutable_data());
             return py::make_tuple(probs, lens);
         }, py::arg("ids"), py::arg("bos"), py::arg("eos"))
-        .def("score_sentence", [](const PyModel& pm, const std::string& s, bool bos, bool eos) {
-            std::vector<int32_t> ids = encode_sentence(pm.m(), s);
-            std::vector<float> probs(ids.size() + eos);
+        .def("score_sentence", [](const PyModel& pm, std::string_view s, bool bos, bool eos) {
+            thread_local std::vector<int32_t> ids;  // reused: this is the per-sentence hot path
+            thread_local std::vector<float> probs;
+            ids.clear();
+            encode_into(pm.m(), s, ids);
+            probs.resize(ids.size() + eos);
             score_ids_into(pm.m(), ids.data(), ids.size(), bos, eos, probs.data(), nullptr);
             return sum_like_kenlm(probs.data(), probs.size());
         })

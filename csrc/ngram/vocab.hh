@@ -14,7 +14,7 @@ class Vocab {
     Vocab() { clear(); }
 
     void clear() {
-        blob_.clear(); offsets_.assign(1, 0); hashes_.clear(); slots_.assign(64, 0);
+        blob_.clear(); offsets_.assign(1, 0); hashes_.clear(); slots_.assign(64, Slot{0, 0});
         add("<unk>"); add("<s>"); add("</s>");
     }
 
@@ -28,9 +28,9 @@ class Vocab {
     int64_t find(std::string_view w) const {
         uint64_t h = hash_string(w.data(), w.size());
         for (size_t s = h & (slots_.size() - 1);; s = (s + 1) & (slots_.size() - 1)) {
-            uint32_t v = slots_[s];
-            if (!v) return -1;
-            if (hashes_[v - 1] == h && word(v - 1) == w) return v - 1;
+            const Slot& v = slots_[s];
+            if (!v.id) return -1;
+            if (v.hash == h && word(v.id - 1) == w) return v.id - 1;
         }
     }
 
@@ -39,15 +39,15 @@ class Vocab {
         uint64_t h = hash_string(w.data(), w.size());
         size_t s = h & (slots_.size() - 1);
         for (;; s = (s + 1) & (slots_.size() - 1)) {
-            uint32_t v = slots_[s];
-            if (!v) break;
-            if (hashes_[v - 1] == h && word(v - 1) == w) return v - 1;
+            const Slot& v = slots_[s];
+            if (!v.id) break;
+            if (v.hash == h && word(v.id - 1) == w) return v.id - 1;
         }
         WordId id = WordId(hashes_.size());
         blob_.append(w.data(), w.size());
         offsets_.push_back(blob_.size());
         hashes_.push_back(h);
-        slots_[s] = id + 1;
+        slots_[s] = Slot{h, id + 1};
         if (hashes_.size() * 2 > slots_.size()) grow();
         return id;
     }
@@ -58,8 +58,8 @@ class Vocab {
     // Rebuild from a blob of concatenated words and their offsets (binary model load).
     void assign(const char* blob, const uint64_t* offsets, size_t n) {
         blob_.clear(); offsets_.assign(1, 0); hashes_.clear();
-        slots_.assign(64, 0);
-        while (slots_.size() < n * 2 + 2) slots_.resize(slots_.size() * 2);
+        slots_.assign(64, Slot{0, 0});
+        while (slots_.size() < n * 2 + 2) slots_.resize(slots_.size() * 2, Slot{0, 0});
         for (size_t i = 0; i < n; ++i) {
             std::string_view w(blob + offsets[i], offsets[i + 1] - offsets[i]);
             if (add(w) != i) throw InputError("vocabulary has a duplicate word '" + std::string(w) + "'");
@@ -68,11 +68,11 @@ class Vocab {
 
   private:
     void grow() {
-        std::vector<uint32_t> slots(slots_.size() * 2, 0);
+        std::vector<Slot> slots(slots_.size() * 2, Slot{0, 0});
         for (size_t id = 0; id < hashes_.size(); ++id) {
             size_t s = hashes_[id] & (slots.size() - 1);
-            while (slots[s]) s = (s + 1) & (slots.size() - 1);
-            slots[s] = uint32_t(id + 1);
+            while (slots[s].id) s = (s + 1) & (slots.size() - 1);
+            slots[s] = Slot{hashes_[id], uint32_t(id + 1)};
         }
         slots_.swap(slots);
     }
@@ -80,7 +80,11 @@ class Vocab {
     std::string blob_;
     std::vector<uint64_t> offsets_;
     std::vector<uint64_t> hashes_;
-    std::vector<uint32_t> slots_;  // id + 1, 0 = empty
+    struct Slot {
+        uint64_t hash;
+        uint32_t id;  // word id + 1, 0 = empty
+    };
+    std::vector<Slot> slots_;
 };
 
 }  // namespace ngram
