@@ -30,8 +30,16 @@ inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
 
 // Hash of an n-gram, built from its LAST word leftwards so a query can extend the match
 // into the context one word at a time: key(w) = start(w), key(c w) = extend(key(w), c), ...
-inline uint64_t hash_start(WordId w) { return mix64(uint64_t(w) * 0x9E3779B97F4A7C15ULL + 0x632BE59BD9B4E019ULL); }
-inline uint64_t hash_extend(uint64_t h, WordId w) { return mix64(h ^ (uint64_t(w) * 0xC2B2AE3D27D4EB4FULL + 0x165667B19E3779F9ULL)); }
+// Two independent multiplies per word (short dependency chain: this is on every query's path);
+// reduce() uses the high bits of the product, which these mix well.
+inline uint64_t hash_start(WordId w) {
+    uint64_t x = (uint64_t(w) + 1) * 0x9E3779B97F4A7C15ULL;
+    return x ^ (x >> 31);
+}
+inline uint64_t hash_extend(uint64_t h, WordId w) {
+    uint64_t x = h * 0x7C9A5E7C2B14A8F5ULL ^ (uint64_t(w) + 1) * 0xF8594ED1A3B1D0B7ULL;
+    return x ^ (x >> 29);
+}
 
 // Key of the forward n-gram words[0..n).
 inline uint64_t ngram_key(const WordId* words, int n) {

@@ -179,12 +179,16 @@ State Model::begin_state() const {
     return s;
 }
 
-Score Model::score(const State& in, WordId w, State& out) const {
+Score Model::score(const State& in_state, WordId w, State& out) const {
     if (w >= vocab.size()) throw InputError("word id " + std::to_string(w) + " is out of the vocabulary (size " + std::to_string(vocab.size()) + ")");
-    State o;
+    State copy;
+    const State& in = (&in_state == &out) ? (copy = in_state) : in_state;
+    // Fields are written one by one into `out` (a local copied out afterwards would stall on
+    // store-to-load forwarding: this is the hottest path of every query).
     float p = uni_prob_[w];
     int len = 1;
-    if (order_ > 1) { o.length = 1; o.words[0] = w; o.backoff[0] = uni_backoff_[w]; }
+    out.length = 0;
+    if (order_ > 1) { out.length = 1; out.words[0] = w; out.backoff[0] = uni_backoff_[w]; }
     uint64_t h = hash_start(w);
     for (int j = 0; j < in.length && j + 2 <= order_; ++j) {
         h = hash_extend(h, in.words[j]);
@@ -192,38 +196,18 @@ Score Model::score(const State& in, WordId w, State& out) const {
         if (!s) break;
         p = s->prob;
         len = j + 2;
-        if (len < order_) { o.words[len - 1] = in.words[j]; o.backoff[len - 1] = s->backoff; o.length = len; }
+        if (len < order_) { out.words[len - 1] = in.words[j]; out.backoff[len - 1] = s->backoff; out.length = len; }
     }
     for (int k = len - 1; k < in.length; ++k) p += in.backoff[k];
-    out = o;
     return Score{p, len};
 }
 
 void Model::score_sequence(const WordId* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) const {
-    thread_local std::vector<WordId> w;  // the padded sentence (buffer reused across calls)
-    w.clear();
-    if (bos) w.push_back(kBOS);
-    w.insert(w.end(), ids, ids + n);
-    if (eos) w.push_back(kEOS);
-    const size_t first = bos ? 1 : 0;
-    constexpr size_t kAhead = 8;  // tokens
-    auto prefetch = [&](size_t p) {
-        __builtin_prefetch(&uni_prob_[w[p]]);
-        __builtin_prefetch(&uni_backoff_[w[p]]);
-        uint64_t h = hash_start(w[p]);
-        for (int k = 1; k < order_ && p >= size_t(k); ++k) {
-            h = hash_extend(h, w[p - k]);
-            tables_[k + 1].prefetch(h ? h : 1);
-        }
-    };
-    for (size_t p = first; p < std::min(w.size(), first + kAhead); ++p) prefetch(p);
-    State st = bos ? begin_state() : null_state(), next;
-    for (size_t p = first; p < w.size(); ++p) {
-        if (p + kAhead < w.size()) prefetch(p + kAhead);
-        Score sc = score(st, w[p], next);
-        probs[p - first] = sc.prob;
-        if (lens) lens[p - first] = sc.ngram_length;
-        st = next;
+    State states[2] = {bos ? begin_state() : null_state(), State{}};  // ping-pong, no copies
+    for (size_t p = 0; p < n + eos; ++p) {
+        Score sc = score(states[p & 1], p < n ? ids[p] : kEOS, states[(p + 1) & 1]);
+        probs[p] = sc.prob;
+        if (lens) lens[p] = sc.ngram_length;
     }
 }
 

@@ -40,10 +40,10 @@ struct Slot {  // one hash-table slot of an order >= 2
 struct Range { uint32_t begin, end; };  // children of a context, in the next order's word list
 
 // Query state: the context words (most recent first) and their backoffs.
-struct State {
+struct State {  // only the first `length` entries of words and backoff are meaningful
     int length = 0;
-    WordId words[kMaxOrder - 1] = {};
-    float backoff[kMaxOrder - 1] = {};
+    WordId words[kMaxOrder - 1];
+    float backoff[kMaxOrder - 1];
     bool operator==(const State& o) const;
 };
 
@@ -72,8 +72,7 @@ class Model {
     State null_state() const { return State{}; }
     Score score(const State& in, WordId w, State& out) const;
     // Scores a whole sequence (after <s> when bos, then </s> when eos): probs and n-gram lengths
-    // (lens may be null) of n + eos entries. Knowing the words ahead, it prefetches the hash-table
-    // slots of the coming n-grams, hiding most of the memory latency of the lookups.
+    // (lens may be null) of n + eos entries.
     void score_sequence(const WordId* ids, size_t n, bool bos, bool eos, float* probs, int32_t* lens) const;
 
     // Log10 probability of every word after `st` (dense, <s> gets -inf).

@@ -365,7 +365,9 @@ PYBIND11_MODULE(_ngram, mod) {
                     }
                 };
                 // Rows are independent: split them over the threads (the model is read-only).
-                const size_t workers = std::max<size_t>(1, std::min<size_t>(size_t(threads), B / 64 + 1));
+                uint64_t total = 0;  // a thread pays off from some 10^5 tokens on
+                for (size_t b = 0; b < B; ++b) total += uint64_t(len[b]);
+                const size_t workers = std::max<size_t>(1, std::min<size_t>({size_t(threads), B, size_t(total / 100000) + 1}));
                 std::vector<std::thread> pool;
                 for (size_t t = 1; t < workers; ++t) pool.emplace_back(rows, B * t / workers, B * (t + 1) / workers);
                 rows(0, B / workers);
