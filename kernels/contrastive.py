@@ -154,6 +154,11 @@ def _torch_tiles(x, y, scale, bias, kind, off):
         yield rs, z, (rows[keep] - rs.start, rows[keep] + off)
 
 
+def _positive_logits(z, pos) -> torch.Tensor:
+    """(R,) logit of each row's positive pair; 0 for rows whose pair is not among the columns."""
+    return torch.zeros(z.shape[0], device=z.device).index_put_((pos[0],), z[pos])
+
+
 def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
     """Row log-sum-exps (CLIP), row loss terms and, on request, column log-sum-exps (CLIP)."""
     M, K = x.shape[0], y.shape[0]
@@ -162,7 +167,7 @@ def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
     col_max = torch.full((K,), float("-inf"), device=x.device) if want_col_lse else None
     col_sum = torch.zeros(K, device=x.device) if want_col_lse else None
     for rs, z, pos in _torch_tiles(x, y, scale, bias, kind, off):
-        zpos = torch.zeros(z.shape[0], device=x.device).index_put_((pos[0],), z[pos])
+        zpos = _positive_logits(z, pos)
         if kind == CLIP:
             lse[rs] = torch.logsumexp(z, dim=1)
             rowloss[rs] = lse[rs] - zpos
@@ -175,8 +180,9 @@ def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
     return lse, rowloss, (col_max + torch.log(col_sum) if want_col_lse else None)
 
 
-def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums):
-    """dx (and dy = coef * s * G.T @ x, accumulated over the same row blocks) of one problem."""
+def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums, rowloss=None):
+    """dx (and dy = coef * s * G.T @ x, accumulated over the same row blocks) of one problem;
+    SigLIP's row loss terms too when `rowloss` is given (forward and backward in one pass)."""
     M = x.shape[0]
     dx = _new(x.shape, x.dtype, x.device)
     dy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # (K, D)
@@ -190,6 +196,8 @@ def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
             if lse_y is not None:
                 g += z.sub_(lse_y[None, :]).exp_()
         else:
+            if rowloss is not None:
+                rowloss[rs] = F.softplus(z).sum(1) - _positive_logits(z, pos)
             g = z.sigmoid_()
         g[pos] -= diag_w
         gy = g @ yf  # (R, D)
@@ -273,17 +281,33 @@ class SiglipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, scale, bias, off, backend):
         fwd, ctx.bwd = _ops(backend, img.device)
-        _, rowloss, _ = fwd(img, txt, scale, bias, SIGLIP, off)
+        n = img.shape[0]
+        ctx.eager = None
+        if ctx.bwd is _torch_bwd and any(ctx.needs_input_grad[:4]):
+            # dL/dz = sigmoid(z) - I needs no global statistic, so the torch backend forms the
+            # gradients (for a unit output gradient) in the same pass: 3 matmuls, not 4.
+            rowloss = _new((n,), torch.float32, img.device)
+            unit = torch.tensor(1.0 / n, device=img.device)
+            ctx.eager = _torch_bwd(img, txt, scale, bias, SIGLIP, off, None, None, 1.0, unit, True,
+                                   rowloss)
+        else:
+            _, rowloss, _ = fwd(img, txt, scale, bias, SIGLIP, off)
         ctx.save_for_backward(img, txt, scale, bias)
         ctx.off = off
-        return rowloss.sum() / img.shape[0]
+        return rowloss.sum() / n
 
     @staticmethod
     def backward(ctx, grad):
         img, txt, scale, bias = ctx.saved_tensors
         coef = (grad.float() / img.shape[0]).reshape(())
-        d_img, gdot, gsum, d_txt = _grads(ctx.bwd, img, txt, scale, bias, SIGLIP, ctx.off, None,
-                                          None, 1.0, coef)
+        if ctx.eager is not None:
+            d_img, gdot, gsum, d_txt = ctx.eager
+            ctx.eager = None
+            g = grad.reshape(())
+            d_img, d_txt = d_img * g.to(d_img.dtype), d_txt * g.to(d_txt.dtype)
+        else:
+            d_img, gdot, gsum, d_txt = _grads(ctx.bwd, img, txt, scale, bias, SIGLIP, ctx.off,
+                                              None, None, 1.0, coef)
         d_scale = (coef * gdot.sum()).reshape(scale.shape).to(scale.dtype)
         d_bias = (coef * gsum.sum()).reshape(bias.shape).to(bias.dtype)
         return d_img, d_txt, d_scale, d_bias, None, None
