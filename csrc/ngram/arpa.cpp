@@ -193,10 +193,10 @@ void write_arpa_file(const std::string& path, const std::vector<uint64_t>& count
             std::thread helper([&] {
                 try { bufs[1].clear(); format(n, mid, end, bufs[1]); } catch (...) { err = std::current_exception(); }
             });
-            bufs[0].clear();
-            format(n, at, mid, bufs[0]);
+            std::exception_ptr main_err;
+            try { bufs[0].clear(); format(n, at, mid, bufs[0]); } catch (...) { main_err = std::current_exception(); }
             helper.join();
-            if (err) { std::fclose(f); std::rethrow_exception(err); }
+            if (main_err || err) { std::fclose(f); std::rethrow_exception(main_err ? main_err : err); }
             put(bufs[0]);
             put(bufs[1]);
         }
@@ -238,6 +238,7 @@ void Model::write_arpa(const std::string& path) const {
         }
         for (size_t i = begin; i < end; ++i) {
             const Slot* s = tables_[n].find(keys[i % kAhead]);
+            if (!s) throw InputError("corrupt model: an n-gram of order " + std::to_string(n) + " is missing from its hash table");
             if (i + kAhead < end) {
                 keys[i % kAhead] = ngram_key(words + (i + kAhead) * n, n);
                 tables_[n].prefetch(keys[i % kAhead]);

@@ -380,8 +380,12 @@ std::unique_ptr<Model> Model::load_binary(const std::string& path) {
     if (std::memcmp(h.magic, kMagic, 8) != 0) throw bad("bad magic (not an mmfuse binary model)");
     if (h.version != kVersion) throw bad("unsupported version " + std::to_string(h.version));
     if (h.order < 1 || h.order > uint32_t(kMaxOrder)) throw bad("order " + std::to_string(h.order));
-    if (h.vocab_size < 3) throw bad("vocabulary too small");
+    if (h.vocab_size < 3 || h.vocab_size > len) throw bad("vocabulary size " + std::to_string(h.vocab_size));
     size_t off = padded(sizeof h);
+    auto bytes_of = [&](uint64_t count, uint64_t size) {  // count * size, refusing what cannot fit the file
+        if (size && count > len / size) throw bad("truncated file (section larger than the file)");
+        return size_t(count * size);
+    };
     auto take = [&](size_t bytes) {
         if (bytes > len || off > len - bytes) throw bad("truncated file");
         const char* p = base + off;
@@ -390,32 +394,32 @@ std::unique_ptr<Model> Model::load_binary(const std::string& path) {
     };
     const int N = int(h.order);
     const size_t V = h.vocab_size;
-    const uint64_t* offsets = reinterpret_cast<const uint64_t*>(take((V + 1) * sizeof(uint64_t)));
+    const uint64_t* offsets = reinterpret_cast<const uint64_t*>(take(bytes_of(V + 1, sizeof(uint64_t))));
     const char* blob = take(h.blob_size);
     for (size_t i = 0; i < V; ++i)
         if (offsets[i] > offsets[i + 1] || offsets[i + 1] > h.blob_size) throw bad("vocabulary offsets");
     m->vocab.assign(blob, offsets, V);
     m->order_ = N;
-    m->uni_prob_.view(reinterpret_cast<const float*>(take(V * sizeof(float))), V);
-    m->uni_backoff_.view(reinterpret_cast<const float*>(take(V * sizeof(float))), V);
+    m->uni_prob_.view(reinterpret_cast<const float*>(take(bytes_of(V, sizeof(float)))), V);
+    m->uni_backoff_.view(reinterpret_cast<const float*>(take(bytes_of(V, sizeof(float)))), V);
     m->tables_.resize(N + 1);
     m->child_.resize(N + 1);
     m->words_.resize(N + 1);
     for (int n = 2; n <= N; ++n) {
         if (h.capacity[n] <= h.count[n]) throw bad("hash table of order " + std::to_string(n));
-        m->tables_[n].slots.view(reinterpret_cast<const Slot*>(take(h.capacity[n] * sizeof(Slot))), h.capacity[n]);
+        m->tables_[n].slots.view(reinterpret_cast<const Slot*>(take(bytes_of(h.capacity[n], sizeof(Slot)))), h.capacity[n]);
         m->tables_[n].count = h.count[n];
     }
     for (int n = 1; n < N; ++n) {
         size_t k = n == 1 ? V : h.capacity[n];
-        const Range* r = reinterpret_cast<const Range*>(take(k * sizeof(Range)));
+        const Range* r = reinterpret_cast<const Range*>(take(bytes_of(k, sizeof(Range))));
         for (size_t i = 0; i < k; ++i)
             if (r[i].begin > r[i].end || r[i].end > h.count[n + 1]) throw bad("child ranges of order " + std::to_string(n));
         m->child_[n].view(r, k);
     }
     for (int n = 2; n <= N; ++n) {
-        size_t k = h.count[n] * n;
-        const WordId* w = reinterpret_cast<const WordId*>(take(k * sizeof(WordId)));
+        size_t k = bytes_of(h.count[n], n);
+        const WordId* w = reinterpret_cast<const WordId*>(take(bytes_of(k, sizeof(WordId))));
         for (size_t i = 0; i < k; ++i)
             if (w[i] >= V) throw bad("word id out of range in order " + std::to_string(n));
         m->words_[n].view(w, k);

@@ -100,6 +100,14 @@ class PyModel {
     std::vector<int32_t> token_to_word_;
 };
 
+// Words are bytes; ones that are not UTF-8 (a Latin-1 corpus) come back with surrogate escapes,
+// as Python's os functions do, instead of failing.
+py::str decode_word(std::string_view w) {
+    PyObject* o = PyUnicode_DecodeUTF8(w.data(), Py_ssize_t(w.size()), "surrogateescape");
+    if (!o) throw py::error_already_set();
+    return py::reinterpret_steal<py::str>(o);
+}
+
 template <class T> py::array_t<T> to_numpy(const std::vector<T>& v) {
     py::array_t<T> a(v.size());
     if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
@@ -302,11 +310,11 @@ PYBIND11_MODULE(_ngram, mod) {
         .def("index", [](const PyModel& pm, const std::string& w) { return int32_t(pm.m().index(w)); })
         .def("word", [](const PyModel& pm, int64_t id) {
             if (id < 0 || size_t(id) >= pm.m().vocab_size()) throw InputError("word id " + std::to_string(id) + " is outside the vocabulary");
-            return std::string(pm.m().vocab.word(WordId(id)));
+            return decode_word(pm.m().vocab.word(WordId(id)));
         })
         .def("vocab", [](const PyModel& pm) {
-            std::vector<std::string> v;
-            for (WordId w = 0; w < pm.m().vocab_size(); ++w) v.emplace_back(pm.m().vocab.word(w));
+            py::list v;
+            for (WordId w = 0; w < pm.m().vocab_size(); ++w) v.append(decode_word(pm.m().vocab.word(w)));
             return v;
         })
         .def("encode", [](const PyModel& pm, const std::string& sentence) { return to_numpy(encode_sentence(pm.m(), sentence)); })

@@ -153,7 +153,7 @@ class NGramModel:
 
     def index(self, word: str) -> int:
         """Vocabulary id of a word (0, <unk>, when unknown)."""
-        return self._core.index(word)
+        return self._core.index(_utf8(word))
 
     def word(self, idx: int) -> str:
         return self._core.word(int(idx))
@@ -162,7 +162,7 @@ class NGramModel:
         return self._core.vocab()
 
     def __contains__(self, word: str) -> bool:
-        return word == "<unk>" or self._core.index(word) != 0
+        return word == "<unk>" or self.index(word) != 0
 
     def __repr__(self) -> str:
         return f"NGramModel(order={self.order}, vocab={self.vocab_size}, ngrams={self.counts})"
@@ -192,12 +192,17 @@ class NGramModel:
     # ---- scoring ----
     def score(self, sentence: str, bos: bool = True, eos: bool = True) -> float:
         """Log10 probability of a whitespace-tokenised sentence."""
-        return self._core.score_sentence(sentence, bos, eos)
+        try:
+            return self._core.score_sentence(sentence, bos, eos)
+        except (UnicodeEncodeError, TypeError):  # surrogate-escaped bytes (a non-UTF-8 corpus)?
+            if not isinstance(sentence, str):
+                raise
+            return self._core.score_sentence(_utf8(sentence), bos, eos)
 
     def full_scores(self, sentence: str, bos: bool = True, eos: bool = True) -> list[TokenScore]:
         """Per-token scores (</s> last when eos), with the length of the n-gram used."""
         words = sentence.split()
-        ids = self._core.encode(sentence)
+        ids = self._core.encode(_utf8(sentence))
         probs, lens = self._core.score_ids(ids, bos, eos)
         words = words + ["</s>"] * eos
         oov = list(ids == 0) + [False] * eos
@@ -213,7 +218,7 @@ class NGramModel:
         total = oov_total = 0.0
         tokens = oovs = sentences = 0
         for chunk in _text_batches(lines):
-            t, o, n, k, s = self._core.corpus_stats(chunk, bos, eos)
+            t, o, n, k, s = self._core.corpus_stats(_utf8(chunk), bos, eos)
             total, oov_total, tokens, oovs, sentences = total + t, oov_total + o, tokens + n, oovs + k, sentences + s
         if tokens == 0:
             raise ValueError("the corpus is empty (nothing to score)")
@@ -261,7 +266,7 @@ class NGramModel:
 
     def score_word(self, state: "_ngram.State", word: str | int) -> tuple[float, int, "_ngram.State"]:
         """(log10 p(word | state), n-gram length, next state); `word` a string or an id."""
-        idx = self._core.index(word) if isinstance(word, str) else int(self._ids([word])[0])
+        idx = self.index(word) if isinstance(word, str) else int(self._ids([word])[0])
         return self._core.score_word(state, idx)
 
     def state_after(self, context, bos: bool = False) -> "_ngram.State":
@@ -288,7 +293,7 @@ class NGramModel:
     def sample(self, max_words: int = 100, seed: int = 0, prefix: str | Sequence[int] = "",
                bos: bool = True) -> list[str]:
         """Samples words after `prefix` until </s> (included) or max_words."""
-        ctx = self._core.encode(prefix) if isinstance(prefix, str) else self._ids(prefix)
+        ctx = self._core.encode(_utf8(prefix)) if isinstance(prefix, str) else self._ids(prefix)
         ids = self._core.sample(ctx, int(max_words), int(seed) & (2**64 - 1), bos)
         return [self._core.word(int(i)) for i in ids]
 
@@ -336,6 +341,11 @@ def build(source, order: int = 3, **options) -> NGramModel:
 def load(path: str | os.PathLike) -> NGramModel:
     """Shorthand for NGramModel.load."""
     return NGramModel.load(path)
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of text read with surrogate escapes (bytes of a non-UTF-8 file pass through)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _text_batches(lines) -> Iterable[str]:
@@ -390,4 +400,4 @@ def _feed(builder: "_ngram.Builder", source) -> None:
             builder.add_token_ids(row.astype(np.int64))
         return
     for chunk in _text_batches(source):
-        builder.add_text(chunk)
+        builder.add_text(_utf8(chunk))
