@@ -130,15 +130,27 @@ def test_bad_queries_and_files(tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         NGramModel.load(tmp_path / "cut.bin")
     rng = np.random.default_rng(0)
-    for trial in range(20):  # header intact, body scrambled: refused or usable, never a crash
+    loaded = 0
+    for trial in range(300):  # magic intact, a few bytes scrambled, maybe cut: refused or usable, never a crash
         junk = np.frombuffer(blob, dtype=np.uint8).copy()
-        junk[rng.integers(8, len(junk), size=8)] = rng.integers(0, 256, size=8)
+        k = rng.integers(1, 6)
+        junk[rng.integers(8, len(junk), size=k)] = rng.integers(0, 256, size=k)
+        if trial % 3 == 0:
+            junk = junk[: rng.integers(8, len(junk))]
         (tmp_path / "junk.bin").write_bytes(junk.tobytes())
         try:
             m = NGramModel.load(tmp_path / "junk.bin")
         except ValueError:
             continue
-        m.score("a b c"), m.continuations([0], 3), m.distribution(m.begin_state())
+        loaded += 1
+        for use in (lambda: m.score("a b c"), lambda: m.continuations([0], 3), lambda: m.vocab(),
+                    lambda: m.distribution(m.begin_state()), lambda: m.sample(max_words=4, seed=trial),
+                    lambda: m.save(tmp_path / "junk.arpa", "arpa")):
+            try:
+                use()
+            except ValueError:
+                pass
+    assert 0 < loaded < 300
     with pytest.raises(ValueError, match="ARPA line 1"):
         (tmp_path / "text.arpa").write_text("hello\n")
         NGramModel.load(tmp_path / "text.arpa")
