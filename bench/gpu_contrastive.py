@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 import torch
 
@@ -60,20 +59,6 @@ def _worst(got, want) -> float:
     return worst
 
 
-def _local_loss(kind, inputs, backend, world=3):
-    """Mean over `world` simulated ranks of the local loss (rows of one rank, all columns)."""
-    img, txt, *scalars = inputs
-    n = img.shape[0] // world
-    total = 0
-    for r in range(world):
-        rows = slice(r * n, (r + 1) * n)
-        if kind == "clip":
-            total = total + C.ClipLossFunction.apply(img[rows], txt[rows], img, txt, scalars[0], r * n, backend)
-        else:
-            total = total + C.SiglipLossFunction.apply(img[rows], txt, *scalars, r * n, backend)
-    return total / world
-
-
 def check_correctness() -> bool:
     ok = True
     cases = [(1000, 512), (333, 77), (4097, 768), (3 * 171, 256)]
@@ -94,7 +79,7 @@ def check_correctness() -> bool:
             inputs = make_inputs(kind, N, D, torch.float32, "cuda", seed=7)
             want = _loss_and_grads(ref, [t.double() for t in inputs])
             with poisoned_outputs():
-                got = _loss_and_grads(lambda *t: _local_loss(kind, t, "triton"), inputs)
+                got = _loss_and_grads(lambda *t: C.simulated_local_loss(kind, *t, world=3, backend="triton"), inputs)
             err = _worst(got, want)
             ok &= err <= TOL[torch.float32]
             print(f"  {'PASS' if err <= TOL[torch.float32] else 'FAIL'} {kind} triton local_loss "

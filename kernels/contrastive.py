@@ -313,6 +313,27 @@ class SiglipLossFunction(torch.autograd.Function):
         return d_img, d_txt, d_scale, d_bias, None, None
 
 
+def simulated_local_loss(kind: str, image_features, text_features, *scalars, world: int,
+                         backend: str = "auto") -> torch.Tensor:
+    """Mean over `world` equal row shards of the local loss, each shard's rows against all columns.
+
+    What `distributed=True, local_loss=True` averages to across ranks, in one process (tests and
+    bench/gpu_contrastive.py check the local path with it); equals the global loss.
+    """
+    n = image_features.shape[0] // world
+    total = 0
+    for r in range(world):
+        rows = slice(r * n, (r + 1) * n)
+        if kind == "clip":
+            total = total + ClipLossFunction.apply(image_features[rows], text_features[rows],
+                                                   image_features, text_features, scalars[0], r * n,
+                                                   backend)
+        else:
+            total = total + SiglipLossFunction.apply(image_features[rows], text_features, *scalars,
+                                                     r * n, backend)
+    return total / world
+
+
 # ----------------------------------------------------------------------------- public API
 
 

@@ -157,8 +157,8 @@ else:  # GPU: autotuned. Compiled for sm_90 without a GPU (bench/gpu_contrastive
 
 
 def _bwd_prune(configs, kwargs):
-    """Keep the configs whose per-program output slice, BLOCK_D / D_SPLITS, is 64..256 wide (a
-    (BLOCK_M, 512) fp32 accumulator spills); D_SPLITS = 1 always when BLOCK_D <= 256."""
+    """Keep the configs whose per-program output slice, BLOCK_D / D_SPLITS, is at most 256 wide (a
+    (BLOCK_M, 512) fp32 accumulator spills) and, when split, at least 64 wide."""
     block_d = kwargs["BLOCK_D"]
     keep = [c for c in configs if block_d // c.kwargs["D_SPLITS"] <= 256
             and (c.kwargs["D_SPLITS"] == 1 or block_d // c.kwargs["D_SPLITS"] >= 64)]
@@ -166,7 +166,8 @@ def _bwd_prune(configs, kwargs):
 
 
 def _kernel_flags(x: torch.Tensor, D: int) -> tuple[dict, int]:
-    """Compile-time flags shared by both kernels, and BLOCK_D (>= 64, so 4 splits stay >= 16)."""
+    """Compile-time flags shared by both kernels, and BLOCK_D (>= 64: the interpreter's 2 splits
+    and the tl.dot minimum of 16 both fit)."""
     block_d = max(64, triton.next_power_of_2(D))
     return dict(BLOCK_K=32 if INTERPRET else 64, UPCAST=INTERPRET,
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32"), block_d
