@@ -59,13 +59,14 @@ def _worst(got, want) -> float:
     return worst
 
 
-def check_correctness() -> bool:
+def check_correctness(cases=((1000, 512), (333, 77), (4097, 768), (3 * 171, 256)),
+                      device: str = "cuda") -> bool:
+    """Every (N, D) in `cases`; the last one also runs the 3-rank local-loss path."""
     ok = True
-    cases = [(1000, 512), (333, 77), (4097, 768), (3 * 171, 256)]
     for kind, (ours, ref, _) in LOSSES.items():
         for dtype in (torch.float32, torch.bfloat16):
             for N, D in cases:
-                inputs = make_inputs(kind, N, D, dtype, "cuda", seed=N + D)
+                inputs = make_inputs(kind, N, D, dtype, device, seed=N + D)
                 want = _loss_and_grads(ref, [t.double() for t in inputs])
                 for backend in ("triton", "torch"):
                     with poisoned_outputs():
@@ -75,15 +76,15 @@ def check_correctness() -> bool:
                     ok &= good
                     print(f"  {'PASS' if good else 'FAIL'} {kind} {backend} {str(dtype)[6:]} N={N} D={D}: "
                           f"worst relative error {err:.2e} (tol {TOL[dtype]:.0e})")
-            N, D = cases[-1]
-            inputs = make_inputs(kind, N, D, torch.float32, "cuda", seed=7)
-            want = _loss_and_grads(ref, [t.double() for t in inputs])
-            with poisoned_outputs():
-                got = _loss_and_grads(lambda *t: C.simulated_local_loss(kind, *t, world=3, backend="triton"), inputs)
-            err = _worst(got, want)
-            ok &= err <= TOL[torch.float32]
-            print(f"  {'PASS' if err <= TOL[torch.float32] else 'FAIL'} {kind} triton local_loss "
-                  f"(3 simulated ranks) N={N} D={D}: worst relative error {err:.2e}")
+        N, D = cases[-1]
+        inputs = make_inputs(kind, N, D, torch.float32, device, seed=7)
+        want = _loss_and_grads(ref, [t.double() for t in inputs])
+        with poisoned_outputs():
+            got = _loss_and_grads(lambda *t: C.simulated_local_loss(kind, *t, world=3, backend="triton"), inputs)
+        err = _worst(got, want)
+        ok &= err <= TOL[torch.float32]
+        print(f"  {'PASS' if err <= TOL[torch.float32] else 'FAIL'} {kind} triton local_loss "
+              f"(3 simulated ranks) N={N} D={D}: worst relative error {err:.2e}")
     return ok
 
 
