@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmfuse.kernels import attention
+from mmfuse.kernels.cpu_linear import linear
 
 from .rope import apply_rope
 
@@ -61,13 +62,13 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        h = self.up(x)
+        h = linear(x, self.up.weight, self.up.bias)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = activation(self.act, gate) * up
         else:
             h = activation(self.act, h)
-        return self.down(h)
+        return linear(h, self.down.weight, self.down.bias)
 
 
 class SelfAttention(nn.Module):
@@ -86,7 +87,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, *, causal: bool, rope=None, cache=None, positions=None, kv_len=None, q_start=None):
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if rope is not None:
@@ -99,7 +100,8 @@ class SelfAttention(nn.Module):
             v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
             k, v = k_cache, v_cache
         y = attention(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len)  # (B, Hq, T, D)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return linear(y, self.o.weight, self.o.bias)
 
 
 class Block(nn.Module):
