@@ -106,33 +106,49 @@ class StopStringMatcher:
         self.stopped = False
         self.stop_string: Optional[str] = None
         self._held = ""  # released text ends before this; it may be the start of a stop string
+        self._longest = max((len(x) for x in self.stop_strings), default=0)
         self._pieces: list[str] = []
 
     def push(self, piece: str) -> str:
         if self.stopped:
             return ""
         text = self._held + piece
-        hits = [(i, s) for s in self.stop_strings if (i := text.find(s)) >= 0]
-        if hits:
-            cut, self.stop_string = min(hits, key=lambda hit: hit[0])
-            self.stopped, self._held = True, ""
-            return self._release(text[:cut])
-        hold = max((self._partial_match(text, s) for s in self.stop_strings), default=0)
-        self._held = text[len(text) - hold:]
-        return self._release(text[: len(text) - hold])
+        hit = self._first_hit(text)
+        pending = self._pending_start(text, hit[0] if hit else len(text))
+        if pending is not None:  # a stop string may still complete there: decide later
+            self._held = text[pending:]
+            return self._release(text[:pending])
+        self._held = ""
+        if hit:
+            return self._stop(text, hit)
+        return self._release(text)
 
-    @staticmethod
-    def _partial_match(text: str, stop: str) -> int:
-        """Length of the longest end of `text` that is a proper start of `stop`."""
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                return n
-        return 0
+    def _first_hit(self, text: str):
+        """(index, stop string) of the earliest complete stop string in `text`, or None."""
+        hits = [(i, s) for s in self.stop_strings if (i := text.find(s)) >= 0]
+        return min(hits, key=lambda hit: hit[0]) if hits else None
+
+    def _pending_start(self, text: str, limit: int) -> Optional[int]:
+        """The earliest p < limit where text[p:] is a proper start of a stop string: text from p
+        on may still become a stop string that begins before the first complete one."""
+        for p in range(max(0, len(text) - self._longest + 1), min(limit, len(text))):
+            tail = text[p:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stop_strings):
+                return p
+        return None
+
+    def _stop(self, text: str, hit) -> str:
+        cut, self.stop_string = hit
+        self.stopped = True
+        return self._release(text[:cut])
 
     def flush(self) -> str:
-        """At the end of generation without a stop string: release the held-back text."""
+        """At the end of generation: the held-back text, cut at a stop string it holds."""
+        if self.stopped:
+            return ""
         held, self._held = self._held, ""
-        return "" if self.stopped else self._release(held)
+        hit = self._first_hit(held)
+        return self._stop(held, hit) if hit else self._release(held)
 
     def _release(self, text: str) -> str:
         if text:

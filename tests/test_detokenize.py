@@ -5,7 +5,7 @@ import json
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -221,6 +221,8 @@ def test_stop_strings_must_be_non_empty():
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(alphabet="abSTOP🙂", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
        stops=st.lists(st.text(alphabet="abSTOP🙂", min_size=1, max_size=4), max_size=3))
+@example(text="POO", cuts=[2], stops=["O", "POO"])  # "O" completes first, but "POO" starts earlier
+@example(text="xPOa", cuts=[3], stops=["O", "POO"])  # ... and here "POO" never completes
 def test_stop_matcher_equals_cutting_the_whole_text(text, cuts, stops):
     """However the text is split into pieces, the output is the text before the first stop."""
     bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
