@@ -5,7 +5,7 @@ import torch
 from mmfuse.kernels.cpu_linear import MAX_ROWS, linear, linear_reference
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("K, N", [(1, 1), (17, 5), (768, 2304), (300, 1001)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gemv_matches_float64(rows, K, N, bias):
