@@ -19,7 +19,7 @@ _GENERIC_FIELDS = {
     "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
     "is_decoder", "task_specific_params", "finetuning_task", "prefix", "tokenizer_class", "torchscript",
     "pruned_heads", "tf_legacy_loss", "use_bfloat16", "cross_attention_hidden_size", "add_cross_attention",
-    "attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop", "quantization_config_absent",
+    "attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop",
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
     "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
     "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
