@@ -1,6 +1,7 @@
 """The ViT image tower shared by CLIP and SigLIP.
 
-pixels (B, C, H, W) -> patch embedding (a strided conv, no bias in CLIP) -> [class token] +
+pixels (B, C, H, W) -> patch embedding (a strided conv, no bias in CLIP, computed as one linear
+layer over the flattened patches so it shares the CPU GEMM path) -> [class token] +
 learned positions -> [pre-LN] -> Transformer blocks (engine/layers.Block) -> pooled feature:
 CLIP pools the class token and layer-norms it; SigLIP layer-norms every token and pools them
 with a multi-head attention probe (`AttentionPool`, the "MAP head").
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mmfuse.kernels import attention
+from mmfuse.kernels.cpu_linear import linear
 
 from ..layers import MLP, Block, make_norm
 from .config import TowerConfig
@@ -34,8 +35,8 @@ class AttentionPool(nn.Module):
     def forward(self, x):  # x: (B, T, C) -> (B, C)
         B, T, C = x.shape
         w, b = self.in_proj.weight, self.in_proj.bias
-        q = F.linear(self.probe, w[:C], b[:C]).view(1, self.n_head, 1, self.head_dim).expand(B, -1, -1, -1)
-        kv = F.linear(x, w[C:], b[C:]).view(B, T, 2, self.n_head, self.head_dim)
+        q = linear(self.probe, w[:C], b[:C]).view(1, self.n_head, 1, self.head_dim).expand(B, -1, -1, -1)
+        kv = linear(x, w[C:], b[C:]).view(B, T, 2, self.n_head, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
         y = attention(q, k, v, causal=False)  # (B, H, 1, D)
         y = self.out_proj(y.transpose(1, 2).reshape(B, 1, C))
@@ -59,13 +60,23 @@ class VisionTower(nn.Module):
         self.norm_post = make_norm(cfg)
         self.pool = None if class_token else AttentionPool(cfg)
 
+    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The stride-p conv as a linear layer: (B, C, H, W) -> (B, h*w, d), patches in row-major
+        order and each flattened as (c, kh, kw) like the conv weight; a remainder is cropped as the
+        conv drops it."""
+        p, conv = self.cfg.patch_size, self.patch_embed
+        B, C, H, W = pixels.shape
+        h, w = H // p, W // p
+        patches = pixels[:, :, :h * p, :w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        return linear(patches.reshape(B, h * w, C * p * p), conv.weight.view(conv.out_channels, -1), conv.bias)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, H, W), already preprocessed -> pooled features (B, d_model)."""
         cfg = self.cfg
         if pixels.dim() != 4 or pixels.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"pixel batch has shape {tuple(pixels.shape)}, expected "
                              f"(B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size})")
-        x = self.patch_embed(pixels.to(self.pos_embed.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = self.embed_patches(pixels.to(self.pos_embed.dtype))  # (B, N, C)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, C)
         x = x + self.pos_embed
