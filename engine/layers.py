@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmfuse.kernels import attention
-from mmfuse.kernels.cpu_linear import linear
+from mmfuse.kernels.cpu_linear import activation, linear
 
 from .rope import apply_rope
 
@@ -38,20 +38,6 @@ def make_norm(cfg, dim: Optional[int] = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
-def activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    if name == "silu":
-        return F.silu(x)
-    if name == "relu":
-        return F.relu(x)
-    raise ValueError(f"unknown activation {name!r}")
-
-
 class MLP(nn.Module):
     """up -> act -> down, or SwiGLU-style act(gate) * up -> down with gate and up fused in one matmul."""
 
@@ -62,12 +48,11 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        h = linear(x, self.up.weight, self.up.bias)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = linear(x, self.up.weight, self.up.bias).chunk(2, dim=-1)
             h = activation(self.act, gate) * up
         else:
-            h = activation(self.act, h)
+            h = linear(x, self.up.weight, self.up.bias, act=self.act)  # fused on the CPU where it can be
         return linear(h, self.down.weight, self.down.bias)
 
 

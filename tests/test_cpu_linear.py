@@ -33,6 +33,20 @@ def test_linear_matches_float64(rows, K, N, bias, dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol["atol"] * K ** 0.5, rtol=tol["rtol"])
 
 
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu"])
+@pytest.mark.parametrize("rows", [1, 5, 50])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_matches_float64(act, rows, bias, dtype):
+    x, w, b, _ = _case(rows, 300, 1001, bias, dtype, seed=rows)
+    ref = linear_reference(x.double(), w.double(), None if b is None else b.double(), act)
+    out = linear(x, w, b, act=act)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype]["atol"] * 300 ** 0.5, rtol=TOL[dtype]["rtol"])
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        linear(x, w, b, act="swish")
+
+
 @needs_packed
 def test_packed_weight_follows_in_place_updates():
     lin = torch.nn.Linear(37, 29)
