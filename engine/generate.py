@@ -14,6 +14,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from mmfuse.kernels.cpu_linear import freeze
+
 from .checkpoint import read_json
 from .detokenize import IncrementalDecoder, StopStringMatcher
 from .errors import CapacityError
@@ -29,7 +31,7 @@ class DecodeState:
 
     def __init__(self, model: Decoder, batch: int, max_len: int, cuda_graph: bool = False):
         p = model.lm_head.weight
-        self.model = model
+        self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
         self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # (B,) filled positions
         self._host_lengths = [0] * batch  # mirror of `lengths`, so capacity checks need no device sync

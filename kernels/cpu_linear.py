@@ -8,11 +8,13 @@ kernel splits the output rows over the cores, reads each weight row once and rea
 With more rows (a batch of decodes, a prompt, an image of 50 patches) MKL's GEMM through
 `F.linear` repacks the weight into its blocked layout on every call, and with weights that do not
 stay in cache that repacking streams at a few GB/s: 50 rows through the linears of a ViT-B/32 run
-at 82 GFLOP/s against 130 when the same weights are cache-hot. So each weight is packed once into
-oneDNN's blocked layout (`torch.ops.mkldnn`, what inductor's weight freezing uses) on first use
-and kept until the weight changes; measured on that box with cold weights, 2 threads, fp32:
-8 rows 1.2x, 17 rows 2.2x, 50 rows 1.9x, 128 rows 1.6x, 1600 rows 1.6x over `F.linear`; bf16
-1.6x at 1 row, 1.3x at 50. The cost is memory: a packed copy beside each weight used this way.
+at 82 GFLOP/s against 130 when the same weights are cache-hot. So weights that inference code has
+marked with `freeze` are packed once into oneDNN's blocked layout (`torch.ops.mkldnn`, what
+inductor's weight freezing uses) on first use and kept until they change. Packing is opt-in, as
+with inductor's freezing and IPEX's `optimize`: a write that bypasses the version counter would
+otherwise leave a stale copy. Measured on that box with cold weights, 2 threads, fp32: 8 rows
+1.2x, 17 rows 2.2x, 50 rows 1.9x, 128 rows 1.6x, 1600 rows 1.6x over `F.linear`; bf16 1.6x at
+1 row, 1.3x at 50. The cost is memory: a packed copy beside each weight used this way.
 The MLP's activation runs as a oneDNN post-op on the GEMM's output while it is in cache (a separate
 quick_gelu costs three passes over a (1600, 3072) tensor: 13 ms beside a 42 ms GEMM).
 `MMFUSE_CPU_GEMV=0` / `MMFUSE_CPU_PACKED=0` turn either path off.
@@ -105,26 +107,50 @@ def _kernel():
     return gemv_rows
 
 
-def _packed_weight(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """oneDNN-packed copy of `scale * weight` (N, K), made on first use and kept while the weight lives.
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Mark `module`'s weights (its parameters of 2+ dims) as inference constants, so `linear` may
+    keep a oneDNN-packed copy of each. The engine's inference objects (`DecodeState`, `Encoder`) do
+    this; nothing else is packed.
 
-    The cache is keyed on the tensor that owns the memory (a view's base, so views made per call
-    hit too) and checked against its version counter, which every in-place write (an optimizer
-    step, `load_state_dict`) bumps; a stale entry is repacked."""
+    A packed copy is rebuilt when the weight's version counter moves (in-place tensor ops,
+    `load_state_dict`, the default optimizers), but some writes bypass that counter (through
+    `.data`, fused optimizers such as `AdamW(fused=True)`): after those, call `freeze` again (which
+    drops the packed copies) or `unfreeze` (which also frees their memory)."""
+    for p in module.parameters():
+        if p.dim() >= 2:
+            if id(p) not in _frozen:
+                weakref.finalize(p, _frozen.pop, id(p), None)
+            _frozen[id(p)] = (weakref.ref(p), {})
+    return module
+
+
+def unfreeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Drop the packed copies of `module`'s weights; `linear` goes back to `F.linear` for them."""
+    for p in module.parameters():
+        _frozen.pop(id(p), None)
+    return module
+
+
+# id(frozen parameter) -> (weakref to it, {scale: (signature of the packed view, packed tensor)})
+_frozen: dict = {}
+
+
+def _packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    """oneDNN-packed `scale * weight` (N, K) if `weight` is a frozen parameter or a view of one
+    (the ViT patch embedding views its conv weight per call), else None. Packed on first use; a
+    changed version, address, shape or dtype repacks it in place of the old copy."""
     owner = weight if weight._base is None else weight._base
-    key = (id(owner), weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, scale)
-    hit = _packs.get(key)
-    if hit is not None and hit[0]() is owner and hit[1] == owner._version:
-        return hit[2]
+    entry = _frozen.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        return None
+    signature = (owner._version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+    hit = entry[1].get(scale)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
     w = weight.detach().contiguous() if scale == 1.0 else weight.detach() * scale
     packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-    if hit is None:
-        weakref.finalize(owner, _packs.pop, key, None)
-    _packs[key] = (weakref.ref(owner), owner._version, packed)
+    entry[1][scale] = (signature, packed)
     return packed
-
-
-_packs: dict = {}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -132,9 +158,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """`activation(act, F.linear(x, weight, bias))` for inference on the CPU. x (..., K), weight (N, K),
     bias (N,) -> (..., N).
 
-    fp32 with 1-4 rows: the numba GEMV; fp32/bf16 with more rows (bf16 from 1 row): oneDNN with the
-    weight packed once and the activation fused as a post-op; anything else, or anything that needs
-    gradients: `F.linear`."""
+    fp32 with 1-4 rows: the numba GEMV; fp32/bf16 with more rows (bf16 from 1 row) and a frozen
+    weight (`freeze`): oneDNN with the weight packed once and the activation fused as a post-op;
+    anything else, or anything that needs gradients: `F.linear`."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports and graphs record a plain linear
         return linear_reference(x, weight, bias, act)
     rows = x.numel() // max(x.shape[-1], 1)
@@ -151,8 +177,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return activation(act, out.view(*x.shape[:-1], weight.shape[0]))
     if _PACKED and act in _POST_OPS and (bias is None or bias.dtype == x.dtype):
         scale = _PRE_SCALE.get(act, 1.0)
-        if scale != 1.0 and bias is not None:
-            bias = bias * scale
-        out = torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight, scale), bias, *_POST_OPS[act])
-        return out if scale == 1.0 else out.mul_(1.0 / scale)
+        packed = _packed_weight(weight, scale)
+        if packed is not None:
+            if scale != 1.0 and bias is not None:
+                bias = bias * scale
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, *_POST_OPS[act])
+            return out if scale == 1.0 else out.mul_(1.0 / scale)
     return linear_reference(x, weight, bias, act)

@@ -6,19 +6,31 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse.kernels import cpu_linear
-from mmfuse.kernels.cpu_linear import GEMV_MAX_ROWS, linear, linear_reference
+from mmfuse.kernels.cpu_linear import GEMV_MAX_ROWS, freeze, linear, linear_reference, unfreeze
 
 needs_packed = pytest.mark.skipif(not cpu_linear._PACKED, reason="torch built without oneDNN")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def _case(rows, K, N, bias, dtype, seed):
+    """x (rows, 1, K) and a frozen nn.Linear's weight and bias in `dtype`, and the float64 result."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, 1, K, generator=g)
-    w = torch.randn(N, K, generator=g)
-    b = torch.randn(N, generator=g) if bias else None
-    ref = linear_reference(x.to(dtype).double(), w.to(dtype).double(), None if b is None else b.to(dtype).double())
-    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), ref
+    lin = torch.nn.Linear(K, N, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g))
+    freeze(lin)
+    x = torch.randn(rows, 1, K, generator=g).to(dtype)
+    w, b = lin.weight, lin.bias
+    ref = linear_reference(x.double(), w.double(), None if b is None else b.double())
+    return x, w, b, ref
+
+
+def assert_path(w, rows, dtype):
+    """The case ran where it should: packed oneDNN beyond the GEMV's rows (or in bf16)."""
+    packed = bool(cpu_linear._frozen[id(w)][1])
+    assert packed == (cpu_linear._PACKED and (rows > GEMV_MAX_ROWS or dtype == torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 301])
@@ -27,7 +39,9 @@ def _case(rows, K, N, bias, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_matches_float64(rows, K, N, bias, dtype):
     x, w, b, ref = _case(rows, K, N, bias, dtype, seed=K * N + rows)
-    out = linear(x, w, b)
+    with torch.no_grad():
+        out = linear(x, w, b)
+    assert_path(w, rows, dtype)
     assert out.shape == (rows, 1, N) and out.dtype == dtype
     tol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol["atol"] * K ** 0.5, rtol=tol["rtol"])
@@ -39,41 +53,69 @@ def test_linear_matches_float64(rows, K, N, bias, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_activation_matches_float64(act, rows, bias, dtype):
     x, w, b, _ = _case(rows, 300, 1001, bias, dtype, seed=rows)
-    ref = linear_reference(x.double(), w.double(), None if b is None else b.double(), act)
-    out = linear(x, w, b, act=act)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype]["atol"] * 300 ** 0.5, rtol=TOL[dtype]["rtol"])
-    with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        linear(x, w, b, act="swish")
+    with torch.no_grad():
+        ref = linear_reference(x.double(), w.double(), None if b is None else b.double(), act)
+        out = linear(x, w, b, act=act)
+        assert out.dtype == dtype
+        assert_path(w, rows, dtype)
+        torch.testing.assert_close(out.double(), ref, atol=TOL[dtype]["atol"] * 300 ** 0.5, rtol=TOL[dtype]["rtol"])
+        with pytest.raises(ValueError, match="unknown activation 'swish'"):
+            linear(x, w, b, act="swish")
+
+
+def _packed_copies():
+    return sum(len(entry[1]) for entry in cpu_linear._frozen.values())
 
 
 @needs_packed
 def test_packed_weight_follows_in_place_updates():
-    lin = torch.nn.Linear(37, 29)
+    lin = freeze(torch.nn.Linear(37, 29))
     x = torch.randn(GEMV_MAX_ROWS + 3, 37)
     with torch.no_grad():
         torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
-        lin.weight.mul_(-2.0)  # what an optimizer step does: same tensor, new values
+        lin.weight.mul_(-2.0)  # an in-place op: same tensor, new values, version bumped
         torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
         lin.load_state_dict({"weight": torch.randn(29, 37), "bias": torch.randn(29)})
         torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)  # the default (non-fused) step bumps versions
+    for _ in range(2):
+        lin(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+    with torch.no_grad():
+        lin.weight.data.add_(1.0)  # bypasses the version counter: the documented case for freeze again
+        freeze(lin)
+        torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+        lin.to(torch.bfloat16)  # same Parameter object, new data and dtype: repacked, not reused
+        xb = x.bfloat16()
+        torch.testing.assert_close(linear(xb, lin.weight, lin.bias), F.linear(xb, lin.weight, lin.bias))
 
 
 @needs_packed
-def test_views_share_one_packed_copy_and_dead_weights_free_it():
-    conv_weight = torch.randn(16, 3, 4, 4)
+def test_only_frozen_weights_are_packed_and_views_share_one_copy():
+    conv = torch.nn.Conv2d(3, 16, 4, bias=False)
     x = torch.randn(9, 48)
-    before = len(cpu_linear._packs)
-    for _ in range(3):  # a fresh view object per call, as the ViT patch embedding makes
-        out = linear(x, conv_weight.view(16, -1))
-    assert len(cpu_linear._packs) == before + 1
-    torch.testing.assert_close(out, x @ conv_weight.view(16, -1).T)
-    w = torch.randn(8, 48)
-    linear(x, w)
-    assert len(cpu_linear._packs) == before + 2
-    del conv_weight, w
+    before = _packed_copies()
+    with torch.no_grad():
+        linear(x, conv.weight.view(16, -1))
+        assert _packed_copies() == before  # not frozen: F.linear, nothing kept
+        freeze(conv)
+        for _ in range(3):  # a fresh view object per call, as the ViT patch embedding makes
+            out = linear(x, conv.weight.view(16, -1))
+        assert _packed_copies() == before + 1
+        torch.testing.assert_close(out, x @ conv.weight.view(16, -1).T)
+        linear(x, conv.weight.view(16, -1), act="quick_gelu")  # the 1.702-scaled copy is a second one
+        assert _packed_copies() == before + 2
+        unfreeze(conv)
+        assert _packed_copies() == before
+        freeze(conv)
+        linear(x, conv.weight.view(16, -1))
+    assert _packed_copies() == before + 1
+    del conv, out
     gc.collect()
-    assert len(cpu_linear._packs) == before
+    assert _packed_copies() == before
 
 
 def test_fallbacks_give_torch_results():

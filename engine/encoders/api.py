@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mmfuse.kernels.cpu_linear import freeze
+
 from ..checkpoint import read_config, read_json, resolve_dtype
 from ..errors import ConfigError
 from ..tokenizer import load_tokenizer
@@ -33,7 +35,7 @@ FAMILIES = {"clip": ClipModel, "siglip": SiglipModel}
 class Encoder:
     def __init__(self, model, tokenizer: Optional[TextTokenizer], processor: Optional[ImageProcessor], folder,
                  device="cpu"):
-        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.model, self.tokenizer, self.processor = freeze(model), tokenizer, processor  # CPU may pack weights
         self.folder, self.device = Path(folder), torch.device(device)
         self.dtype = next(model.parameters()).dtype
 
