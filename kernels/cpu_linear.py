@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 GEMV_MAX_ROWS = 4  # up to here the numba GEMV beats packed oneDNN (0.85x at 1 row, parity at 4)
+GEMV_UNPACKED_MAX_ROWS = 16  # weights that are not frozen: up to here the GEMV beats MKL's GEMM
 _GEMV = os.environ.get("MMFUSE_CPU_GEMV", "1") != "0"
 _PACKED = (os.environ.get("MMFUSE_CPU_PACKED", "1") != "0" and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -153,6 +154,15 @@ def _packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]
     return packed
 
 
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str]) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (n, K)
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype)
+    _kernel()(weight.detach().numpy(), flat.detach().numpy(), out.numpy())
+    if bias is not None:
+        out += bias
+    return activation(act, out.view(*x.shape[:-1], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            act: Optional[str] = None) -> torch.Tensor:
     """`activation(act, F.linear(x, weight, bias))` for inference on the CPU. x (..., K), weight (N, K),
@@ -160,7 +170,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     fp32 with 1-4 rows: the numba GEMV; fp32/bf16 with more rows (bf16 from 1 row) and a frozen
     weight (`freeze`): oneDNN with the weight packed once and the activation fused as a post-op;
-    anything else, or anything that needs gradients: `F.linear`."""
+    fp32 with up to 16 rows and a weight that is not frozen: the GEMV; anything else, or anything
+    that needs gradients: `F.linear`."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports and graphs record a plain linear
         return linear_reference(x, weight, bias, act)
     rows = x.numel() // max(x.shape[-1], 1)
@@ -168,13 +179,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             or rows == 0 or weight.is_inference() or (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))):
         return linear_reference(x, weight, bias, act)
-    if _GEMV and x.dtype == torch.float32 and rows <= GEMV_MAX_ROWS and weight.is_contiguous():
-        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (n, K)
-        out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
-        _kernel()(weight.detach().numpy(), flat.detach().numpy(), out.numpy())
-        if bias is not None:
-            out += bias
-        return activation(act, out.view(*x.shape[:-1], weight.shape[0]))
+    gemv = _GEMV and x.dtype == torch.float32 and weight.is_contiguous()
+    if gemv and rows <= GEMV_MAX_ROWS:
+        return _gemv(x, weight, bias, act)
     if _PACKED and act in _POST_OPS and (bias is None or bias.dtype == x.dtype):
         scale = _PRE_SCALE.get(act, 1.0)
         packed = _packed_weight(weight, scale)
@@ -183,4 +190,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                 bias = bias * scale
             out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, *_POST_OPS[act])
             return out if scale == 1.0 else out.mul_(1.0 / scale)
+    if gemv and rows <= GEMV_UNPACKED_MAX_ROWS:
+        return _gemv(x, weight, bias, act)
     return linear_reference(x, weight, bias, act)

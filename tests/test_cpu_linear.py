@@ -12,36 +12,38 @@ needs_packed = pytest.mark.skipif(not cpu_linear._PACKED, reason="torch built wi
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def _case(rows, K, N, bias, dtype, seed):
-    """x (rows, 1, K) and a frozen nn.Linear's weight and bias in `dtype`, and the float64 result."""
+def _case(rows, K, N, bias, dtype, seed, frozen=True):
+    """x (rows, 1, K), an nn.Linear's weight and bias in `dtype` (frozen or not), the float64 result."""
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(K, N, bias=bias).to(dtype)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(N, K, generator=g))
         if bias:
             lin.bias.copy_(torch.randn(N, generator=g))
-    freeze(lin)
+    if frozen:
+        freeze(lin)
     x = torch.randn(rows, 1, K, generator=g).to(dtype)
     w, b = lin.weight, lin.bias
     ref = linear_reference(x.double(), w.double(), None if b is None else b.double())
     return x, w, b, ref
 
 
-def assert_path(w, rows, dtype):
-    """The case ran where it should: packed oneDNN beyond the GEMV's rows (or in bf16)."""
-    packed = bool(cpu_linear._frozen[id(w)][1])
-    assert packed == (cpu_linear._PACKED and (rows > GEMV_MAX_ROWS or dtype == torch.bfloat16))
+def assert_path(w, rows, dtype, frozen=True):
+    """The case ran where it should: packed oneDNN for frozen weights beyond the GEMV's rows (or in bf16)."""
+    packed = id(w) in cpu_linear._frozen and bool(cpu_linear._frozen[id(w)][1])
+    assert packed == (frozen and cpu_linear._PACKED and (rows > GEMV_MAX_ROWS or dtype == torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 301])
 @pytest.mark.parametrize("K, N", [(1, 1), (17, 5), (768, 2304), (300, 1001)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_float64(rows, K, N, bias, dtype):
-    x, w, b, ref = _case(rows, K, N, bias, dtype, seed=K * N + rows)
+@pytest.mark.parametrize("frozen", [True, False])
+def test_linear_matches_float64(rows, K, N, bias, dtype, frozen):
+    x, w, b, ref = _case(rows, K, N, bias, dtype, seed=K * N + rows, frozen=frozen)
     with torch.no_grad():
         out = linear(x, w, b)
-    assert_path(w, rows, dtype)
+    assert_path(w, rows, dtype, frozen)
     assert out.shape == (rows, 1, N) and out.dtype == dtype
     tol = TOL[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol["atol"] * K ** 0.5, rtol=tol["rtol"])
