@@ -108,17 +108,17 @@ def _kernel():
     return gemv_rows
 
 
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
+def freeze(module: torch.nn.Module, refresh: bool = False) -> torch.nn.Module:
     """Mark `module`'s weights (its parameters of 2+ dims) as inference constants, so `linear` may
     keep a oneDNN-packed copy of each. The engine's inference objects (`DecodeState`, `Encoder`) do
-    this; nothing else is packed.
+    this; nothing else is packed. Freezing again keeps the packed copies.
 
     A packed copy is rebuilt when the weight's version counter moves (in-place tensor ops,
     `load_state_dict`, the default optimizers), but some writes bypass that counter (through
-    `.data`, fused optimizers such as `AdamW(fused=True)`): after those, call `freeze` again (which
-    drops the packed copies) or `unfreeze` (which also frees their memory)."""
+    `.data`, fused optimizers such as `AdamW(fused=True)`): after those, call
+    `freeze(module, refresh=True)` (drops the copies; they are rebuilt on use) or `unfreeze`."""
     for p in module.parameters():
-        if p.dim() >= 2:
+        if p.dim() >= 2 and (refresh or id(p) not in _frozen):
             if id(p) not in _frozen:
                 weakref.finalize(p, _frozen.pop, id(p), None)
             _frozen[id(p)] = (weakref.ref(p), {})

@@ -87,8 +87,8 @@ def test_packed_weight_follows_in_place_updates():
         with torch.no_grad():
             torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
     with torch.no_grad():
-        lin.weight.data.add_(1.0)  # bypasses the version counter: the documented case for freeze again
-        freeze(lin)
+        lin.weight.data.add_(1.0)  # bypasses the version counter: the documented case for refresh
+        freeze(lin, refresh=True)
         torch.testing.assert_close(linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
         lin.to(torch.bfloat16)  # same Parameter object, new data and dtype: repacked, not reused
         xb = x.bfloat16()
@@ -109,6 +109,8 @@ def test_only_frozen_weights_are_packed_and_views_share_one_copy():
         assert _packed_copies() == before + 1
         torch.testing.assert_close(out, x @ conv.weight.view(16, -1).T)
         linear(x, conv.weight.view(16, -1), act="quick_gelu")  # the 1.702-scaled copy is a second one
+        assert _packed_copies() == before + 2
+        freeze(conv)  # freezing again (every DecodeState does) keeps the copies
         assert _packed_copies() == before + 2
         unfreeze(conv)
         assert _packed_copies() == before
