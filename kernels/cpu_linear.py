@@ -36,7 +36,7 @@ GEMV_MAX_ROWS = 4  # up to here the numba GEMV beats packed oneDNN (0.85x at 1 r
 GEMV_UNPACKED_MAX_ROWS = 16  # weights that are not frozen: up to here the GEMV beats MKL's GEMM
 _GEMV = os.environ.get("MMFUSE_CPU_GEMV", "1") != "0"
 _PACKED = (os.environ.get("MMFUSE_CPU_PACKED", "1") != "0" and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def activation(name: Optional[str], x: torch.Tensor) -> torch.Tensor:
@@ -132,25 +132,30 @@ def unfreeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-# id(frozen parameter) -> (weakref to it, {scale: (signature of the packed view, packed tensor)})
+# id(frozen parameter) -> (weakref to it, {(scale, address, shape, stride, dtype): (version, packed)})
 _frozen: dict = {}
 
 
 def _packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
     """oneDNN-packed `scale * weight` (N, K) if `weight` is a frozen parameter or a view of one
-    (the ViT patch embedding views its conv weight per call), else None. Packed on first use; a
-    changed version, address, shape or dtype repacks it in place of the old copy."""
+    (the ViT patch embedding views its conv weight per call; SigLIP's pooling head slices q and kv
+    out of one weight), else None. Packed on first use and again when the version moves; copies
+    of views the parameter no longer holds (after `.to()` or `.data =`) are dropped then."""
     owner = weight if weight._base is None else weight._base
     entry = _frozen.get(id(owner))
     if entry is None or entry[0]() is not owner:
         return None
-    signature = (owner._version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
-    hit = entry[1].get(scale)
-    if hit is not None and hit[0] == signature:
+    key = (scale, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+    hit = entry[1].get(key)
+    if hit is not None and hit[0] == owner._version:
         return hit[1]
+    storage = owner.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    for k in [k for k in entry[1] if k[4] != owner.dtype or not start <= k[1] < end]:
+        del entry[1][k]
     w = weight.detach().contiguous() if scale == 1.0 else weight.detach() * scale
     packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-    entry[1][scale] = (signature, packed)
+    entry[1][key] = (owner._version, packed)
     return packed
 
 

@@ -122,6 +122,24 @@ def test_only_frozen_weights_are_packed_and_views_share_one_copy():
     assert _packed_copies() == before
 
 
+@needs_packed
+def test_two_views_of_one_weight_keep_their_own_copies():
+    pool = freeze(torch.nn.Linear(48, 3 * 16).bfloat16())  # SigLIP's head: q and kv sliced from one weight
+    x = torch.randn(9, 48, dtype=torch.bfloat16)
+    before = _packed_copies()
+    with torch.no_grad():
+        w, b = pool.weight, pool.bias
+        q_pack = cpu_linear._packed_weight(w[:16], 1.0)
+        for _ in range(2):
+            torch.testing.assert_close(linear(x, w[:16], b[:16]), F.linear(x, w[:16], b[:16]))
+            torch.testing.assert_close(linear(x, w[16:], b[16:]), F.linear(x, w[16:], b[16:]))
+        assert cpu_linear._packed_weight(w[:16], 1.0) is q_pack  # the kv view did not evict it
+        assert _packed_copies() == before + 2
+        pool.float()  # new storage and dtype: the bf16 copies go at the next packing
+        linear(x.float(), w[16:], b[16:])
+        assert _packed_copies() == before + 1
+
+
 def test_fallbacks_give_torch_results():
     w = torch.randn(7, 5)
     xg = torch.randn(GEMV_MAX_ROWS + 5, 5, requires_grad=True)
