@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mmfuse.kernels import attention
 from mmfuse.kernels.cpu_linear import activation, linear
