@@ -15,3 +15,7 @@ class ConfigError(MMFuseError, ValueError):
 
 class CapacityError(MMFuseError, ValueError):
     """A request needs more positions than the KV cache or the model's context holds."""
+
+
+class OutputError(MMFuseError, OSError):
+    """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""

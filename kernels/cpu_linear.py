@@ -37,6 +37,8 @@ GEMV_UNPACKED_MAX_ROWS = 16  # weights that are not frozen: up to here the GEMV 
 _GEMV = os.environ.get("MMFUSE_CPU_GEMV", "1") != "0"
 _PACKED = (os.environ.get("MMFUSE_CPU_PACKED", "1") != "0" and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+# oneDNN packs bf16 weights only on CPUs with AVX-512 (bw/vl/dq) or AVX-NE-CONVERT; elsewhere bf16 takes F.linear.
+_PACKED_BF16 = _PACKED and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def activation(name: Optional[str], x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +189,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     gemv = _GEMV and x.dtype == torch.float32 and weight.is_contiguous()
     if gemv and rows <= GEMV_MAX_ROWS:
         return _gemv(x, weight, bias, act)
-    if _PACKED and act in _POST_OPS and (bias is None or bias.dtype == x.dtype):
+    if (_PACKED and (x.dtype == torch.float32 or _PACKED_BF16) and act in _POST_OPS
+            and (bias is None or bias.dtype == x.dtype)):
         scale = _PRE_SCALE.get(act, 1.0)
         packed = _packed_weight(weight, scale)
         if packed is not None:

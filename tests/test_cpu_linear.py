@@ -31,7 +31,8 @@ def _case(rows, K, N, bias, dtype, seed, frozen=True):
 def assert_path(w, rows, dtype, frozen=True):
     """The case ran where it should: packed oneDNN for frozen weights beyond the GEMV's rows (or in bf16)."""
     packed = id(w) in cpu_linear._frozen and bool(cpu_linear._frozen[id(w)][1])
-    assert packed == (frozen and cpu_linear._PACKED and (rows > GEMV_MAX_ROWS or dtype == torch.bfloat16))
+    packs = cpu_linear._PACKED_BF16 if dtype == torch.bfloat16 else cpu_linear._PACKED
+    assert packed == (frozen and packs and (rows > GEMV_MAX_ROWS or dtype == torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 301])
@@ -123,9 +124,11 @@ def test_only_frozen_weights_are_packed_and_views_share_one_copy():
 
 
 @needs_packed
-def test_two_views_of_one_weight_keep_their_own_copies():
-    pool = freeze(torch.nn.Linear(48, 3 * 16).bfloat16())  # SigLIP's head: q and kv sliced from one weight
-    x = torch.randn(9, 48, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not cpu_linear._PACKED_BF16, reason="oneDNN packs bf16 only with AVX-512 or AVX-NE-CONVERT"))])
+def test_two_views_of_one_weight_keep_their_own_copies(dtype):
+    pool = freeze(torch.nn.Linear(48, 3 * 16).to(dtype))  # SigLIP's head: q and kv sliced from one weight
+    x = torch.randn(9, 48, dtype=dtype)
     before = _packed_copies()
     with torch.no_grad():
         w, b = pool.weight, pool.bias
@@ -135,8 +138,8 @@ def test_two_views_of_one_weight_keep_their_own_copies():
             torch.testing.assert_close(linear(x, w[16:], b[16:]), F.linear(x, w[16:], b[16:]))
         assert cpu_linear._packed_weight(w[:16], 1.0) is q_pack  # the kv view did not evict it
         assert _packed_copies() == before + 2
-        pool.float()  # new storage and dtype: the bf16 copies go at the next packing
-        linear(x.float(), w[16:], b[16:])
+        pool.weight.data = pool.weight.data.clone()  # new storage: the old copies go at the next packing
+        linear(x, w[16:], b[16:])
         assert _packed_copies() == before + 1
 
 
