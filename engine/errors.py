@@ -19,3 +19,11 @@ class CapacityError(MMFuseError, ValueError):
 
 class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
+
+
+class NGramError(MMFuseError, ValueError):
+    """An n-gram corpus, ARPA or binary model file, build option or query is malformed."""
+
+
+class ResourceError(MMFuseError, RuntimeError):
+    """The machine refused what the work needs (a thread, memory); the message names the option to lower."""

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
+from ..errors import NGramError
 from .model import BuildConfig, NGramModel, _text_batches, build_arpa
 
 _UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -29,9 +31,10 @@ def register(subparsers) -> None:
     b.add_argument("-o", "--order", type=int, required=True, help="highest n-gram order")
     b.add_argument("--arpa", help="write the model as ARPA here")
     b.add_argument("--binary", help="write the memory-mappable binary model here")
-    b.add_argument("-S", "--memory", type=_memory_mb, default=1024.0, help="counting memory budget (default 1G)")
+    b.add_argument("-S", "--memory", type=_memory_mb, default=1024.0, help="memory budget of the counting stage only (default 1G): past it, sorted runs spill to -T; "
+                   "estimation and the query tables afterwards take memory in proportion to the n-grams, not bounded by -S")
     b.add_argument("-T", "--temp-prefix", default=None, help="directory for spilled sorted runs")
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--threads", type=int, default=2, help="counting threads (1 to 256)")
     b.add_argument("--prune", type=int, nargs="+", default=[], help="per-order count thresholds, e.g. 0 0 1")
     b.add_argument("--discount-fallback", type=float, nargs="*", default=None,
                    help="discounts for orders whose closed-form estimate fails (default 0.5 1 1.5)")
@@ -56,7 +59,7 @@ def register(subparsers) -> None:
 
 def _build(args) -> int:
     if not args.arpa and not args.binary:
-        raise ValueError("give --arpa and/or --binary for the output")
+        raise NGramError("give --arpa and/or --binary for the output")
     fallback = None if args.discount_fallback is None else (args.discount_fallback or [0.5, 1.0, 1.5])
     cfg = BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
                       prune=args.prune, interpolate_unigrams=not args.no_interpolate_unigrams,
@@ -81,7 +84,7 @@ def _build(args) -> int:
 def _query(args) -> int:
     model = NGramModel.load(args.model)
     context = not args.no_sentence_context
-    lines = list(sys.stdin) if args.text == "-" else args.text
+    lines = list(_stdin_lines()) if args.text == "-" else args.text
     if not args.summary_only:
         out = sys.stdout
         for chunk in _text_batches(lines):
@@ -91,6 +94,11 @@ def _query(args) -> int:
                 out.write(f"{words}\tTotal: {model.score(line, context, context):.7g} OOV: {sum(t.oov for t in scores)}\n")
     _print_perplexity(model.corpus_perplexity(lines, bos=context, eos=context))
     return 0
+
+
+def _stdin_lines():
+    """Standard input as lines ending at '\n' only (KenLM's rule; see mmfuse.ngram.model)."""
+    return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="\n")
 
 
 def _perplexity(args) -> int:
