@@ -62,11 +62,42 @@ bool parse_float(std::string_view s, float& v) {
     throw InputError("ARPA line " + std::to_string(line) + ": " + why);
 }
 
+// Formats like lmplz (KenLM's util::ToString: double-conversion's ToShortestSingle with decimal
+// notation for exponents in [-6, 21), else "<digits>e<exp>"): the shortest digits that read back
+// as the same float, so -7.328936e-05 is written -0.00007328936 and 1e-07 is written 1e-7.
 void append_float(std::string& out, float v) {
-    char buf[32];
-    if (v == 0.0f) v = 0.0f;  // no "-0"
-    auto r = std::to_chars(buf, buf + sizeof buf, v);
-    out.append(buf, r.ptr);
+    if (v == 0.0f) { out += '0'; return; }  // no "-0"
+    if (std::isinf(v)) { out += v < 0 ? "-inf" : "inf"; return; }
+    char buf[48];
+    auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);  // shortest, "-d.ddde-XX"
+    std::string_view sci(buf, size_t(r.ptr - buf));
+    const bool negative = sci[0] == '-';
+    if (negative) sci.remove_prefix(1);
+    const size_t e_at = sci.find('e');
+    std::string digits(sci.substr(0, e_at));
+    if (digits.size() > 1) digits.erase(1, 1);  // drop the '.'
+    int exponent = 0;
+    std::from_chars(sci.data() + e_at + 1 + (sci[e_at + 1] == '+'), sci.data() + sci.size(), exponent);
+    if (negative) out += '-';
+    if (exponent >= -6 && exponent < 21) {
+        if (exponent < 0) {
+            out += "0.";
+            out.append(size_t(-exponent - 1), '0');
+            out += digits;
+        } else if (size_t(exponent) + 1 >= digits.size()) {
+            out += digits;
+            out.append(size_t(exponent) + 1 - digits.size(), '0');
+        } else {
+            out.append(digits, 0, size_t(exponent) + 1);
+            out += '.';
+            out.append(digits, size_t(exponent) + 1, std::string::npos);
+        }
+    } else {
+        out += digits[0];
+        if (digits.size() > 1) { out += '.'; out.append(digits, 1, std::string::npos); }
+        out += 'e';
+        out += std::to_string(exponent);
+    }
 }
 
 }  // namespace

@@ -96,13 +96,22 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-@dataclass
-class TokenScore:
-    """The score of one token: log10 probability, length of the n-gram used, out of vocabulary."""
-    word: str
-    log10: float
-    ngram_length: int
-    oov: bool
+class TokenScore(tuple):
+    """The score of one token: the tuple (log10 probability, length of the n-gram used, out of
+    vocabulary), as the kenlm module's `full_scores` yields it (`for p, n, oov in ...` unpacks),
+    with the token as `.word` and the fields by name."""
+
+    def __new__(cls, word: str, log10: float, ngram_length: int, oov: bool) -> "TokenScore":
+        self = super().__new__(cls, (log10, ngram_length, oov))
+        self.word = word
+        return self
+
+    log10 = property(lambda self: self[0])
+    ngram_length = property(lambda self: self[1])
+    oov = property(lambda self: self[2])
+
+    def __repr__(self) -> str:
+        return f"TokenScore(word={self.word!r}, log10={self[0]!r}, ngram_length={self[1]!r}, oov={self[2]!r})"
 
 
 @dataclass
@@ -142,9 +151,7 @@ class NGramModel:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such model file: {path}")
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if head == _BINARY_MAGIC:
+        if is_binary_model(path):
             return cls(_ngram.Model.load_binary(path))
         opener = _COMPRESSED.get(os.path.splitext(path)[1], open)
         try:
@@ -390,6 +397,12 @@ def load(path: str | os.PathLike) -> NGramModel:
     return NGramModel.load(path)
 
 
+def is_binary_model(path: str | os.PathLike) -> bool:
+    """True when the file starts like a binary model written by `save` (else: ARPA)."""
+    with open(path, "rb") as f:
+        return f.read(len(_BINARY_MAGIC)) == _BINARY_MAGIC
+
+
 def _utf8(text: str) -> bytes:
     """UTF-8 bytes of text read with surrogate escapes (bytes of a non-UTF-8 file pass through)."""
     return text.encode("utf-8", "surrogateescape")
@@ -407,9 +420,21 @@ def output_path(path: str | os.PathLike) -> Iterator[str]:
     (`atomic_path`), except for "-" (standard output) and existing non-regular files (a FIFO,
     /dev/null, /dev/full), which are written in place as streams."""
     path = os.fspath(path)
-    if path == "-":
-        sys.stdout.flush()
-        yield "/dev/stdout"
+    if path == "-":  # through a temporary file: the C++ writer cannot share Python's stdout
+        fd, tmp = tempfile.mkstemp(prefix="mmfuse-ngram-", suffix=".out")
+        os.close(fd)
+        try:
+            yield tmp
+            out = sys.stdout.buffer
+            out.flush()
+            with open(tmp, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+            out.flush()
+        except OSError as e:
+            raise OutputError(f"standard output: write failed ({e.strerror or e})") from None
+        finally:
+            os.unlink(tmp)
         return
     try:
         mode = os.stat(path).st_mode
