@@ -4,17 +4,23 @@
 #   tests/asan_ngram.sh                 # all n-gram tests
 #   tests/asan_ngram.sh -k arpa -x      # extra arguments go to pytest
 # PYTHON picks the interpreter (default: .venv/bin/python of this checkout, else python3); CXX the
-# compiler (default g++). Any sanitizer report fails the run (halt_on_error); leaks are not checked
-# (the Python host itself does not free everything at exit).
+# compiler (default g++); ASAN_BUILD_DIR a folder kept between runs (only changed sources are
+# recompiled) instead of a temporary one. Any sanitizer report fails the run (halt_on_error); leaks
+# are not checked (the Python host itself does not free everything at exit).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$root/.venv/bin/python}
 [ -x "$py" ] || py=python3
 cxx=${CXX:-g++}
-work=$(mktemp -d "${TMPDIR:-/tmp}/mmfuse-asan.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+if [ -n "${ASAN_BUILD_DIR:-}" ]; then
+    work=$(mkdir -p "$ASAN_BUILD_DIR" && cd "$ASAN_BUILD_DIR" && pwd)
+else
+    work=$(mktemp -d "${TMPDIR:-/tmp}/mmfuse-asan.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+fi
 
 # A package folder that is the source tree but for the sanitized extension.
+rm -rf "$work/pkg"
 mkdir -p "$work/obj" "$work/pkg/mmfuse"
 for f in "$root"/engine/* "$root"/engine/.[!.]*; do
     [ -e "$f" ] || continue
@@ -26,8 +32,12 @@ flags="-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -f
 includes="$("$py" -m pybind11 --includes) -I$root/csrc/ngram"
 suffix=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 echo "building the sanitized extension in $work ..." >&2
-ls "$root"/csrc/ngram/*.cpp | xargs -P "$(nproc)" -I{} sh -c \
-    "$cxx $flags $includes -c {} -o $work/obj/\$(basename {} .cpp).o"
+for src in "$root"/csrc/ngram/*.cpp; do  # sources newer than their object (or any header newer)
+    obj="$work/obj/$(basename "$src" .cpp).o"
+    stale=0
+    for dep in "$src" "$root"/csrc/ngram/*.hh; do [ "$dep" -nt "$obj" ] && stale=1; done
+    [ $stale = 1 ] && echo "$src"
+done | xargs -r -P "$(nproc)" -I{} sh -c "$cxx $flags $includes -c {} -o $work/obj/\$(basename {} .cpp).o"
 $cxx -shared $flags -o "$work/pkg/mmfuse/_ngram$suffix" "$work"/obj/*.o
 
 export PYTHONPATH="$work/pkg${PYTHONPATH:+:$PYTHONPATH}"

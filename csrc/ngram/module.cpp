@@ -95,7 +95,8 @@ class PyModel {
         }
         // Dense below a bound set by the vocabulary size, a hash map above: a numeric word such as
         // 9223372036854775807 costs one entry, not an array up to it.
-        const int64_t dense = std::min<int64_t>(max_tok + 1, int64_t(4 * V + 1024));
+        const int64_t cap = int64_t(4 * V + 1024);
+        const int64_t dense = max_tok < cap ? max_tok + 1 : cap;  // max_tok + 1 may overflow
         token_to_word_.assign(size_t(std::max<int64_t>(dense, 0)), int32_t(kUNK));
         for (WordId w = 3; w < V; ++w) {
             const int64_t t = word_to_token_[w];

@@ -44,7 +44,7 @@ _BINARY_MAGIC = b"MMFNGRM1"
 _COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
 _TEXT_BATCH = 1 << 20  # characters of lines handed to C++ at once
 MAX_THREADS = _ngram.MAX_THREADS
-_MAX_MEMORY_MB = float(1 << 40)  # -S beyond this is a typo (a zettabyte), and would overflow bytes
+_MAX_MEMORY_MB = float(1 << 40)  # -S beyond this (an exabyte) is a typo
 # What a truncated or corrupt .gz/.xz/.bz2 file raises while it is read (BadGzipFile is an OSError).
 _DECOMPRESS_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
