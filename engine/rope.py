@@ -11,7 +11,8 @@ from .errors import ConfigError
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
     """(head_dim/2,) fp32 inverse frequencies, as transformers computes them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # on the CPU even under a meta-device context
     if scaling is None:
         return inv_freq
     rtype = scaling["rope_type"]
@@ -32,10 +33,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, scaling: Optional[dict]):
-    """cos, sin tables of shape (max_len, head_dim/2), fp32."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
-    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+def rope_tables(inv_freq: torch.Tensor, start: int, end: int):
+    """cos, sin tables of positions [start, end), each (end - start, head_dim/2) fp32 on inv_freq's device."""
+    pos = torch.arange(start, end, dtype=torch.float32, device=inv_freq.device)
+    freqs = pos[:, None] * inv_freq[None, :]  # (T, D/2)
     return freqs.cos(), freqs.sin()
 
 

@@ -18,14 +18,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import read_json
-from ..errors import ConfigError, MMFuseError
+from ..errors import ConfigError, ImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageError(MMFuseError, ValueError):
-    """An input image cannot be read or has an unsupported layout."""
 
 
 @dataclass
