@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmfuse.errors import SamplingParamsError
-from mmfuse.sampling import (
+from mmfuse.generation.sampling import (
     Sampler,
     SamplingParams,
     apply_min_p,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, read_config, resolve_dtype
+from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..errors import CheckpointError
 from .config import DecoderConfig
-from .errors import CheckpointError
-from .model import Decoder
+from .transformer import Decoder
 
 
 def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):

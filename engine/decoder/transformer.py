@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import CapacityError
+from ..nn.layers import Block, init_weights, linear, make_norm
+from ..nn.rope import rope_inv_freq, rope_tables
 from .config import DecoderConfig
 from .kv_cache import KVCache
-from .layers import Block, init_weights, linear, make_norm
-from .errors import CapacityError
-from .rope import rope_inv_freq, rope_tables
 
 
 class Decoder(nn.Module):

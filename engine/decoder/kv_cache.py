@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CapacityError
+from ..errors import CapacityError
 
 
 @dataclass

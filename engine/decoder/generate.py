@@ -24,14 +24,14 @@ import torch
 
 from mmfuse.kernels.cpu_linear import freeze
 
-from .checkpoint import read_json
-from .detokenize import IncrementalDecoder, StopStringMatcher
-from .errors import CapacityError, PromptError
+from ..checkpoint import read_json
+from ..errors import CapacityError, PromptError
+from ..generation.detokenize import IncrementalDecoder, StopStringMatcher
+from ..generation.sampling import Sampler, SamplingParams
+from ..tokenizer import check_text, load_tokenizer
 from .kv_cache import KVCache
 from .loader import load_decoder
-from .model import Decoder
-from .sampling import Sampler, SamplingParams
-from .tokenizer import check_text, load_tokenizer
+from .transformer import Decoder
 
 
 class DecodeState:
