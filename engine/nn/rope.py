@@ -6,8 +6,6 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
     """(head_dim/2,) fp32 inverse frequencies, as transformers computes them."""
@@ -15,15 +13,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch
     inv_freq = 1.0 / (theta ** exponents)  # on the CPU even under a meta-device context
     if scaling is None:
         return inv_freq
-    rtype = scaling["rope_type"]
-    try:
-        factor = float(scaling["factor"])
-        if rtype == "linear":
-            return inv_freq / factor
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_ctx = float(scaling["original_max_position_embeddings"])
-    except KeyError as e:
-        raise ConfigError(f"rope scaling {rtype!r} needs field {e.args[0]!r}") from None
+    factor = float(scaling["factor"])  # fields checked by DecoderConfig
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
     # llama3: keep high frequencies, divide low ones by factor, interpolate in between.
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
