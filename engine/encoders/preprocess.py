@@ -6,6 +6,12 @@ truncated sizes, or to `size.height x size.width`; PIL resampling, bicubic for C
 crop (zero-padding images smaller than the crop) -> rescale (x * 1/255, in float64 then float32)
 -> normalise ((x - mean) / std). Inputs: PIL images, file paths, uint8 arrays (H, W), (H, W, C)
 with C in 1/3/4, or batches of these (lists, or one (N, H, W, C) array).
+
+Bounded work: an image of more than `max_pixels` (MAX_IMAGE_PIXELS, 2**26 = 8192 x 8192 by default)
+is refused with ImageError before it is decoded. Resizing the shortest edge of a thin image (1 x
+200,000) would make a huge intermediate; when that intermediate exceeds MAX_RESIZE_PIXELS only the
+part the center crop keeps is resampled (PIL's `box`), same filter and scale, so the work depends
+on the output size. Normal images take the plain path and equal CLIPImageProcessor's output.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from ..checkpoint import read_json
 from ..errors import ConfigError, ImageError
 
+MAX_IMAGE_PIXELS = 2**26  # default pixel budget of an input image (8192 x 8192)
+MAX_RESIZE_PIXELS = 2**24  # larger resize intermediates are resampled only where the crop keeps them
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -36,6 +44,7 @@ class ImageProcessor:
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
     do_convert_rgb: bool = True
+    max_pixels: int = MAX_IMAGE_PIXELS           # larger inputs are refused (ImageError) before decoding
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "preprocessor_config.json") -> "ImageProcessor":
@@ -79,25 +88,30 @@ class ImageProcessor:
         return s["height"], s["width"]
 
     # ---- inputs
-    @staticmethod
-    def to_pil(image, where: str = "image") -> Image.Image:
-        """One PIL image from a PIL image, a path or a uint8 array (H, W) / (H, W, C)."""
+    def to_pil(self, image, where: str = "image") -> Image.Image:
+        """One PIL image from a PIL image, a path or a uint8 array (H, W) / (H, W, C), within the pixel budget."""
         if isinstance(image, Image.Image):
-            return image
+            return self._check_pixels(image, where)
         if isinstance(image, (str, Path)):
             try:
                 with Image.open(image) as im:
+                    self._check_pixels(im, str(image))  # the header is read: refuse before decoding
                     im.load()
                     return im.copy()
             except FileNotFoundError:
                 raise ImageError(f"{image}: image file not found") from None
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            except Image.DecompressionBombError as e:
+                raise ImageError(f"{image}: refused as a decompression bomb ({e})") from None
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
                 raise ImageError(f"{image}: not a readable image ({e})") from None
         if isinstance(image, torch.Tensor):
             image = image.numpy()
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8:
                 raise ImageError(f"{where}: array of dtype {image.dtype}, expected uint8 (H, W, C) pixels")
+            if image.ndim in (2, 3) and image.shape[0] * image.shape[1] > self.max_pixels:
+                raise ImageError(f"{where}: {image.shape[1]} x {image.shape[0]} pixels exceed the budget of "
+                                 f"{self.max_pixels} (ImageProcessor.max_pixels)")
             if image.ndim == 3 and image.shape[2] == 1:
                 image = image[:, :, 0]
             if image.ndim == 2:
@@ -108,6 +122,12 @@ class ImageProcessor:
             return Image.fromarray(image, mode="RGB" if image.shape[2] == 3 else "RGBA")
         raise ImageError(f"{where}: unsupported image type {type(image).__name__} "
                          "(expected a PIL image, a path or a uint8 array)")
+
+    def _check_pixels(self, im: Image.Image, where: str) -> Image.Image:
+        if im.width * im.height > self.max_pixels:
+            raise ImageError(f"{where}: {im.width} x {im.height} pixels exceed the budget of {self.max_pixels} "
+                             "(ImageProcessor.max_pixels)")
+        return im
 
     @staticmethod
     def as_list(images) -> list:
@@ -127,6 +147,25 @@ class ImageProcessor:
         new_short, new_long = s, int(s * long / short)
         return (new_long, new_short) if w <= h else (new_short, new_long)
 
+    def _resize(self, im: Image.Image, where: str) -> Image.Image:
+        """The resize step. A resized image over MAX_RESIZE_PIXELS (a thin image resized by its
+        shortest edge) is resampled only over the rows and columns the center crop keeps."""
+        H, W = im.height, im.width
+        h, w = self.resize_size(H, W)
+        if (h, w) == (H, W):
+            return im
+        if h * w <= MAX_RESIZE_PIXELS:
+            return im.resize((w, h), resample=self.resample)
+        if self.crop_size is None:
+            raise ImageError(f"{where}: resizing {W} x {H} pixels to {w} x {h} exceeds {MAX_RESIZE_PIXELS} pixels "
+                             "(aspect ratio too extreme for a preprocessor without a center crop)")
+        ch, cw = self.crop_size["height"], self.crop_size["width"]
+        top, rows = ((h - ch) // 2, ch) if h >= ch else (0, h)  # what center_crop keeps (it pads the rest)
+        left, cols = ((w - cw) // 2, cw) if w >= cw else (0, w)
+        sy, sx = H / h, W / w  # source pixels per resized pixel, as in the full resize
+        box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
+        return im.resize((cols, rows), resample=self.resample, box=box)
+
     def process_one(self, image, where: str = "image") -> torch.Tensor:
         """One image -> float32 (3, H, W)."""
         im = self.to_pil(image, where)
@@ -135,9 +174,7 @@ class ImageProcessor:
         if im.mode != "RGB":
             raise ImageError(f"{where}: image mode {im.mode!r} has {len(im.getbands())} channels, expected RGB")
         if self.do_resize:
-            h, w = self.resize_size(im.height, im.width)
-            if (h, w) != (im.height, im.width):
-                im = im.resize((w, h), resample=self.resample)
+            im = self._resize(im, where)
         x = np.array(im)  # (H, W, 3) uint8, a writable copy
         if self.crop_size is not None:
             x = center_crop(x, self.crop_size["height"], self.crop_size["width"])
