@@ -145,8 +145,10 @@ class DecoderConfig:
         if not isinstance(rope, dict):
             raise ConfigError(f"{source}: {key} must be an object, got {type(rope).__name__}")
         rope = dict(rope)
-        theta = float_field({"rope_theta": rope.pop("rope_theta", cfg.get("rope_theta"))}, "rope_theta", source,
-                            default=10000.0, strict=True)
+        theta = float_field(cfg, "rope_theta", source, default=10000.0, strict=True)
+        if "rope_theta" in rope:
+            theta = float_field(rope, "rope_theta", f"{source}: {key}", strict=True)
+            del rope["rope_theta"]
         rtype = rope.pop("rope_type", rope.pop("type", "default"))
         if rtype not in ("default", "linear", "llama3"):
             raise ConfigError(f"{source}: unsupported rope_type {rtype!r} (supported: default, linear, llama3)")
