@@ -358,6 +358,22 @@ def test_bad_encoder_config_fields_are_config_errors(where, change, field):
         ClipModel.parse_config(cfg, "cfg.json")
 
 
+@pytest.mark.parametrize("change, field", [
+    ({"size": {"shortest_edge": 0}}, "shortest_edge"),
+    ({"size": {"height": "224", "width": 224}}, "height"),
+    ({"crop_size": 10**9}, "height"),
+    ({"image_mean": 0.5}, "image_mean"),
+    ({"image_std": [0.5, 0.5, 0.0]}, "image_std"),
+    ({"resample": "bicubic"}, "resample"),
+    ({"do_normalize": "yes"}, "do_normalize"),
+])
+def test_bad_preprocessor_config_fields_are_config_errors(change, field):
+    from mmfuse.encoders import ImageProcessor
+    cfg = {"size": {"shortest_edge": 40}, "do_center_crop": True, "crop_size": 40, **change}
+    with pytest.raises(ConfigError, match=f"pp.json.*{field}"):
+        ImageProcessor.from_config(cfg, "pp.json")
+
+
 def test_lone_surrogate_prompt_is_a_prompt_error(gpt2_folder, capsys):
     engine = Engine.from_pretrained(gpt2_folder)
     with pytest.raises(PromptError, match=r"prompt 1: character 2 is a lone surrogate"):

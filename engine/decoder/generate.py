@@ -25,13 +25,16 @@ import torch
 from mmfuse.kernels.cpu_linear import freeze
 
 from ..checkpoint import read_json
-from ..errors import CapacityError, PromptError
+from ..errors import CapacityError, PromptError, SamplingParamsError
 from ..generation.detokenize import IncrementalDecoder, StopStringMatcher
 from ..generation.sampling import Sampler, SamplingParams
 from ..tokenizer import check_text, load_tokenizer
 from .kv_cache import KVCache
 from .loader import load_decoder
 from .transformer import Decoder
+
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 class DecodeState:
@@ -119,7 +122,8 @@ class DecodeState:
                 self._decode_step(self._tok)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        # One capture at a time; "thread_local" lets other threads' decode calls run meanwhile.
+        with _CAPTURE_LOCK, torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._logits = self._decode_step(self._tok)
 
     @torch.inference_mode()
@@ -238,7 +242,7 @@ class Engine:
         names = {f.name for f in fields(SamplingParams)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ValueError(f"unknown sampling option(s): {unknown}")
+            raise SamplingParamsError(f"unknown sampling option(s): {unknown}")
         base = params if params is not None else SamplingParams(**self.defaults)
         p = replace(base, **overrides)
         stops = tuple(dict.fromkeys(tuple(p.stop_token_ids) + tuple(self.model.cfg.eos_token_ids)))
@@ -262,7 +266,7 @@ class Engine:
     def _take_state(self, batch: int, max_len: int) -> DecodeState:
         """The idle cache (and its CUDA graph) when the batch matches and it is large enough, else a new one."""
         with self._idle_lock:
-            s, self._idle = self._idle, None  # a cache that does not fit is freed before allocating
+            s, self._idle = self._idle, None
         if s is not None and (s.batch != batch or s.cache.max_len < max_len):
             s = None  # free the idle cache before allocating the new one
         return s if s is not None else DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)

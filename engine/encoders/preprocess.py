@@ -15,6 +15,7 @@ on the output size. Normal images take the plain path and equal CLIPImageProcess
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,9 +26,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import read_json
 from ..errors import ConfigError, ImageError
+from ..hf_config import bool_field, float_field, int_field
 
 MAX_IMAGE_PIXELS = 2**26  # default pixel budget of an input image (8192 x 8192)
 MAX_RESIZE_PIXELS = 2**24  # larger resize intermediates are resampled only where the crop keeps them
+MAX_SIDE = 2**14  # largest size / crop side a preprocessor config may ask for
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -49,14 +52,14 @@ class ImageProcessor:
     @classmethod
     def from_config(cls, cfg: dict, source: str = "preprocessor_config.json") -> "ImageProcessor":
         def as_hw(v, name):
-            if isinstance(v, int):
-                return {"height": v, "width": v}
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = {"height": v, "width": v}
             if isinstance(v, dict) and (set(v) == {"height", "width"} or set(v) == {"shortest_edge"}):
-                return dict(v)
+                return {k: int_field(v, k, f"{source}: {name}", maximum=MAX_SIDE) for k in v}
             raise ConfigError(f"{source}: unsupported {name} {v!r}")
 
         size = cfg.get("size", {"shortest_edge": 224})
-        size = {"shortest_edge": size} if isinstance(size, int) else as_hw(size, "size")
+        size = as_hw({"shortest_edge": size} if isinstance(size, int) else size, "size")
         crop = as_hw(cfg.get("crop_size", 224), "crop_size") if cfg.get("do_center_crop", False) else None
         if crop is not None and "shortest_edge" in crop:
             raise ConfigError(f"{source}: crop_size must give height and width")
@@ -64,12 +67,17 @@ class ImageProcessor:
             if cfg.get(key):
                 raise ConfigError(f"{source}: {key}=true is not supported")
         mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"{source}: image_mean/image_std need 3 values, got {mean} / {std}")
-        return cls(size=size, crop_size=crop, resample=int(cfg.get("resample", 3)),
-                   do_resize=cfg.get("do_resize", True), do_rescale=cfg.get("do_rescale", True),
-                   rescale_factor=cfg.get("rescale_factor", 1 / 255), do_normalize=cfg.get("do_normalize", True),
-                   image_mean=tuple(mean), image_std=tuple(std), do_convert_rgb=cfg.get("do_convert_rgb", True))
+        for name, v in (("image_mean", mean), ("image_std", std)):
+            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                raise ConfigError(f"{source}: {name} needs 3 finite numbers, got {v!r}")
+        if not all(x > 0 for x in std):
+            raise ConfigError(f"{source}: image_std={std!r} must be > 0")
+        return cls(size=size, crop_size=crop, resample=int_field(cfg, "resample", source, default=3, minimum=0, maximum=5),
+                   do_resize=bool_field(cfg, "do_resize", source, True), do_rescale=bool_field(cfg, "do_rescale", source, True),
+                   rescale_factor=float_field(cfg, "rescale_factor", source, default=1 / 255),
+                   do_normalize=bool_field(cfg, "do_normalize", source, True), image_mean=tuple(mean),
+                   image_std=tuple(std), do_convert_rgb=bool_field(cfg, "do_convert_rgb", source, True))
 
     @classmethod
     def from_pretrained(cls, folder, image_size: int) -> "ImageProcessor":
