@@ -60,7 +60,7 @@ def path_in_folder(folder, entry, source) -> Path:
     if rel.is_absolute() or rel.drive or rel.root:
         raise CheckpointError(f"{source}: entry {entry!r} is an absolute path; it must stay inside {folder}")
     if ".." in rel.parts:
-        raise CheckpointError(f"{source}: entry {entry!r} leaves the checkpoint folder {folder}")
+        raise CheckpointError(f"{source}: entry {entry!r} uses '..'; it must stay inside the checkpoint folder {folder}")
     path = folder / rel
     real, roots = path.resolve(), [folder.resolve()]
     if folder.resolve().parent.name == "snapshots":
