@@ -47,6 +47,29 @@ def read_json(path: Path, required: bool = True) -> Optional[dict]:
     return data
 
 
+def path_in_folder(folder, entry, source) -> Path:
+    """`folder / entry` for a file name a checkpoint's own JSON gives (an index's `weight_map`,
+    sentence-transformers' modules.json), refused with CheckpointError naming `source` and the
+    entry when it is not a relative path that stays inside the folder: no absolute paths, no `..`
+    out of it, no symlink resolving outside it. The one exception is the Hugging Face hub cache,
+    whose snapshot files are symlinks into the repository's `blobs/` folder beside `snapshots/`."""
+    folder = Path(folder)
+    if not isinstance(entry, str) or not entry or "\0" in entry:
+        raise CheckpointError(f"{source}: entry {entry!r} is not a file name")
+    rel = Path(entry)
+    if rel.is_absolute() or rel.drive or rel.root:
+        raise CheckpointError(f"{source}: entry {entry!r} is an absolute path; it must stay inside {folder}")
+    if ".." in rel.parts:
+        raise CheckpointError(f"{source}: entry {entry!r} uses '..'; it must stay inside the checkpoint folder {folder}")
+    path = folder / rel
+    real, roots = path.resolve(), [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":
+        roots.append(folder.resolve().parent.parent / "blobs")
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{source}: entry {entry!r} resolves to {real}, outside the checkpoint folder {folder}")
+    return path
+
+
 def read_config(folder) -> dict:
     """config.json of a checkpoint folder."""
     folder = Path(folder)
@@ -58,11 +81,10 @@ def read_config(folder) -> dict:
 class Checkpoint:
     """The safetensors tensors of a checkpoint folder (single file or sharded with an index)."""
 
-    def __init__(self, folder, weights_name: str = "model.safetensors"):
+    def __init__(self, folder):
         self.folder = Path(folder)
-        stem = weights_name[: -len(".safetensors")]
-        index = self.folder / f"{stem}.safetensors.index.json"
-        single = self.folder / weights_name
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
         if single.is_file():
             files = [single]
             key_file = None
@@ -71,12 +93,12 @@ class Checkpoint:
             wmap = meta.get("weight_map")
             if not isinstance(wmap, dict) or not wmap:
                 raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = sorted({self.folder / f for f in wmap.values()})
-            key_file = {k: self.folder / f for k, f in wmap.items()}
+            key_file = {k: path_in_folder(self.folder, f, f"{index}: weight_map[{k!r}]") for k, f in wmap.items()}
+            files = sorted(set(key_file.values()))
         else:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
             hint = f" (found {bins}: pickled weights are not loaded; convert them to safetensors)" if bins else ""
-            raise CheckpointError(f"{self.folder}: no {weights_name} or {index.name}{hint}")
+            raise CheckpointError(f"{self.folder}: no model.safetensors or {index.name}{hint}")
         self._handles = {}
         self._where = {}  # key -> file
         for f in files:
@@ -107,9 +129,6 @@ class Checkpoint:
         size = os.path.getsize(f)
         if 8 + n + end > size:
             raise CheckpointError(f"{f}: truncated: header declares {8 + n + end} bytes, file has {size}")
-
-    def keys(self) -> list[str]:
-        return list(self._where)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where

@@ -1,18 +1,26 @@
 """The `mmfuse` command. Each subsystem adds its subcommands through a `register(subparsers)`
-function in its own module, listed in COMMAND_MODULES, and imported only when the CLI runs."""
+function in its own module, listed in COMMAND_MODULES, and imported only when the CLI runs.
+
+Errors never print a traceback: an mmfuse error (bad input, checkpoint, config, output) or
+another ValueError/OSError prints one line `mmfuse CMD: error: ...` and exits 2; running out of
+memory exits 1 with one line; any other exception is a bug reported in one line with a hint to
+rerun with `--traceback` (or MMFUSE_TRACEBACK=1), exit 1; Ctrl-C exits 130 quietly."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from .errors import MMFuseError
 
 COMMAND_MODULES = [
     "mmfuse.ngram.cli",
-    "mmfuse.decoder_cli",
+    "mmfuse.decoder.cli",
     "mmfuse.encoders.cli",
 ]
+TRACEBACK_ENV = "MMFUSE_TRACEBACK"  # set to 1 to print tracebacks of internal errors
 
 # Commands registered alone when named first, so they start without importing the others' torch.
 STANDALONE_COMMANDS = {"ngram": "mmfuse.ngram.cli"}
@@ -20,6 +28,8 @@ STANDALONE_COMMANDS = {"ngram": "mmfuse.ngram.cli"}
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--traceback", action="store_true",
+                        help=f"print the traceback of an internal error (or set {TRACEBACK_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     first = next((a for a in argv or () if not a.startswith("-")), None)
     for name in [STANDALONE_COMMANDS[first]] if first in STANDALONE_COMMANDS else COMMAND_MODULES:
@@ -27,14 +37,44 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """MemoryError, or the RuntimeError of a failed torch allocation."""
+    msg = str(e).lower()
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in msg or "out of memory" in msg or "failed to allocate" in msg))
+
+
 def main(argv=None) -> int:
     parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    name = f"mmfuse {args.command}"
+    show = args.traceback or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (MMFuseError, ValueError, FileNotFoundError) as e:
-        print(f"mmfuse {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mmfuse ... | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        return 1
+    except (MMFuseError, ValueError, OSError) as e:
+        if show:
+            traceback.print_exc()
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if show:
+            traceback.print_exc()
+        if _out_of_memory(e):
+            print(f"{name}: error: out of memory ({_one_line(e)})", file=sys.stderr)
+            return 1
+        hint = "" if show else f" (rerun with --traceback or {TRACEBACK_ENV}=1 to see the traceback)"
+        print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import _ACTIVATIONS, _GENERIC_FIELDS, _need
 from ..errors import ConfigError
+from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, check_sizes, float_field, int_field
 
 
 @dataclass
@@ -43,16 +43,20 @@ class TowerConfig:
     eos_token_id: Optional[int] = None
 
     def __post_init__(self):
+        check_sizes(self, ("d_model", "n_head", "n_kv_head", "head_dim", "d_ff", "n_layer", "max_positions",
+                           "num_channels"), "TowerConfig")
+        if self.image_size or self.patch_size:
+            check_sizes(self, ("image_size", "patch_size"), "TowerConfig")
         if self.n_head * self.head_dim != self.d_model:
             raise ConfigError(f"hidden size {self.d_model} is not divisible by {self.n_head} attention heads")
         if self.image_size and self.image_size % self.patch_size:
             raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if self.act not in set(_ACTIVATIONS.values()):
+        if self.act not in set(ACTIVATIONS.values()):
             raise ConfigError(f"unsupported activation {self.act!r}")
 
 
 # Per-tower fields that describe training (dropout, init) or other heads: no effect on inference.
-_IGNORED = _GENERIC_FIELDS | {
+_IGNORED = GENERIC_FIELDS | {
     "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_factor",
     "gradient_checkpointing", "classifier_dropout", "tie_encoder_decoder", "projection_dim",
     "_attn_implementation_autoset",
@@ -64,7 +68,7 @@ _TEXT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 _BERT_FIELDS = _TEXT_FIELDS | {"type_vocab_size", "position_embedding_type"}
 
 
-def _check_fields(cfg: dict, allowed: set, source: str) -> None:
+def check_fields(cfg: dict, allowed: set, source: str) -> None:
     unknown = sorted(set(cfg) - _IGNORED - allowed)
     if unknown:
         raise ConfigError(f"{source}: unsupported field(s): {unknown}")
@@ -72,47 +76,53 @@ def _check_fields(cfg: dict, allowed: set, source: str) -> None:
 
 def _act(cfg: dict, default: str, source: str) -> str:
     name = cfg.get("hidden_act", default)
-    if name not in _ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ConfigError(f"{source}: unsupported hidden_act {name!r}")
-    return _ACTIVATIONS[name]
+    return ACTIVATIONS[name]
 
 
 def _common(cfg: dict, source: str, default_act: str, default_eps: float) -> dict:
-    d, h = _need(cfg, "hidden_size", source), _need(cfg, "num_attention_heads", source)
+    d, h = int_field(cfg, "hidden_size", source), int_field(cfg, "num_attention_heads", source)
     if d % h:
         raise ConfigError(f"{source}: hidden_size={d} is not divisible by num_attention_heads={h}")
-    return dict(d_model=d, n_head=h, n_kv_head=h, head_dim=d // h, d_ff=_need(cfg, "intermediate_size", source),
-                n_layer=_need(cfg, "num_hidden_layers", source), act=_act(cfg, default_act, source),
-                norm_eps=cfg.get("layer_norm_eps", default_eps))
+    return dict(d_model=d, n_head=h, n_kv_head=h, head_dim=d // h, d_ff=int_field(cfg, "intermediate_size", source),
+                n_layer=int_field(cfg, "num_hidden_layers", source), act=_act(cfg, default_act, source),
+                norm_eps=float_field(cfg, "layer_norm_eps", source, default=default_eps))
 
 
 def _side(cfg: dict, key: str, source: str) -> int:
-    v = _need(cfg, key, source)
+    v = cfg.get(key)
     if isinstance(v, (list, tuple)):
         if len(v) != 2 or v[0] != v[1]:
             raise ConfigError(f"{source}: non-square {key}={v} is not supported")
         v = v[0]
-    return int(v)
+    return int_field({key: v}, key, source)
 
 
 def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, class_token: bool) -> TowerConfig:
     """ViT image tower of CLIP (class token) or SigLIP (no class token)."""
-    _check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
     if not class_token and cfg.get("vision_use_head", True) is False:
         raise ConfigError(f"{source}: vision_use_head=false (no pooled image embedding) is not supported")
     size, patch = _side(cfg, "image_size", source), _side(cfg, "patch_size", source)
     n = (size // patch) ** 2 + int(class_token)
-    return TowerConfig(image_size=size, patch_size=patch, num_channels=cfg.get("num_channels", 3),
+    if size % patch:
+        raise ConfigError(f"{source}: image_size={size} is not a multiple of patch_size={patch}")
+    channels = int_field(cfg, "num_channels", source, default=3)
+    if channels != 3:
+        raise ConfigError(f"{source}: num_channels={channels} is not supported (images are preprocessed to RGB)")
+    return TowerConfig(image_size=size, patch_size=patch, num_channels=channels,
                        max_positions=n, **_common(cfg, source, default_act, default_eps))
 
 
 def text_tower(cfg: dict, source: str, default_act: str, default_eps: float, causal: bool,
                extra: set = frozenset()) -> TowerConfig:
     """Transformer text tower of CLIP (causal, EOT pooling) or SigLIP (bidirectional, last token)."""
-    _check_fields(cfg, _TEXT_FIELDS | extra, source)
-    return TowerConfig(vocab_size=_need(cfg, "vocab_size", source),
-                       max_positions=_need(cfg, "max_position_embeddings", source), causal=causal,
-                       pad_token_id=cfg.get("pad_token_id"), eos_token_id=cfg.get("eos_token_id"),
+    check_fields(cfg, _TEXT_FIELDS | extra, source)
+    vocab = int_field(cfg, "vocab_size", source)
+    return TowerConfig(vocab_size=vocab, max_positions=int_field(cfg, "max_position_embeddings", source),
+                       causal=causal, pad_token_id=_token_id(cfg, "pad_token_id", source, vocab, None),
+                       eos_token_id=_token_id(cfg, "eos_token_id", source, vocab, None),
                        **_common(cfg, source, default_act, default_eps))
 
 
@@ -120,13 +130,19 @@ def bert_tower(cfg: dict, source: str) -> TowerConfig:
     """BERT-family text encoder: post-LN, token type embeddings, absolute positions."""
     if cfg.get("model_type") not in ("bert",):
         raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not a BERT encoder")
-    _check_fields(cfg, _BERT_FIELDS, source)
+    check_fields(cfg, _BERT_FIELDS, source)
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"{source}: position_embedding_type={cfg['position_embedding_type']!r} is not supported")
-    return TowerConfig(vocab_size=_need(cfg, "vocab_size", source),
-                       max_positions=_need(cfg, "max_position_embeddings", source),
-                       type_vocab_size=cfg.get("type_vocab_size", 2), prenorm=False,
-                       pad_token_id=cfg.get("pad_token_id", 0), **_common(cfg, source, "gelu", 1e-12))
+    vocab = int_field(cfg, "vocab_size", source)
+    return TowerConfig(vocab_size=vocab, max_positions=int_field(cfg, "max_position_embeddings", source),
+                       type_vocab_size=int_field(cfg, "type_vocab_size", source, default=2), prenorm=False,
+                       pad_token_id=_token_id(cfg, "pad_token_id", source, vocab, 0),
+                       **_common(cfg, source, "gelu", 1e-12))
+
+
+def _token_id(cfg: dict, key: str, source: str, vocab: int, default):
+    """A special token id of a text tower: absent/null gives `default`, else an int in [0, vocab)."""
+    return int_field(cfg, key, source, default=default, minimum=0, maximum=vocab - 1)
 
 
 def sub_config(cfg: dict, key: str, source: str) -> dict:
