@@ -90,6 +90,10 @@ def test_stdin_stdout_and_lmplz_spellings(tmp_path):
     assert rc == 0 and out == reference.read_bytes(), err
     rc, out, err = run_cli("ngram", "perplexity", reference, stdin=TEST.read_bytes())
     assert rc == 0 and b"Perplexity including OOVs:" in out, err
+    rc, out, err = run_cli("ngram", "build", tmp_path / "missing.txt", "-o", "2")  # ARPA to stdout
+    assert rc == 2 and out == b"" and "no such corpus file" in err and "standard output" not in err
+    rc, out, err = run_cli("ngram", "build", TRAIN, "-o", "2", "--arpa", "/dev/full")
+    assert rc == 2 and "/dev/full" in err and "Traceback" not in err
 
 
 def test_convert_arpa_to_binary_and_back(tmp_path):

@@ -403,6 +403,20 @@ def is_binary_model(path: str | os.PathLike) -> bool:
         return f.read(len(_BINARY_MAGIC)) == _BINARY_MAGIC
 
 
+def _copy_to_stdout(path: str) -> None:
+    try:
+        out = sys.stdout.buffer
+        out.flush()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"standard output: write failed ({e.strerror or e})") from None
+
+
 def _utf8(text: str) -> bytes:
     """UTF-8 bytes of text read with surrogate escapes (bytes of a non-UTF-8 file pass through)."""
     return text.encode("utf-8", "surrogateescape")
@@ -425,14 +439,7 @@ def output_path(path: str | os.PathLike) -> Iterator[str]:
         os.close(fd)
         try:
             yield tmp
-            out = sys.stdout.buffer
-            out.flush()
-            with open(tmp, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    out.write(chunk)
-            out.flush()
-        except OSError as e:
-            raise OutputError(f"standard output: write failed ({e.strerror or e})") from None
+            _copy_to_stdout(tmp)
         finally:
             os.unlink(tmp)
         return
