@@ -19,3 +19,12 @@ class CapacityError(MMFuseError, ValueError):
 
 class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
+
+
+class SettingError(MMFuseError, ValueError):
+    """An environment variable (`mmfuse.envs`) or a backend name is outside its allowed values."""
+
+
+class BackendUnavailableError(MMFuseError, RuntimeError):
+    """A requested kernel backend cannot run here (triton not installed, CPU tensors without the
+    Triton interpreter)."""
