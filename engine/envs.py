@@ -52,14 +52,22 @@ ENV_VARS: dict[str, Setting] = {
 }
 
 
+_parsed: dict = {}  # (name, raw string) -> value: hot paths (every linear, every attention call) read settings
+
+
 def read(name: str) -> Any:
     """The current value of setting `name`, checked; SettingError when it is not allowed."""
+    raw = os.environ.get(name)
+    try:
+        return _parsed[name, raw]
+    except KeyError:
+        pass
     setting = ENV_VARS[name]
-    raw = os.environ.get(name, "").strip().lower() or setting.default
-    if raw not in setting.allowed:
-        raise SettingError(f"environment variable {name}={os.environ[name]!r}: expected one of "
-                           f"{', '.join(setting.allowed)}")
-    return setting.parse(raw)
+    value = (raw or "").strip().lower() or setting.default
+    if value not in setting.allowed:
+        raise SettingError(f"environment variable {name}={raw!r}: expected one of {', '.join(setting.allowed)}")
+    _parsed[name, raw] = setting.parse(value)
+    return _parsed[name, raw]
 
 
 def choices(name: str) -> tuple:

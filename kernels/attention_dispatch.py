@@ -42,7 +42,7 @@ def set_backend(name: Optional[str]) -> None:
 
 def get_backend() -> str:
     """The backend `attention()` uses now: set_backend's choice, else MMFUSE_ATTENTION."""
-    return envs.MMFUSE_ATTENTION if _chosen is None else _chosen
+    return envs.read("MMFUSE_ATTENTION") if _chosen is None else _chosen  # read(): cheaper than the attribute
 
 
 @functools.lru_cache(maxsize=None)

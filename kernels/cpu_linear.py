@@ -55,7 +55,7 @@ def packs(dtype: torch.dtype) -> bool:
     """Whether `linear` runs frozen weights of `dtype` from packed copies (MMFUSE_CPU_PACKED and
     what oneDNN supports on this CPU)."""
     can = {torch.float32: CAN_PACK, torch.bfloat16: CAN_PACK_BF16}.get(dtype, False)
-    return can and envs.MMFUSE_CPU_PACKED
+    return can and envs.read("MMFUSE_CPU_PACKED")  # read(): the attribute's module __getattr__ costs more
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -149,7 +149,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             or rows == 0 or weight.is_inference() or (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))):
         return linear_reference(x, weight, bias, act)
-    gemv = x.dtype == torch.float32 and weight.is_contiguous() and envs.MMFUSE_CPU_GEMV
+    gemv = x.dtype == torch.float32 and weight.is_contiguous() and envs.read("MMFUSE_CPU_GEMV")
     if gemv and rows <= GEMV_MAX_ROWS:
         return _gemv(x, weight, bias, act)
     if act in _POST_OPS and (bias is None or bias.dtype == x.dtype) and packs(x.dtype):
