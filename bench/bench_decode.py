@@ -14,10 +14,10 @@ import tempfile
 
 import torch
 
-from mmfuse.benchmark import bench_engine, random_prompts, time_generation, weight_bytes
+from mmfuse.decoder.benchmark import bench_engine, random_prompts, time_generation, weight_bytes
 from mmfuse.checkpoint import resolve_dtype
-from mmfuse.config import PRESETS
-from mmfuse.loader import load_decoder
+from mmfuse.decoder.config import PRESETS
+from mmfuse.decoder.loader import load_decoder
 
 
 def hf_model(preset: str, folder: str):

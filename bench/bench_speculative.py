@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from mmfuse.config import DecoderConfig
-from mmfuse.generate import Engine
-from mmfuse.model import Decoder
+from mmfuse.decoder.config import DecoderConfig
+from mmfuse.decoder.generate import Engine
+from mmfuse.decoder.transformer import Decoder
 from mmfuse.ngram import NGramModel
-from mmfuse.speculative import NGramLMDrafter, PromptLookupDrafter, speculative_generate
+from mmfuse.decoder.speculative import NGramLMDrafter, PromptLookupDrafter, speculative_generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CORPUS = os.path.join(HERE, "..", "..", "shared", "reference", "kenlm", "train.txt")

@@ -177,9 +177,9 @@ def print_table(rows, device_name: str) -> None:
 
 def end_to_end() -> None:
     """Decode tokens/s of the engine, our kernels vs SDPA, same random model, same run."""
-    from mmfuse.benchmark import bench_decode
-    from mmfuse.config import DecoderConfig
-    from mmfuse.model import Decoder
+    from mmfuse.decoder.benchmark import bench_decode
+    from mmfuse.decoder.config import DecoderConfig
+    from mmfuse.decoder.transformer import Decoder
 
     cfg = DecoderConfig(vocab_size=32000, n_layer=16, n_head=32, n_kv_head=8, d_model=2048, head_dim=64,
                         d_ff=8192, max_seq_len=8192, family="llama", norm="rmsnorm", act="silu", gated_mlp=True,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench_decode import hf_model
-from mmfuse.generate import DecodeState
-from mmfuse.loader import load_decoder
+from mmfuse.decoder.generate import DecodeState
+from mmfuse.decoder.loader import load_decoder
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from .errors import MMFuseError
 
 COMMAND_MODULES = [
     "mmfuse.ngram.cli",
-    "mmfuse.decoder_cli",
+    "mmfuse.decoder.cli",
     "mmfuse.encoders.cli",
 ]
 

@@ -134,7 +134,8 @@ def bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_ptr
 # GPU autotuning candidates. Compiled for sm_90 without a GPU (bench/gpu_contrastive.py --compile-only)
 # but never timed on one: they keep registers in bounds rather than being tuned.
 FWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-               for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 2)]]
+               for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 4),
+                                     (64, 64, 4, 2)]]
 BWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, D_SPLITS=sp, num_warps=w, num_stages=2)
                for bm, bn, w, splits in [(64, 64, 8, (1, 2, 4, 8)), (128, 64, 8, (2, 4, 8)),
                                          (128, 32, 8, (2, 4, 8)), (64, 128, 8, (2, 4))]

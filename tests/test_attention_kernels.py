@@ -245,10 +245,10 @@ def test_decoder_greedy_tokens_match_sdpa(backend, monkeypatch):
     """A tiny random Llama-style decoder (GQA 4:2, RoPE) gives the same greedy tokens and close
     logits with backend "triton" (prefill kernel for the 23-token prompt batch, decode kernel for
     each step and for a 4-token verification) as with SDPA."""
-    from mmfuse.config import DecoderConfig
-    from mmfuse.generate import DecodeState, Engine
-    from mmfuse.layers import init_weights
-    from mmfuse.model import Decoder
+    from mmfuse.decoder.config import DecoderConfig
+    from mmfuse.decoder.generate import DecodeState, Engine
+    from mmfuse.nn.layers import init_weights
+    from mmfuse.decoder.transformer import Decoder
 
     cfg = DecoderConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=24, d_ff=96,
                         max_seq_len=64, family="llama", norm="rmsnorm", act="silu", gated_mlp=True,

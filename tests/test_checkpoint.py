@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmfuse.cli import main as cli_main
-from mmfuse.config import DecoderConfig
+from mmfuse.decoder.config import DecoderConfig
 from mmfuse.errors import CheckpointError, ConfigError
-from mmfuse.loader import load_decoder
+from mmfuse.decoder.loader import load_decoder
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_unsupported_rope(rope, err):
     cfg = dict(model_type="llama", vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
                intermediate_size=16, rope_scaling=rope)
     with pytest.raises(ConfigError, match=err):
-        from mmfuse.model import Decoder
+        from mmfuse.decoder.transformer import Decoder
         Decoder(DecoderConfig.from_hf(cfg))
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mmfuse.generate import DecodeState, Engine
-from mmfuse.loader import load_decoder
+from mmfuse.decoder.generate import DecodeState, Engine
+from mmfuse.decoder.loader import load_decoder
 
 TOL = 1e-4
 

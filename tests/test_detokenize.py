@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from mmfuse.detokenize import IncrementalDecoder, StopStringMatcher
+from mmfuse.generation.detokenize import IncrementalDecoder, StopStringMatcher
 
 WORDS = ["naïve", "café", "日本語", "emoji", "🙂", "🙃", "über", "straße", "ünïcödé", "中文字", "hello",
          "world", "the", "quick", "brown", "fox", "ǅ", "€100", "ｆｕｌｌ", "a\nb", "  ", "\t", "—"]

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmfuse.sampling import (
+from mmfuse.generation.sampling import (
     Sampler,
     SamplingParams,
     SamplingParamsError,

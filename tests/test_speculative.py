@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmfuse.generate import Engine
-from mmfuse.speculative import NGramLMDrafter, PromptLookupDrafter, accept_token, speculative_generate
+from mmfuse.decoder.generate import Engine
+from mmfuse.decoder.speculative import NGramLMDrafter, PromptLookupDrafter, accept_token, speculative_generate
 
 
 class OracleDrafter:

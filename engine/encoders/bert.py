@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint, read_config, read_json
 from ..errors import ConfigError
-from ..layers import Block, make_norm
+from ..nn.layers import Block, make_norm
 from .config import TowerConfig, bert_tower
 from .weights import block_keys, load_weights, module_keys
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import _ACTIVATIONS, _GENERIC_FIELDS, _need
 from ..errors import ConfigError
+from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, need
 
 
 @dataclass
@@ -47,12 +47,12 @@ class TowerConfig:
             raise ConfigError(f"hidden size {self.d_model} is not divisible by {self.n_head} attention heads")
         if self.image_size and self.image_size % self.patch_size:
             raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if self.act not in set(_ACTIVATIONS.values()):
+        if self.act not in set(ACTIVATIONS.values()):
             raise ConfigError(f"unsupported activation {self.act!r}")
 
 
 # Per-tower fields that describe training (dropout, init) or other heads: no effect on inference.
-_IGNORED = _GENERIC_FIELDS | {
+_IGNORED = GENERIC_FIELDS | {
     "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_factor",
     "gradient_checkpointing", "classifier_dropout", "tie_encoder_decoder", "projection_dim",
     "_attn_implementation_autoset",
@@ -64,7 +64,7 @@ _TEXT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 _BERT_FIELDS = _TEXT_FIELDS | {"type_vocab_size", "position_embedding_type"}
 
 
-def _check_fields(cfg: dict, allowed: set, source: str) -> None:
+def check_fields(cfg: dict, allowed: set, source: str) -> None:
     unknown = sorted(set(cfg) - _IGNORED - allowed)
     if unknown:
         raise ConfigError(f"{source}: unsupported field(s): {unknown}")
@@ -72,22 +72,22 @@ def _check_fields(cfg: dict, allowed: set, source: str) -> None:
 
 def _act(cfg: dict, default: str, source: str) -> str:
     name = cfg.get("hidden_act", default)
-    if name not in _ACTIVATIONS:
+    if name not in ACTIVATIONS:
         raise ConfigError(f"{source}: unsupported hidden_act {name!r}")
-    return _ACTIVATIONS[name]
+    return ACTIVATIONS[name]
 
 
 def _common(cfg: dict, source: str, default_act: str, default_eps: float) -> dict:
-    d, h = _need(cfg, "hidden_size", source), _need(cfg, "num_attention_heads", source)
+    d, h = need(cfg, "hidden_size", source), need(cfg, "num_attention_heads", source)
     if d % h:
         raise ConfigError(f"{source}: hidden_size={d} is not divisible by num_attention_heads={h}")
-    return dict(d_model=d, n_head=h, n_kv_head=h, head_dim=d // h, d_ff=_need(cfg, "intermediate_size", source),
-                n_layer=_need(cfg, "num_hidden_layers", source), act=_act(cfg, default_act, source),
+    return dict(d_model=d, n_head=h, n_kv_head=h, head_dim=d // h, d_ff=need(cfg, "intermediate_size", source),
+                n_layer=need(cfg, "num_hidden_layers", source), act=_act(cfg, default_act, source),
                 norm_eps=cfg.get("layer_norm_eps", default_eps))
 
 
 def _side(cfg: dict, key: str, source: str) -> int:
-    v = _need(cfg, key, source)
+    v = need(cfg, key, source)
     if isinstance(v, (list, tuple)):
         if len(v) != 2 or v[0] != v[1]:
             raise ConfigError(f"{source}: non-square {key}={v} is not supported")
@@ -97,7 +97,7 @@ def _side(cfg: dict, key: str, source: str) -> int:
 
 def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, class_token: bool) -> TowerConfig:
     """ViT image tower of CLIP (class token) or SigLIP (no class token)."""
-    _check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
     if not class_token and cfg.get("vision_use_head", True) is False:
         raise ConfigError(f"{source}: vision_use_head=false (no pooled image embedding) is not supported")
     size, patch = _side(cfg, "image_size", source), _side(cfg, "patch_size", source)
@@ -109,9 +109,9 @@ def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, c
 def text_tower(cfg: dict, source: str, default_act: str, default_eps: float, causal: bool,
                extra: set = frozenset()) -> TowerConfig:
     """Transformer text tower of CLIP (causal, EOT pooling) or SigLIP (bidirectional, last token)."""
-    _check_fields(cfg, _TEXT_FIELDS | extra, source)
-    return TowerConfig(vocab_size=_need(cfg, "vocab_size", source),
-                       max_positions=_need(cfg, "max_position_embeddings", source), causal=causal,
+    check_fields(cfg, _TEXT_FIELDS | extra, source)
+    return TowerConfig(vocab_size=need(cfg, "vocab_size", source),
+                       max_positions=need(cfg, "max_position_embeddings", source), causal=causal,
                        pad_token_id=cfg.get("pad_token_id"), eos_token_id=cfg.get("eos_token_id"),
                        **_common(cfg, source, default_act, default_eps))
 
@@ -120,11 +120,11 @@ def bert_tower(cfg: dict, source: str) -> TowerConfig:
     """BERT-family text encoder: post-LN, token type embeddings, absolute positions."""
     if cfg.get("model_type") not in ("bert",):
         raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not a BERT encoder")
-    _check_fields(cfg, _BERT_FIELDS, source)
+    check_fields(cfg, _BERT_FIELDS, source)
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"{source}: position_embedding_type={cfg['position_embedding_type']!r} is not supported")
-    return TowerConfig(vocab_size=_need(cfg, "vocab_size", source),
-                       max_positions=_need(cfg, "max_position_embeddings", source),
+    return TowerConfig(vocab_size=need(cfg, "vocab_size", source),
+                       max_positions=need(cfg, "max_position_embeddings", source),
                        type_vocab_size=cfg.get("type_vocab_size", 2), prenorm=False,
                        pad_token_id=cfg.get("pad_token_id", 0), **_common(cfg, source, "gelu", 1e-12))
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import read_config
 from ..errors import ConfigError
-from ..layers import init_weights
+from ..nn.layers import init_weights
 from .config import TowerConfig
 from .text import TextTower
 from .vit import VisionTower

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import Block, make_norm
+from ..nn.layers import Block, make_norm
 from .config import TowerConfig
 
 

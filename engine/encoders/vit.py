@@ -14,7 +14,7 @@ import torch.nn as nn
 from mmfuse.kernels import attention
 from mmfuse.kernels.cpu_linear import linear
 
-from ..layers import MLP, Block, make_norm
+from ..nn.layers import MLP, Block, make_norm
 from .config import TowerConfig
 
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from .config import DecoderConfig
 from .kv_cache import KVCache
-from .layers import Block, init_weights, linear, make_norm
-from .rope import rope_tables
+from ..nn.layers import Block, init_weights, linear, make_norm
+from ..nn.rope import rope_tables
 
 
 class Decoder(nn.Module):

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import MMFuseError
+from ..errors import MMFuseError
 
 NEG_INF = float("-inf")
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily

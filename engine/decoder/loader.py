@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, read_config, resolve_dtype
+from ..checkpoint import Checkpoint, read_config, resolve_dtype
 from .config import DecoderConfig
-from .errors import CheckpointError
-from .model import Decoder
-from .rope import rope_tables
+from ..errors import CheckpointError
+from .transformer import Decoder
+from ..nn.rope import rope_tables
 
 
 def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):

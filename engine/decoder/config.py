@@ -9,24 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import ConfigError
-
-# Fields of a Hugging Face config.json that never change what the model computes at inference.
-_GENERIC_FIELDS = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
-    "_name_or_path", "model_type", "tie_word_embeddings", "output_attentions", "output_hidden_states",
-    "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
-    "is_decoder", "task_specific_params", "finetuning_task", "prefix", "tokenizer_class", "torchscript",
-    "pruned_heads", "tf_legacy_loss", "use_bfloat16", "cross_attention_hidden_size", "add_cross_attention",
-    "attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens",
-}
+from ..errors import ConfigError
+from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, need
 
 _GPT2_FIELDS = {
     "activation_function", "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx",
@@ -44,9 +28,6 @@ _LLAMA_FIELDS = {
 }
 
 _FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
-
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                "gelu": "gelu", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
 
 
 @dataclass
@@ -80,7 +61,7 @@ class DecoderConfig:
             raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"unsupported norm {self.norm!r}")
-        if self.act not in set(_ACTIVATIONS.values()):
+        if self.act not in set(ACTIVATIONS.values()):
             raise ConfigError(f"unsupported activation {self.act!r}")
 
     @property
@@ -95,7 +76,7 @@ class DecoderConfig:
         if mt not in _FAMILY_FIELDS:
             raise ConfigError(f"{source}: unknown or unsupported model_type {mt!r} "
                               f"(supported: {sorted(_FAMILY_FIELDS)})")
-        unknown = sorted(set(cfg) - _GENERIC_FIELDS - _FAMILY_FIELDS[mt])
+        unknown = sorted(set(cfg) - GENERIC_FIELDS - _FAMILY_FIELDS[mt])
         if unknown:
             raise ConfigError(f"{source}: unsupported field(s) for model_type {mt!r}: {unknown}")
         if cfg.get("add_cross_attention"):
@@ -103,7 +84,7 @@ class DecoderConfig:
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         common = dict(bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
-                      vocab_size=_need(cfg, "vocab_size", source))
+                      vocab_size=need(cfg, "vocab_size", source))
         if mt == "gpt2":
             return cls._from_gpt2(cfg, source, common)
         return cls._from_llama(cfg, source, mt, common)
@@ -111,25 +92,25 @@ class DecoderConfig:
     @classmethod
     def _from_gpt2(cls, cfg, source, common):
         act = cfg.get("activation_function", "gelu_new")
-        if act not in _ACTIVATIONS:
+        if act not in ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported activation_function {act!r}")
         if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
             raise ConfigError(f"{source}: scale_attn_weights=false / scale_attn_by_inverse_layer_idx=true "
                               "are not supported")
-        d = _need(cfg, "n_embd", source)
-        h = _need(cfg, "n_head", source)
+        d = need(cfg, "n_embd", source)
+        h = need(cfg, "n_head", source)
         if d % h:
             raise ConfigError(f"{source}: n_embd={d} is not divisible by n_head={h}")
-        return cls(n_layer=_need(cfg, "n_layer", source), n_head=h, n_kv_head=h, d_model=d, head_dim=d // h,
-                   d_ff=cfg.get("n_inner") or 4 * d, max_seq_len=_need(cfg, "n_positions", source),
+        return cls(n_layer=need(cfg, "n_layer", source), n_head=h, n_kv_head=h, d_model=d, head_dim=d // h,
+                   d_ff=cfg.get("n_inner") or 4 * d, max_seq_len=need(cfg, "n_positions", source),
                    family="gpt2", norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-                   act=_ACTIVATIONS[act], gated_mlp=False, learned_pos=True, qkv_bias=True, o_bias=True,
+                   act=ACTIVATIONS[act], gated_mlp=False, learned_pos=True, qkv_bias=True, o_bias=True,
                    mlp_bias=True, tie_embeddings=cfg.get("tie_word_embeddings", True), **common)
 
     @classmethod
     def _from_llama(cls, cfg, source, mt, common):
         act = cfg.get("hidden_act", "silu")
-        if act not in _ACTIVATIONS:
+        if act not in ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
         if cfg.get("pretraining_tp", 1) != 1:
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported (must be 1)")
@@ -138,8 +119,8 @@ class DecoderConfig:
         lt = cfg.get("layer_types")
         if lt is not None and any(t != "full_attention" for t in lt):
             raise ConfigError(f"{source}: layer_types other than 'full_attention' are not supported")
-        d = _need(cfg, "hidden_size", source)
-        h = _need(cfg, "num_attention_heads", source)
+        d = need(cfg, "hidden_size", source)
+        h = need(cfg, "num_attention_heads", source)
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rtype = rope.pop("rope_type", rope.pop("type", "default"))
@@ -149,20 +130,14 @@ class DecoderConfig:
             raise ConfigError(f"{source}: partial_rotary_factor is not supported")
         scaling = None if rtype == "default" else {"rope_type": rtype, **rope}
         bias = bool(cfg.get("attention_bias", False))
-        return cls(n_layer=_need(cfg, "num_hidden_layers", source), n_head=h,
+        return cls(n_layer=need(cfg, "num_hidden_layers", source), n_head=h,
                    n_kv_head=cfg.get("num_key_value_heads") or h, d_model=d,
-                   head_dim=cfg.get("head_dim") or d // h, d_ff=_need(cfg, "intermediate_size", source),
+                   head_dim=cfg.get("head_dim") or d // h, d_ff=need(cfg, "intermediate_size", source),
                    max_seq_len=cfg.get("max_position_embeddings", 2048), family="llama", norm="rmsnorm",
-                   norm_eps=cfg.get("rms_norm_eps", 1e-6), act=_ACTIVATIONS[act], gated_mlp=True,
+                   norm_eps=cfg.get("rms_norm_eps", 1e-6), act=ACTIVATIONS[act], gated_mlp=True,
                    learned_pos=False, rope_theta=float(theta), rope_scaling=scaling,
                    qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
                    tie_embeddings=cfg.get("tie_word_embeddings", False), **common)
-
-
-def _need(cfg: dict, key: str, source: str):
-    if cfg.get(key) is None:
-        raise ConfigError(f"{source}: required field {key!r} is missing")
-    return cfg[key]
 
 
 # Built-in shapes for benchmarks and `mmfuse bench` (random weights, no download).

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:

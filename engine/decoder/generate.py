@@ -16,14 +16,14 @@ import torch
 
 from mmfuse.kernels.cpu_linear import freeze
 
-from .checkpoint import read_json
-from .detokenize import IncrementalDecoder, StopStringMatcher
-from .errors import CapacityError
+from ..checkpoint import read_json
+from ..generation.detokenize import IncrementalDecoder, StopStringMatcher
+from ..errors import CapacityError
 from .kv_cache import KVCache
 from .loader import load_decoder
-from .model import Decoder
-from .sampling import Sampler, SamplingParams
-from .tokenizer import load_tokenizer
+from .transformer import Decoder
+from ..generation.sampling import Sampler, SamplingParams
+from ..tokenizer import load_tokenizer
 
 
 class DecodeState:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .generate import Engine
-from .model import Decoder
+from .transformer import Decoder
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from .checkpoint import resolve_dtype
+from ..checkpoint import resolve_dtype
 
 
 def register(sub) -> None:
@@ -103,7 +103,7 @@ def cmd_bench(args) -> int:
     from .benchmark import bench_engine, weight_bytes
     from .config import PRESETS
     from .loader import load_decoder
-    from .model import Decoder
+    from .transformer import Decoder
 
     dtype = resolve_dtype(args.dtype)
     if args.model:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .generate import Completion, DecodeState, Engine, RequestOutput
-from .sampling import Sampler, SamplingParams, sample_inverse_cdf
+from ..generation.sampling import Sampler, SamplingParams, sample_inverse_cdf
 
 
 class Drafter(Protocol):

@@ -1,0 +1,1 @@
+"""The model-independent parts of generation: sampling and incremental detokenisation with stop strings."""
