@@ -149,7 +149,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             or rows == 0 or weight.is_inference() or (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))):
         return linear_reference(x, weight, bias, act)
-    gemv = x.dtype == torch.float32 and weight.is_contiguous() and envs.read("MMFUSE_CPU_GEMV")
+    gemv = (rows <= GEMV_UNPACKED_MAX_ROWS and x.dtype == torch.float32 and weight.is_contiguous()
+            and envs.read("MMFUSE_CPU_GEMV"))
     if gemv and rows <= GEMV_MAX_ROWS:
         return _gemv(x, weight, bias, act)
     if act in _POST_OPS and (bias is None or bias.dtype == x.dtype) and packs(x.dtype):
@@ -160,6 +161,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                 bias = bias * scale
             out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, *_POST_OPS[act])
             return out if scale == 1.0 else out.mul_(1.0 / scale)
-    if gemv and rows <= GEMV_UNPACKED_MAX_ROWS:
+    if gemv:
         return _gemv(x, weight, bias, act)
     return linear_reference(x, weight, bias, act)
