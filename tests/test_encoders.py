@@ -280,9 +280,9 @@ def test_bad_inputs(clip_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"vision_model.*has shape"):
         load_encoder(bad)
     cfg["vision_config"]["hidden_size"] = 32
-    cfg["vision_config"]["use_fancy_pooling"] = True
+    cfg["vision_config"]["use_qk_norm"] = True
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="use_fancy_pooling"):
+    with pytest.raises(ConfigError, match="vision_config: use_qk_norm=True changes what the model computes"):
         load_encoder(bad)
     with pytest.raises(ConfigError, match="model_type 'clip' is not 'siglip'"):
         SiglipModel.from_pretrained(clip_ckpt[0])

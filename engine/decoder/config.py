@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConfigError
-from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, need
+from ..hf_config import ACTIVATIONS, need, screen_fields, with_defaults
 
+# The fields transformers' class for each model_type reads; the readers below implement each one or
+# refuse its value by name. Every other field goes through hf_config.screen_fields.
 _GPT2_FIELDS = {
     "activation_function", "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx",
     "layer_norm_epsilon", "reorder_and_upcast_attn", "scale_attn_by_inverse_layer_idx",
@@ -23,11 +25,15 @@ _LLAMA_FIELDS = {
     "attention_bias", "head_dim", "hidden_act", "hidden_size", "intermediate_size",
     "max_position_embeddings", "mlp_bias", "num_attention_heads", "num_hidden_layers",
     "num_key_value_heads", "pretraining_tp", "rms_norm_eps", "rope_parameters", "rope_scaling",
-    "rope_theta", "vocab_size", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types",
+    "rope_theta", "vocab_size", "layer_types",
 }
 
-_FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
+_FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS | {"sliding_window"},
+                  "qwen2": _LLAMA_FIELDS | {"sliding_window", "use_sliding_window", "max_window_layers"}}
+
+# Multimodal checkpoints whose config.json wraps a decoder: not loadable as a text decoder.
+_WRAPPERS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
+             "mllama", "paligemma"}
 
 
 @dataclass
@@ -71,14 +77,17 @@ class DecoderConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "DecoderConfig":
-        """Build from a Hugging Face config dict; unknown fields and unsupported values are errors."""
+        """Build from a Hugging Face config dict. Fields are decided by `hf_config.screen_fields`;
+        unsupported values are ConfigErrors naming the field."""
         mt = cfg.get("model_type")
+        if mt in _WRAPPERS:
+            raise ConfigError(f"{source}: model_type {mt!r} is a vision-language model, not a text decoder "
+                              f"(its text_config describes the decoder inside it)")
         if mt not in _FAMILY_FIELDS:
             raise ConfigError(f"{source}: unknown or unsupported model_type {mt!r} "
                               f"(supported: {sorted(_FAMILY_FIELDS)})")
-        unknown = sorted(set(cfg) - GENERIC_FIELDS - _FAMILY_FIELDS[mt])
-        if unknown:
-            raise ConfigError(f"{source}: unsupported field(s) for model_type {mt!r}: {unknown}")
+        screen_fields(cfg, _FAMILY_FIELDS[mt], source)
+        cfg = with_defaults(cfg, mt)
         if cfg.get("add_cross_attention"):
             raise ConfigError(f"{source}: add_cross_attention=true is not supported")
         eos = cfg.get("eos_token_id")
@@ -114,11 +123,14 @@ class DecoderConfig:
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
         if cfg.get("pretraining_tp", 1) != 1:
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported (must be 1)")
-        if cfg.get("use_sliding_window") or (mt == "mistral" and cfg.get("sliding_window") is not None):
-            raise ConfigError(f"{source}: sliding-window attention is not supported")
         lt = cfg.get("layer_types")
-        if lt is not None and any(t != "full_attention" for t in lt):
-            raise ConfigError(f"{source}: layer_types other than 'full_attention' are not supported")
+        if lt is not None and any(t not in ("full_attention", "sliding_attention") for t in lt):
+            raise ConfigError(f"{source}: layer_types {sorted(set(lt) - {'full_attention'})} are not supported")
+        context = cfg.get("max_position_embeddings", 2048)
+        window = _sliding_window(cfg, mt, source)
+        if window is not None and window < context:
+            raise ConfigError(f"{source}: sliding_window={window} is shorter than the context "
+                              f"max_position_embeddings={context}; sliding-window attention is not supported")
         d = need(cfg, "hidden_size", source)
         h = need(cfg, "num_attention_heads", source)
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
@@ -133,11 +145,26 @@ class DecoderConfig:
         return cls(n_layer=need(cfg, "num_hidden_layers", source), n_head=h,
                    n_kv_head=cfg.get("num_key_value_heads") or h, d_model=d,
                    head_dim=cfg.get("head_dim") or d // h, d_ff=need(cfg, "intermediate_size", source),
-                   max_seq_len=cfg.get("max_position_embeddings", 2048), family="llama", norm="rmsnorm",
+                   max_seq_len=context, family="llama", norm="rmsnorm",
                    norm_eps=cfg.get("rms_norm_eps", 1e-6), act=ACTIVATIONS[act], gated_mlp=True,
                    learned_pos=False, rope_theta=float(theta), rope_scaling=scaling,
                    qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
                    tie_embeddings=cfg.get("tie_word_embeddings", False), **common)
+
+
+def _sliding_window(cfg: dict, mt: str, source: str) -> Optional[int]:
+    """The attention window some layer uses, as transformers decides it, or None (all full)."""
+    lt = cfg.get("layer_types")
+    if mt == "mistral":
+        uses = cfg.get("sliding_window") is not None
+    elif lt is not None:
+        uses = "sliding_attention" in lt
+    elif mt == "qwen2":
+        uses = bool(cfg.get("use_sliding_window")) and cfg.get("max_window_layers", 0) < need(
+            cfg, "num_hidden_layers", source)
+    else:
+        uses = False
+    return need(cfg, "sliding_window", source) if uses else None
 
 
 # Built-in shapes for benchmarks and `mmfuse bench` (random weights, no download).
