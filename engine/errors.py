@@ -19,3 +19,11 @@ class CapacityError(MMFuseError, ValueError):
 
 class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
+
+
+class DeviceError(MMFuseError, ValueError):
+    """A requested device does not exist in this torch build or on this machine."""
+
+
+class ExtensionError(MMFuseError, ImportError):
+    """A compiled extension (the n-gram C++ code) is not built in this installation."""

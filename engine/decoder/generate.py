@@ -211,7 +211,9 @@ class Engine:
         self._state: Optional[DecodeState] = None
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False) -> "Engine":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False) -> "Engine":
+        """Model, tokenizer.json and generation_config.json of a checkpoint folder; dtype "auto": the
+        checkpoint's own."""
         folder = Path(folder)
         model = load_decoder(folder, dtype=dtype, device=device)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None

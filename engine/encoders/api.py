@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from mmfuse.kernels.cpu_linear import freeze
 
 from ..checkpoint import read_config, read_json, resolve_dtype
+from ..device import check_device
 from ..errors import ConfigError
 from ..tokenizer import load_tokenizer
 from .bert import SentenceEncoder
 from .clip import ClipModel
 from .dual import DualEncoder
 from .preprocess import ImageProcessor
-from .search import search
+from .retrieval import search
 from .siglip import SiglipModel
 from .tokens import TextTokenizer, check_texts, length_buckets
 from .zeroshot import build_zero_shot_classifier
@@ -116,12 +117,14 @@ class Encoder:
         return search(query_embeddings, index, k, chunk_size)
 
 
-def load_encoder(folder, dtype="fp32", device="cpu") -> Encoder:
-    """An `Encoder` for a CLIP, SigLIP or BERT (sentence-transformers layout) checkpoint folder."""
+def load_encoder(folder, dtype="auto", device="cpu") -> Encoder:
+    """An `Encoder` for a CLIP, SigLIP or BERT (sentence-transformers layout) checkpoint folder.
+    dtype "auto": the checkpoint's own (config.json `dtype`/`torch_dtype`)."""
     folder = Path(folder)
     cfg = read_config(folder)
     mt = cfg.get("model_type")
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, cfg)
+    device = check_device(device)
     if mt in FAMILIES:
         model = FAMILIES[mt].from_pretrained(folder, dtype=dtype, device=device)
         tok = None  # an image-only use needs no tokenizer.json; encode_text then says it is missing
