@@ -60,7 +60,7 @@ def test_byte_fallback_keeps_ours_decodestream_raises_on_invalid_bytes(byte_fall
     assert not library_decodes_alike(byte_fallback)
     bad = [byte_fallback.token_to_id(f"<0x{b:02X}>") for b in (0x79, 0x8B)]  # "y", then a stray continuation byte
     bad += [byte_fallback.token_to_id("t")]
-    assert _run(IncrementalDecoder(byte_fallback), bad) == byte_fallback.decode(bad)
+    assert _run(IncrementalDecoder(byte_fallback), bad) == "y\ufffdt"  # (see test_detokenize on such runs)
     stream = DecodeStream(skip_special_tokens=True)
     with pytest.raises(Exception, match="Invalid prefix"):  # tokenizers raises a bare Exception
         for i in bad:
