@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_options import check_output
+from ..cli_options import check_output, emit_json
 from . import model_module
 
 _UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -46,12 +46,14 @@ def register(subparsers) -> None:
     q.add_argument("text", nargs="?", default="-", help="text file (default: stdin)")
     q.add_argument("--no-sentence-context", action="store_true", help="no <s> and </s> around lines")
     q.add_argument("--summary-only", action="store_true", help="only the perplexity summary")
+    q.add_argument("--json", action="store_true", help="JSON lines: one per sentence, then the summary")
     q.set_defaults(func=_query)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text, with and without OOVs")
     pp.add_argument("model")
     pp.add_argument("text")
     pp.add_argument("--no-sentence-context", action="store_true")
+    pp.add_argument("--json", action="store_true", help="the summary as one JSON line")
     pp.set_defaults(func=_perplexity)
 
 
@@ -93,20 +95,29 @@ def _query(args) -> int:
         for chunk in m._text_batches(lines):
             for line in chunk.split("\n")[:-1]:
                 scores = model.full_scores(line, bos=context, eos=context)
+                if args.json:
+                    emit_json({"words": [{"word": t.word, "index": model.index(t.word), "ngram_length": t.ngram_length,
+                                          "log10": t.log10, "oov": bool(t.oov)} for t in scores],
+                               "total": model.score(line, context, context), "oovs": sum(bool(t.oov) for t in scores)})
+                    continue
                 words = "\t".join(f"{t.word}={model.index(t.word)} {t.ngram_length} {t.log10:.7g}" for t in scores)
                 out.write(f"{words}\tTotal: {model.score(line, context, context):.7g} OOV: {sum(t.oov for t in scores)}\n")
-    _print_perplexity(model.corpus_perplexity(lines, bos=context, eos=context))
+    _print_perplexity(model.corpus_perplexity(lines, bos=context, eos=context), args.json)
     return 0
 
 
 def _perplexity(args) -> int:
     model = model_module().NGramModel.load(args.model)
     context = not args.no_sentence_context
-    _print_perplexity(model.corpus_perplexity(args.text, bos=context, eos=context))
+    _print_perplexity(model.corpus_perplexity(args.text, bos=context, eos=context), args.json)
     return 0
 
 
-def _print_perplexity(p) -> None:
+def _print_perplexity(p, as_json: bool = False) -> None:
+    if as_json:
+        emit_json({"perplexity_including_oovs": p.including_oovs, "perplexity_excluding_oovs": p.excluding_oovs,
+                   "oovs": p.oovs, "tokens": p.tokens})
+        return
     print(f"Perplexity including OOVs:\t{p.including_oovs:.10g}")
     print(f"Perplexity excluding OOVs:\t{p.excluding_oovs:.10g}")
     print(f"OOVs:\t{p.oovs}")
