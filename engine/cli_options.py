@@ -62,6 +62,8 @@ def check_output(path: str, option: str, suffix: str = "") -> Path:
     as np.save does), checked before the work starts: a writable existing folder, not a folder
     itself, and not a compressed name (we write plain files)."""
     out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{option} {path}: is a folder, expected a file name")
     if suffix and out.suffix != suffix:
         if out.suffix in COMPRESSED:
             raise OutputError(f"{option} {path}: compressed output ({out.suffix}) is not supported; "
@@ -70,7 +72,7 @@ def check_output(path: str, option: str, suffix: str = "") -> Path:
     if out.suffix in COMPRESSED:
         raise OutputError(f"{option} {path}: compressed output ({out.suffix}) is not supported; give a plain name")
     if out.is_dir():
-        raise OutputError(f"{option} {path}: is a folder, expected a file name")
+        raise OutputError(f"{option} {out}: is a folder, expected a file name")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{option} {path}: folder {parent} does not exist")
