@@ -42,7 +42,7 @@ GENERIC_FIELDS = {
 NO_EFFECT = GENERIC_FIELDS | {
     # training only: dropout, initialisation, checkpointing, sharding
     "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
-    "initializer_factor", "gradient_checkpointing", "tie_encoder_decoder", "pretraining_tp",
+    "initializer_factor", "gradient_checkpointing", "tie_encoder_decoder",
     "_attn_implementation", "_attn_implementation_autoset", "auto_map", "quantization_config_dict",
     # nanotron / trainer bookkeeping carried by published Llama-family configs (SmolLM2)
     "is_llama_config", "rope_interleaved",
