@@ -145,3 +145,19 @@ def test_embed_reports_the_file_it_wrote(tmp_path, capsys):
     assert main(["embed", "--model", str(folder), "--text", "a cat", "--json", "-q"]) == 0
     row = json.loads(capsys.readouterr().out)
     np.testing.assert_allclose(row["embedding"], np.load(tmp_path / "x.npy")[0], rtol=0, atol=1e-6)
+
+
+def test_download_only_on_request(gpt2_folder, monkeypatch, capsys):
+    """A Hub id is fetched (with huggingface_hub) only with --download; never implicitly."""
+    hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append(repo_id)
+        return str(gpt2_folder)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    assert main(["info", "--model", "someone/tiny-gpt2"]) == 2
+    assert calls == [] and "--download" in capsys.readouterr().err
+    assert main(["info", "--model", "someone/tiny-gpt2", "--download", "--json"]) == 0
+    assert calls == ["someone/tiny-gpt2"] and json.loads(capsys.readouterr().out)["family"] == "gpt2"
