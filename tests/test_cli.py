@@ -161,3 +161,12 @@ def test_download_only_on_request(gpt2_folder, monkeypatch, capsys):
     assert calls == [] and "--download" in capsys.readouterr().err
     assert main(["info", "--model", "someone/tiny-gpt2", "--download", "--json"]) == 0
     assert calls == ["someone/tiny-gpt2"] and json.loads(capsys.readouterr().out)["family"] == "gpt2"
+
+
+def test_bench_json_and_flag_ranges(gpt2_folder, capsys):
+    assert main(["bench", "--model", str(gpt2_folder), "--batch", "1", "2", "--prompt-len", "4", "--new-tokens", "2",
+                 "--repeats", "1", "--json", "-q"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["decode_tok_s"] > 0 and r["dtype"] == "float32" for r in rows)
+    assert main(["bench", "--model", str(gpt2_folder), "--batch", "0"]) == 2
+    assert "--batch 0: must be >= 1" in capsys.readouterr().err

@@ -140,6 +140,10 @@ def cmd_bench(args) -> int:
     from .loader import load_decoder
     from .transformer import Decoder
 
+    for flag, values in (("--batch", args.batch), ("--prompt-len", [args.prompt_len]),
+                         ("--new-tokens", [args.new_tokens]), ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            raise ValueError(f"{flag} {min(values)}: must be >= 1")
     prepare_model_args(args)
     if args.model:
         model, name = load_decoder(args.model, dtype=args.dtype, device=args.device), args.model

@@ -30,6 +30,8 @@ def _embed(args) -> int:
         raise ValueError("--model: a checkpoint folder is required")
     if bool(args.images) + bool(args.texts or args.text) != 1:
         raise ValueError("give either --images or --texts/--text")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.out is None and not args.json:
         raise ValueError("give --out FILE.npy and/or --json")
     out_path = check_output(args.out, "--out", ".npy") if args.out is not None else None
