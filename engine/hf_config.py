@@ -1,6 +1,7 @@
 """What every Hugging Face config.json reader shares: the decision table for fields a reader does
 not read itself, the activation names, the reference library's defaults, and reading a required
-field with an error naming it.
+field with an error naming it; the typed readers (int_field, float_field, bool_field, token_ids)
+check types and ranges, so every bad value is a ConfigError naming the file and field.
 
 The reference for what a field means is transformers: a checkpoint computes what transformers'
 class for its `model_type` computes, and that class reads a fixed set of fields. Each reader
@@ -16,6 +17,7 @@ raising a ConfigError naming it. Every other field goes through `screen_fields`:
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 from .errors import ConfigError
@@ -103,7 +105,7 @@ HF_DEFAULTS = {
                               layer_norm_eps=1e-5),
     "siglip_text_model": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                               num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
-                              layer_norm_eps=1e-6, pad_token_id=1, bos_token_id=49406, eos_token_id=49407),
+                              layer_norm_eps=1e-6),  # (its token id defaults are CLIP's, unused by SigLIP)
     "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
@@ -151,3 +153,66 @@ def need(cfg: dict, key: str, source: str):
     if cfg.get(key) is None:
         raise ConfigError(f"{source}: required field {key!r} is missing")
     return cfg[key]
+
+
+MAX_SIZE = 2**31 - 1  # sizes beyond this overflow the int32 index math of the kernels (and memory)
+_REQUIRED = object()
+
+
+def int_field(cfg: dict, key: str, source: str, default=_REQUIRED, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """cfg[key] (or `default` when absent or null) as an int in [minimum, maximum]; a string, a float,
+    a bool or a value out of range is a ConfigError naming the field."""
+    v = cfg.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            return need(cfg, key, source)  # raises, naming the missing field
+        return default
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(f"{source}: {key}={v!r} must be an integer")
+    if not minimum <= v <= maximum:
+        raise ConfigError(f"{source}: {key}={v} must be in [{minimum}, {maximum}]")
+    return v
+
+
+def float_field(cfg: dict, key: str, source: str, default=_REQUIRED, minimum: float = 0.0,
+                strict: bool = False) -> float:
+    """cfg[key] (or `default` when absent or null) as a finite float >= minimum (> minimum if
+    `strict`); anything else is a ConfigError naming the field."""
+    v = cfg.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            return need(cfg, key, source)
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ConfigError(f"{source}: {key}={v!r} must be a finite number")
+    if v < minimum or (strict and v == minimum):
+        raise ConfigError(f"{source}: {key}={v} must be {'>' if strict else '>='} {minimum}")
+    return float(v)
+
+
+def bool_field(cfg: dict, key: str, source: str, default: bool) -> bool:
+    """cfg[key] (or `default` when absent or null) as a bool; "false", 0 or 1 are ConfigErrors."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{source}: {key}={v!r} must be true or false")
+    return v
+
+
+def token_ids(cfg: dict, key: str, source: str) -> tuple:
+    """cfg[key] as a tuple of token ids: null, one int >= 0, or a list of them."""
+    v = cfg.get(key)
+    items = () if v is None else tuple(v) if isinstance(v, list) else (v,)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_SIZE for t in items):
+        raise ConfigError(f"{source}: {key}={v!r} must be a token id (int >= 0), a list of them, or null")
+    return items
+
+
+def check_sizes(obj, names, where: str) -> None:
+    """Each named attribute of a config dataclass is an int in [1, MAX_SIZE] (configs built in
+    code get the same checks as those read from config.json)."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+            raise ConfigError(f"{where}: {name}={v!r} must be an integer in [1, {MAX_SIZE}]")

@@ -12,10 +12,9 @@ import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
 from ..device import check_device
-from .config import DecoderConfig
 from ..errors import CheckpointError
+from .config import DecoderConfig
 from .transformer import Decoder
-from ..nn.rope import rope_tables
 
 
 def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
@@ -91,7 +90,7 @@ def load_decoder(folder, dtype="auto", device="cpu") -> Decoder:
         raise CheckpointError(f"{folder}: internal key mapping mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    if not cfg.learned_pos:  # buffers created on meta: rebuild them for real
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if not cfg.learned_pos:  # buffers created on meta: real (empty) ones, grown on use
+        model.rope_cos = torch.zeros(0, cfg.head_dim // 2, device=device)
+        model.rope_sin = torch.zeros(0, cfg.head_dim // 2, device=device)
     return model.eval()

@@ -7,7 +7,7 @@ importing torch."""
 import importlib
 
 _WHERE = {"Encoder": "api", "load_encoder": "api", "BertEncoder": "bert", "SentenceEncoder": "bert",
-          "ClipModel": "clip", "clip_config": "clip", "TowerConfig": "config", "ImageError": "preprocess",
+          "ClipModel": "clip", "clip_config": "clip", "TowerConfig": "config",
           "ImageProcessor": "preprocess", "search": "retrieval", "search_reference": "retrieval",
           "SiglipModel": "siglip", "TextTokenizer": "tokens", "build_zero_shot_classifier": "zeroshot"}
 

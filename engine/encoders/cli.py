@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from ..cli_options import add_model_options, add_output_options, check_output, emit_json, prepare_model_args, progress
+from ..errors import PromptError
 
 
 def _embed(args) -> int:
@@ -40,7 +41,10 @@ def _embed(args) -> int:
         path = Path(args.texts)
         if not path.is_file():
             raise FileNotFoundError(f"--texts {path}: text file not found")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise PromptError(f"--texts {path}: not UTF-8 text (byte {e.start})") from None
     prepare_model_args(args)
     enc = load_encoder(args.model, dtype=args.dtype, device=args.device)
     inputs = args.images or texts
