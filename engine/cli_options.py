@@ -74,8 +74,10 @@ def check_output(path: str, option: str, suffix: str = "") -> Path:
     if out.is_dir():
         raise OutputError(f"{option} {out}: is a folder, expected a file name")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{option} {out}: cannot write here: {parent} is not a folder")
     if not parent.is_dir():
-        raise OutputError(f"{option} {path}: folder {parent} does not exist")
+        raise OutputError(f"{option} {out}: cannot write here: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"{option} {path}: folder {parent} is not writable")
+        raise OutputError(f"{option} {out}: cannot write here: folder {parent} is not writable")
     return out

@@ -24,8 +24,6 @@ def _embed(args) -> int:
         if args.model is not None:
             raise ValueError("give the checkpoint once: --model DIR (the positional form is deprecated)")
         warnings.warn("mmfuse embed CKPT is deprecated: use mmfuse embed --model CKPT", DeprecationWarning)
-        if not args.quiet:
-            print("note: the positional checkpoint is deprecated; use --model", file=sys.stderr)
         args.model = args.checkpoint
     if args.model is None:
         raise ValueError("--model: a checkpoint folder is required")
