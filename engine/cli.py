@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from . import envs
+from . import __version__, envs
 from .errors import MMFuseError
 
 COMMAND_MODULES = [
@@ -24,11 +24,30 @@ COMMAND_MODULES = [
 TRACEBACK_ENV = "MMFUSE_TRACEBACK"  # set to 1 to print tracebacks of internal errors
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults (not None/False, not where the help text already gives one)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command shows its defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="mmfuse", description="mmfuse: n-gram LMs, Transformer decoders and CLIP-style "
+                     "encoders from local checkpoint folders. Commands import torch only when they need it.")
+    parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
     parser.add_argument("--traceback", action="store_true",
                         help=f"print the traceback of an internal error (or set {TRACEBACK_ENV}=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
