@@ -24,6 +24,12 @@ class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
 
 
+class DeviceError(MMFuseError, ValueError):
+    """A requested device does not exist in this torch build or on this machine."""
+
+
+class ExtensionError(MMFuseError, ImportError):
+    """A compiled extension (the n-gram C++ code) is not built in this installation."""
 class SamplingParamsError(MMFuseError, ValueError):
     """A sampling parameter is out of range or of the wrong type."""
 
@@ -48,3 +54,10 @@ class NGramError(MMFuseError, ValueError):
 
 class ResourceError(MMFuseError, RuntimeError):
     """The machine refused what the work needs (a thread, memory); the message names the option to lower."""
+class SettingError(MMFuseError, ValueError):
+    """An environment variable (`mmfuse.envs`) or a backend name is outside its allowed values."""
+
+
+class BackendUnavailableError(MMFuseError, RuntimeError):
+    """A requested kernel backend cannot run here (triton not installed, CPU tensors without the
+    Triton interpreter)."""

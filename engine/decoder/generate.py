@@ -26,8 +26,8 @@ from mmfuse.kernels.cpu_linear import freeze
 
 from ..checkpoint import read_json
 from ..errors import CapacityError, PromptError, SamplingParamsError
-from ..generation.detokenize import IncrementalDecoder, StopStringMatcher
-from ..generation.sampling import Sampler, SamplingParams
+from ..generation.detokenize import StopStringMatcher, open_decoder
+from ..generation.sampling import ALIASES, Sampler, SamplingParams, resolve_aliases
 from ..tokenizer import check_text, load_tokenizer
 from .kv_cache import KVCache
 from .loader import load_decoder
@@ -185,7 +185,7 @@ class RequestOutput:
 
     def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int]):
         self.params = params
-        self.detok = IncrementalDecoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
+        self.detok = open_decoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
         self.stops = StopStringMatcher(params.stop_strings) if params.stop_strings else None
         self.stop_ids = set(params.stop_token_ids)
         self.n = 0
@@ -231,20 +231,23 @@ class Engine:
         self._idle_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False) -> "Engine":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False) -> "Engine":
+        """Model, tokenizer.json and generation_config.json of a checkpoint folder; dtype "auto": the
+        checkpoint's own."""
         folder = Path(folder)
         model = load_decoder(folder, dtype=dtype, device=device)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
 
     def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
-        """Generation defaults, then `params`, then keyword overrides; the model's eos ids always stop."""
+        """Generation defaults, then `params`, then keyword overrides (SamplingParams fields or their
+        ALIASES); the model's eos ids always stop."""
         names = {f.name for f in fields(SamplingParams)}
-        unknown = sorted(set(overrides) - names)
+        unknown = sorted(set(overrides) - names - set(ALIASES))
         if unknown:
             raise SamplingParamsError(f"unknown sampling option(s): {unknown}")
         base = params if params is not None else SamplingParams(**self.defaults)
-        p = replace(base, **overrides)
+        p = replace(base, **resolve_aliases(overrides, base.temperature))
         stops = tuple(dict.fromkeys(tuple(p.stop_token_ids) + tuple(self.model.cfg.eos_token_ids)))
         return replace(p, stop_token_ids=stops).validate()
 
@@ -325,7 +328,8 @@ class Engine:
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
                  **overrides) -> list:
-        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`.
+        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`, `n`
+        per prompt in prompt order (n > 1: the j-th of a prompt uses seed + j when a seed is set).
 
         `params` may also be a list with one SamplingParams per prompt."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
@@ -337,6 +341,9 @@ class Engine:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         plist = [self.params(p, **overrides) for p in plist]
         ids = [self.encode(p, f"prompt {b}") for b, p in enumerate(prompts)]
+        ids = [i for i, p in zip(ids, plist) for _ in range(p.n)]
+        plist = [replace(p, n=1, seed=None if p.seed is None else (p.seed + j) % 2**64)
+                 for p in plist for j in range(p.n)]
         out = [Completion([], "" if self.tokenizer else None, [] if p.logprobs else None, "length") for p in plist]
         for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos):
             c = out[b]
@@ -353,5 +360,7 @@ class Engine:
                **overrides) -> Iterator[StreamChunk]:
         """Yield a `StreamChunk` per generated token of one prompt as soon as it is sampled."""
         p = self.params(params, **overrides)
+        if p.n != 1:
+            raise SamplingParamsError(f"SamplingParams.n={p.n}: stream() yields one sequence; use generate() for n > 1")
         for _, t, piece, lp, reason in self._run([self.encode(prompt)], [p], ignore_eos):
             yield StreamChunk(t, piece, lp, reason)

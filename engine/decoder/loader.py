@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..device import check_device
 from ..errors import CheckpointError
 from .config import DecoderConfig
 from .transformer import Decoder
@@ -60,11 +61,14 @@ def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
     return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".rotary_emb.inv_freq",)
 
 
-def load_decoder(folder, dtype="fp32", device="cpu") -> Decoder:
-    """Build a `Decoder` from a checkpoint folder (config.json + safetensors)."""
+def load_decoder(folder, dtype="auto", device="cpu") -> Decoder:
+    """Build a `Decoder` from a checkpoint folder (config.json + safetensors). dtype "auto": the
+    checkpoint's own (config.json `dtype`/`torch_dtype`)."""
     folder = Path(folder)
-    cfg = DecoderConfig.from_hf(read_config(folder), source=str(folder / "config.json"))
-    dtype = resolve_dtype(dtype)
+    device = check_device(device)
+    hf = read_config(folder)
+    cfg = DecoderConfig.from_hf(hf, source=str(folder / "config.json"))
+    dtype = resolve_dtype(dtype, hf)
     ck = Checkpoint(folder)
 
     def take(key, shape):

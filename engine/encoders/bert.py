@@ -41,7 +41,7 @@ class BertEncoder(nn.Module):
                 *block_keys("blocks", p + "encoder.layer", cfg.n_layer, "bert")]
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "BertEncoder":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu") -> "BertEncoder":
         folder = Path(folder)
         cfg = bert_tower(read_config(folder), str(folder / "config.json"))
         prefix = "bert." if "bert.embeddings.word_embeddings.weight" in Checkpoint(folder) else ""
@@ -72,7 +72,7 @@ class SentenceEncoder(nn.Module):
         self.encoder, self.pooling, self.normalize = encoder, pooling, normalize
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "SentenceEncoder":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu") -> "SentenceEncoder":
         folder = Path(folder)
         pooling, normalize = "mean", True
         modules = folder / "modules.json"

@@ -18,7 +18,7 @@ alone or in any batch, and the same uniforms on CPU and CUDA.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Optional, Sequence
 
 import torch
@@ -33,9 +33,55 @@ TOP_P_CANDIDATES = 256  # first guess at how many tokens hold the top-p mass
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
-@dataclass
+# Other libraries' names for SamplingParams fields, each setting exactly one field: vLLM's
+# max_tokens, min_tokens, stop, n; Hugging Face's num_return_sequences, eos_token_id, do_sample
+# (do_sample=False is temperature 0). Giving an alias and its field with different values is an error.
+ALIASES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "stop": "stop_strings",
+           "num_return_sequences": "n", "eos_token_id": "stop_token_ids", "do_sample": "temperature"}
+
+
+def resolve_aliases(kwargs: dict, base_temperature: float = 1.0) -> dict:
+    """`kwargs` with every alias (ALIASES) replaced by its field. `base_temperature`: the
+    temperature do_sample=True samples with when no temperature is given (a greedy base gives 1.0,
+    HF's default)."""
+    out = {k: v for k, v in kwargs.items() if k not in ALIASES}
+    for alias, name in ALIASES.items():
+        if alias not in kwargs:
+            continue
+        value = _alias_value(alias, kwargs[alias], out.get(name), base_temperature)
+        if name in out and not _equal(out[name], value):
+            raise SamplingParamsError(f"{alias}={kwargs[alias]!r} and {name}={out[name]!r} disagree "
+                                      f"({alias} is another name for {name}): give one of them")
+        out[name] = value
+    return out
+
+
+def _alias_value(alias: str, value, given, base_temperature: float):
+    if alias in ("stop", "eos_token_id"):
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, (str, int)) else tuple(value)
+    if alias == "do_sample":
+        if not isinstance(value, bool):
+            raise SamplingParamsError(f"do_sample={value!r}: must be a bool")
+        if not value:
+            return 0.0
+        if given is not None:  # checked against the temperature given with it
+            return given if given >= GREEDY_TEMPERATURE else 1.0
+        return base_temperature if base_temperature >= GREEDY_TEMPERATURE else 1.0
+    return value
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+@dataclass(init=False)
 class SamplingParams:
-    """How to pick the tokens of one request. The defaults turn every filter off."""
+    """How to pick the tokens of one request. The defaults turn every filter off. Keyword
+    arguments only; the names in ALIASES are accepted for their fields."""
 
     max_new_tokens: int = 64  # stop after this many generated tokens
     min_new_tokens: int = 0  # stop ids (and eos) are suppressed until this many tokens exist
@@ -51,6 +97,18 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()  # end when the text contains one (excluded from the output)
     seed: Optional[int] = None  # per-request seed: same seed, same tokens; None = nondeterministic
     logprobs: bool = False  # return log p(token) of each chosen token under the raw model logits
+    n: int = 1  # completions per prompt (vLLM's n, HF's num_return_sequences); seeds seed, seed+1, ...
+
+    def __init__(self, **kwargs):
+        kwargs = resolve_aliases(kwargs)
+        for f in fields(self):
+            value = kwargs.pop(f.name, MISSING)
+            if value is MISSING:
+                value = f.default if f.default is not MISSING else f.default_factory()
+            setattr(self, f.name, value)
+        if kwargs:
+            raise SamplingParamsError(f"unknown sampling option(s): {sorted(kwargs)} "
+                                      f"(fields: {[f.name for f in fields(self)]}; aliases: {sorted(ALIASES)})")
 
     @property
     def greedy(self) -> bool:
@@ -66,7 +124,7 @@ class SamplingParams:
 
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("max_new_tokens", "min_new_tokens", "top_k"):
+            if f.name in ("max_new_tokens", "min_new_tokens", "top_k", "n"):
                 if not _is_int(value):
                     raise bad(f.name, "must be an int")
             elif f.name in ("stop_token_ids", "stop_strings"):
@@ -80,6 +138,8 @@ class SamplingParams:
                     raise bad(f.name, "must be a bool")
             elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
                 raise bad(f.name, "must be a finite number")
+        if self.n < 1:
+            raise bad("n", "must be >= 1")
         if self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
