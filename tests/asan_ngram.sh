@@ -35,8 +35,10 @@ echo "building the sanitized extension in $work ..." >&2
 for src in "$root"/csrc/ngram/*.cpp; do  # sources newer than their object (or any header newer)
     obj="$work/obj/$(basename "$src" .cpp).o"
     stale=0
-    for dep in "$src" "$root"/csrc/ngram/*.hh; do [ "$dep" -nt "$obj" ] && stale=1; done
-    [ $stale = 1 ] && echo "$src"
+    for dep in "$src" "$root"/csrc/ngram/*.hh; do
+        if [ "$dep" -nt "$obj" ]; then stale=1; fi
+    done
+    if [ $stale = 1 ]; then echo "$src"; fi
 done | xargs -r -P "$(nproc)" -I{} sh -c "$cxx $flags $includes -c {} -o $work/obj/\$(basename {} .cpp).o"
 $cxx -shared $flags -o "$work/pkg/mmfuse/_ngram$suffix" "$work"/obj/*.o
 
@@ -47,4 +49,4 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export MMFUSE_SANITIZED=1  # tests that need an address-space limit (which ASan cannot run under) skip it
 "$py" -c "import mmfuse._ngram as m, sys; sys.exit(0 if m.__file__.startswith('$work') else 'not the sanitized build: ' + m.__file__)"
 cd "$root"
-"$py" -m pytest tests/test_ngram.py tests/test_ngram_robustness.py tests/test_ngram_reliability.py -q -p no:cacheprovider "$@"
+"$py" -m pytest tests/test_ngram*.py -q -p no:cacheprovider "$@"
