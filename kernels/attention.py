@@ -75,14 +75,14 @@ def visibility_mask(B: int, Tq: int, Tk: int, causal: bool, q_start: Optional[to
     j = torch.arange(Tk, device=device)  # (Tk,)
     mask = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=device)
     if kv_len is not None:
-        mask &= (j < kv_len.to(device).view(B, 1, 1, 1))
+        mask = mask & (j < kv_len.to(device).view(B, 1, 1, 1))
     if causal:
         if q_start is None:
             pos = torch.full((B,), Tk - Tq, device=device)
         else:
             pos = q_start.to(device)
         qpos = pos.view(B, 1, 1, 1) + torch.arange(Tq, device=device).view(1, 1, Tq, 1)  # (B, 1, Tq, 1)
-        mask &= (j.view(1, 1, 1, Tk) <= qpos)
+        mask = mask & (j.view(1, 1, 1, Tk) <= qpos)
     return mask
 
 
@@ -194,6 +194,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """Scaled dot-product attention; see the module docstring for the semantics. Returns (B, Hq, Tq, D)."""
     _check(q, k, v)
     check_positions(q.shape[0], q_start, kv_len)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports record one shape-generic SDPA
+        mask = visibility_mask(q.shape[0], q.shape[2], k.shape[2], causal, q_start, kv_len, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))
     if _backend == "reference":
         return attention_reference(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len, scale=scale)
     if _backend in ("auto", "triton") and _triton_supported(q, k, v, forced=_backend == "triton"):
