@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from mmfuse.encoders import load_encoder  # noqa: E402
 from mmfuse.encoders.synthetic import COLOURS, SHAPES, write_word_tokenizer  # noqa: E402
 from mmfuse.errors import ConfigError, ExportFolderError, ProviderError  # noqa: E402
-from mmfuse.export.onnx_encoder import export_encoder  # noqa: E402
+from mmfuse.export.onnx_encoder import INT8_MIN_COSINE, export_encoder  # noqa: E402
 from mmfuse.ort.encoder import MANIFEST, OrtEncoder  # noqa: E402
 
 WORDS = ["a", "photo", "of", "the", "small", "large", "drawing", *COLOURS, *SHAPES]
@@ -200,8 +200,8 @@ def test_bert_graph_with_token_types_matches_transformers(exports, bert_dir):
 
 def test_int8_export_size_and_agreement(bert_dir, clip_dir, exports, tmp_path, capsys):
     """int8 graphs: integer MatMuls in the graph, under 0.45x the fp32 bytes where the weights dominate,
-    and embeddings within cosine 0.99 of fp32 (the export's own gate; see bench/README.md for the
-    agreement on real weights), yet not equal to them."""
+    and embeddings within cosine 0.99 of fp32 (measured >= 0.9996 on these tiny models; the export's
+    own gate is 0.98, for real weights: see INT8_MIN_COSINE), yet not equal to them."""
     import onnx
     for src, kind, names in ((bert_dir, "bert", ["model.onnx"]),
                              (clip_dir[0], "clip", ["vision_model.onnx", "text_model.onnx"])):
@@ -240,7 +240,7 @@ def test_int8_quantizer_agreement_is_measured(tmp_path, exports):
     tok = OrtEncoder.from_pretrained(exports["clip"]).tokenizer
     feeds = {"input_ids": tok.pad(tok.encode(TEXTS))[0]}
     good = run_graph(exports["clip"] / "text_model.onnx", feeds)
-    assert (run_graph(q, feeds) * good).sum(-1).min() < 0.99
+    assert (run_graph(q, feeds) * good).sum(-1).min() < INT8_MIN_COSINE
 
 
 # ----------------------------------------------------------------------------- torch-free runtime
@@ -340,3 +340,15 @@ def test_bad_export_folders(exports, tmp_path):
         enc.encode_pixels(np.zeros((1, 3, 20, 20), np.float32))
     with pytest.raises(ValueError, match="empty text list"):
         enc.encode_text([])
+
+
+def test_export_check_failure_writes_nothing(clip_dir, tmp_path, monkeypatch, capsys):
+    """A graph over tolerance raises ExportCheckError, prints its difference and leaves no graph or manifest."""
+    import mmfuse.export.onnx_encoder as mod
+    from mmfuse.errors import ExportCheckError
+    monkeypatch.setattr(mod, "FP32_TOLERANCE", 0.0)  # any rounding difference is now too much
+    with pytest.raises(ExportCheckError, match="vision_model.onnx: onnxruntime differs"):
+        export_encoder(clip_dir[0], tmp_path / "out")
+    assert "vision_model.onnx: fp32 max |onnxruntime - torch|" in capsys.readouterr().out
+    assert not any(p.suffix == ".onnx" or p.name == MANIFEST for p in (tmp_path / "out").rglob("*"))
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporaries left
