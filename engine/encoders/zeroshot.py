@@ -10,6 +10,7 @@ import numpy as np
 
 Template = Union[str, Callable[[str], str]]
 
+
 def fill(template: Template, name: str) -> str:
     return template(name) if callable(template) else template.format(name)
 
