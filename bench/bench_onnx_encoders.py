@@ -85,6 +85,7 @@ def bench_clip(repeats: int, threads: int, rows: list, work: Path) -> None:
                          "Ort fp32": lambda: ort32.encode_pixels(px.numpy()),
                          "Ort int8": lambda: ort8.encode_pixels(px.numpy())}, repeats)
         rows.append(("CLIP ViT-B/32 image", batch, "images/s", {k: batch / v for k, v in t.items()}, cos))
+        print_row(*rows[-1])
 
 
 def bench_minilm(repeats: int, threads: int, rows: list, work: Path) -> None:
@@ -107,6 +108,18 @@ def bench_minilm(repeats: int, threads: int, rows: list, work: Path) -> None:
                          "Ort fp32": lambda: ort32.encode_text(texts, batch_size=batch),
                          "Ort int8": lambda: ort8.encode_text(texts, batch_size=batch)}, repeats)
         rows.append(("all-MiniLM-L6-v2 text", batch, "sentences/s", {k: batch / v for k, v in t.items()}, cos))
+        print_row(*rows[-1])
+
+
+HEADER = (f"{'model':<24}{'batch':>6}  {'unit':<12}{'peer':>9}{'Encoder':>9}{'Ort fp32':>10}{'Ort int8':>10}"
+          f"{'fp32/Enc':>10}{'int8/Enc':>10}{'int8 cos':>10}")
+
+
+def print_row(name: str, batch: int, unit: str, r: dict, cos: float) -> None:
+    peer = r.get("transformers", r.get("sentence-transformers"))
+    print(f"{name:<24}{batch:>6}  {unit:<12}{peer:>9.1f}{r['Encoder']:>9.1f}{r['Ort fp32']:>10.1f}"
+          f"{r['Ort int8']:>10.1f}{r['Ort fp32'] / r['Encoder']:>9.2f}x{r['Ort int8'] / r['Encoder']:>9.2f}x"
+          f"{cos:>10.4f}", flush=True)
 
 
 def main() -> None:
@@ -116,22 +129,18 @@ def main() -> None:
     ap.add_argument("--only", choices=["clip", "minilm"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    import onnxruntime
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads, "
+          f"medians of {args.repeats} interleaved rounds; each row is printed when measured", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         if args.only in (None, "minilm"):
             bench_minilm(args.repeats, args.threads, rows, Path(d))
         if args.only in (None, "clip"):
             bench_clip(args.repeats, args.threads, rows, Path(d))
-    import onnxruntime
-    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads, "
-          f"medians of {args.repeats} interleaved rounds")
-    print(f"{'model':<24}{'batch':>6}  {'unit':<12}{'peer':>9}{'Encoder':>9}{'Ort fp32':>10}{'Ort int8':>10}"
-          f"{'fp32/Enc':>10}{'int8/Enc':>10}{'int8 cos':>10}")
-    for name, batch, unit, r, cos in rows:
-        peer = r.get("transformers", r.get("sentence-transformers"))
-        print(f"{name:<24}{batch:>6}  {unit:<12}{peer:>9.1f}{r['Encoder']:>9.1f}{r['Ort fp32']:>10.1f}"
-              f"{r['Ort int8']:>10.1f}{r['Ort fp32'] / r['Encoder']:>9.2f}x{r['Ort int8'] / r['Encoder']:>9.2f}x"
-              f"{cos:>10.4f}")
+    print(HEADER)
+    for row in rows:
+        print_row(*row)
 
 
 if __name__ == "__main__":
