@@ -14,7 +14,9 @@ filled. Defaults: q_start = Tk - Tq (queries are the last Tq positions), kv_len 
 Backends: "auto" (Triton kernels on CUDA fp16/bf16 where supported, torch SDPA otherwise), "sdpa",
 "reference" (the plain PyTorch code below, for debugging) and "triton" (the Triton kernels for
 every device and dtype they support, CPU tensors included under TRITON_INTERPRET=1; for tests).
-Select with `set_backend()` or the environment variable MMFUSE_ATTENTION. The kernels are
+Select with `set_backend()` or the environment variable MMFUSE_ATTENTION. While tracing or compiling
+(ONNX export) every backend records one masked SDPA, whose shapes stay symbolic (the CPU path reads
+lengths on the host, which a trace would freeze). The kernels are
 flash_prefill.py (Tq > 16) and flash_decode.py (split-KV, Tq <= 16); inputs they do not support
 (gradients needed, head dim > 256, mixed dtypes, empty tensors) go to SDPA, never to a wrong result.
 """
@@ -196,7 +198,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     check_positions(q.shape[0], q_start, kv_len)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports record one shape-generic SDPA
         mask = visibility_mask(q.shape[0], q.shape[2], k.shape[2], causal, q_start, kv_len, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=bool(k.shape[1] != q.shape[1]))
     if _backend == "reference":
         return attention_reference(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len, scale=scale)
     if _backend in ("auto", "triton") and _triton_supported(q, k, v, forced=_backend == "triton"):
