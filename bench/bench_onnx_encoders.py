@@ -56,7 +56,8 @@ def export_both(src: Path, out: Path, threads: int) -> tuple:
 
 
 def sizes(folder: Path) -> str:
-    return ", ".join(f"{p.parent.name}/{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(folder.rglob("*.onnx")))
+    graphs = sorted(folder.rglob("*.onnx"))
+    return ", ".join(f"{p.parent.name}/{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in graphs)
 
 
 def bench_clip(repeats: int, threads: int, rows: list, work: Path) -> None:
