@@ -224,11 +224,14 @@ def test_int8_export_size_and_agreement(bert_dir, clip_dir, exports, tmp_path, c
 
 
 def test_int8_quantizer_agreement_is_measured(tmp_path, exports):
-    """A damaged int8 graph (weights scaled) is caught by the same cosine measure the export uses."""
+    """A damaged int8 graph (every other weight row negated) fails the cosine measure the export uses;
+    the intact one, also written with its weights in a data file, passes it."""
     import onnx
     from onnx import numpy_helper
     from mmfuse.export.quantize import quantize_int8
     q = quantize_int8(exports["clip"] / "text_model.onnx", tmp_path / "q.onnx")
+    ext = quantize_int8(exports["clip"] / "text_model.onnx", tmp_path / "ext" / "q.onnx", external_data=True)
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == ["q.onnx", "q.onnx.data"]
     model = onnx.load(str(q))
     for init in model.graph.initializer:  # flip the sign of every other int8 weight row
         if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 2:
@@ -240,6 +243,7 @@ def test_int8_quantizer_agreement_is_measured(tmp_path, exports):
     tok = OrtEncoder.from_pretrained(exports["clip"]).tokenizer
     feeds = {"input_ids": tok.pad(tok.encode(TEXTS))[0]}
     good = run_graph(exports["clip"] / "text_model.onnx", feeds)
+    assert (run_graph(ext, feeds) * good).sum(-1).min() >= 0.99  # the intact int8 graph, weights in a data file
     assert (run_graph(q, feeds) * good).sum(-1).min() < INT8_MIN_COSINE
 
 

@@ -18,18 +18,23 @@ from pathlib import Path
 from ..errors import ExportCheckError
 
 
-def quantize_int8(onnx_path, out_path) -> Path:
-    """Write the dynamic-int8 version of the graph at `onnx_path` to `out_path` (weights in the
-    file; the fp32 graph is left as it is). -> out_path."""
+def quantize_int8(onnx_path, out_path, external_data: bool = False) -> Path:
+    """Write the dynamic-int8 version of the graph at `onnx_path` (its external data, if any, read
+    from beside it) to `out_path`; with `external_data` the weights go to `<out_path name>.data`
+    beside it (graphs over 2 GB need that). The fp32 graph is left as it is. -> out_path."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if not onnx_path.is_file():
         raise ExportCheckError(f"{onnx_path}: no such ONNX graph to quantize")
-    # onnxruntime writes helper files beside its output: work in a private folder, move the result.
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # onnxruntime writes helper files beside its output: work in a private folder, then move the graph
+    # (and its data file, whose name the graph records) into place.
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize.") as work:
-        tmp = Path(work) / "model.int8.onnx"
+        tmp = Path(work) / out_path.name
         quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         extra_options={"MatMulConstBOnly": True})
+                         use_external_data_format=external_data, extra_options={"MatMulConstBOnly": True})
+        if external_data:
+            os.replace(tmp.with_name(tmp.name + ".data"), out_path.with_name(out_path.name + ".data"))
         os.replace(tmp, out_path)
     return out_path
