@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import PromptError
 from ..jsonfile import read_json
-from ..tokenizer import load_tokenizer
+from ..tokenizer import check_text, load_tokenizer
 
 
 class TextTokenizer:
@@ -87,13 +88,14 @@ def text_batches(seqs: Sequence[Sequence[int]], batch_size: int, bucket: bool) -
 
 
 def check_texts(texts) -> list:
-    """A non-empty list of str (one str is a list of one); anything else is a ValueError."""
+    """A non-empty list of str (one str is a list of one) of valid Unicode; anything else is a PromptError."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
     if not texts:
-        raise ValueError("empty text list: nothing to encode")
+        raise PromptError("empty text list: nothing to encode")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(f"text {i} is a {type(t).__name__}, expected str")
+            raise PromptError(f"text {i} is a {type(t).__name__}, expected str")
+        check_text(t, f"text {i}")
     return texts
