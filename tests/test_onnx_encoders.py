@@ -152,6 +152,8 @@ def test_dual_encoder_matches_torch_and_transformers(kind, exports, clip_dir, si
     close(img, out.image_embeds)
     close(txt, out.text_embeds)
     close(ort_enc.encode_pixels(px.numpy()), out.image_embeds)
+    close(ort_enc.encode_image(px.numpy(), batch_size=2), ours.encode_image(px, batch_size=2))  # float = pixels
+    assert ort_enc.embedding_dim == ours.embedding_dim
     # zero-shot: the same classifier and the same probabilities
     names = ["red circle", "blue square", "green triangle"]
     templates = ["a photo of a {}.", lambda c: f"the small {c}"]

@@ -72,10 +72,22 @@ class OrtEncoder:
     def has_images(self) -> bool:
         return self.vision is not None
 
+    @property
+    def embedding_dim(self) -> int:
+        """E, the width of the embeddings."""
+        return self.manifest["embed_dim"]
+
     def encode_image(self, images, batch_size: int = 32, normalize: bool = True) -> np.ndarray:
-        """Images (PIL, paths, uint8 arrays; one or a batch) -> embeddings (N, E) float32."""
+        """Images (PIL, paths, uint8 arrays; one or a batch) -> embeddings (N, E) float32. A float
+        array (B, 3, H, W) or (3, H, W) is taken as already preprocessed pixels, as `Encoder` does."""
         if not self.has_images:
             raise ValueError(f"this {self.kind} export has no image tower: encode_image needs a CLIP or SigLIP export")
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            px = images[None] if images.ndim == 3 else images
+            if len(px) == 0:
+                raise ValueError("empty image batch: nothing to encode")
+            return np.concatenate([self.encode_pixels(px[s:s + batch_size], normalize)
+                                   for s in range(0, len(px), batch_size)])
         items = ImageProcessor.as_list(images)
         if not items:
             raise ValueError("empty image batch: nothing to encode")
