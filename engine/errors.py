@@ -34,12 +34,16 @@ class ProviderError(MMFuseError, ValueError):
 
 class ExportCheckError(MMFuseError, RuntimeError):
     """An exported graph fails onnx.checker, or its outputs differ from the PyTorch engine's beyond tolerance."""
+
+
 class DeviceError(MMFuseError, ValueError):
     """A requested device does not exist in this torch build or on this machine."""
 
 
 class ExtensionError(MMFuseError, ImportError):
     """A compiled extension (the n-gram C++ code) is not built in this installation."""
+
+
 class SamplingParamsError(MMFuseError, ValueError):
     """A sampling parameter is out of range or of the wrong type."""
 
