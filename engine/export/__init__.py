@@ -1,0 +1,1 @@
+"""mmfuse.export: ONNX export of the checkpoints mmfuse loads (decoders and encoders)."""
