@@ -68,6 +68,8 @@ class NGramError(MMFuseError, ValueError):
 
 class ResourceError(MMFuseError, RuntimeError):
     """The machine refused what the work needs (a thread, memory); the message names the option to lower."""
+
+
 class SettingError(MMFuseError, ValueError):
     """An environment variable (`mmfuse.envs`) or a backend name is outside its allowed values."""
 
