@@ -19,3 +19,11 @@ class CapacityError(MMFuseError, ValueError):
 
 class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
+
+
+class ExportFolderError(MMFuseError, ValueError):
+    """An ONNX export folder is missing a file, or a file does not match what the export recorded."""
+
+
+class ProviderError(MMFuseError, ValueError):
+    """An onnxruntime execution provider or session option is unknown or unavailable here."""
