@@ -27,3 +27,7 @@ class ExportFolderError(MMFuseError, ValueError):
 
 class ProviderError(MMFuseError, ValueError):
     """An onnxruntime execution provider or session option is unknown or unavailable here."""
+
+
+class ExportCheckError(MMFuseError, RuntimeError):
+    """An exported graph fails onnx.checker or differs from the PyTorch engine beyond tolerance."""

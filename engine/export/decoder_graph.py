@@ -150,7 +150,7 @@ class DecoderGraph:
                 g.output(f"present.{i}.{kv}", F, ["batch_size", Hkv, present_len, D])
         if cfg.learned_pos:
             x = g.op("Add", [x, g.op("Gather", [self._param("model.embed_positions.weight", "pos_embed.weight"), pos])])
-        attend = self._portable_setup(mask, pos) if not share else self._gqa_setup(mask)
+        attend = self._portable_setup(mask, pos) if not share else self._gqa_setup(mask, pos)
         residual = x
         skip_out = None
         for i in range(cfg.n_layer):
@@ -263,7 +263,7 @@ class DecoderGraph:
                        name=f"/{name}/SkipLayerNorm")
         return out[0], out[3]
 
-    def _gqa_setup(self, mask: str):
+    def _gqa_setup(self, mask: str, pos: str):
         """seqlens_k (B,) int32 = filled positions per row - 1 and total_sequence_length (scalar
         int32), as the model builder derives them from attention_mask."""
         g = self.g
@@ -274,15 +274,25 @@ class DecoderGraph:
         rope = None
         if self.rope is not None:
             rope = tuple(g.weight(n, t.astype(self.np_dtype)) for n, t in zip(("cos_cache", "sin_cache"), self.rope))
+        fused_rope = self.cfg.head_dim % 16 == 0
 
         def attend(h: str, i: int) -> str:
             cfg = self.cfg
             qkv = self._linear(h, f"model.layers.{i}.attn.qkv_proj", f"blocks.{i}.attn.qkv")  # (B, S, (Hq+2Hkv)D)
-            inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total]
+            qkv_in = [qkv, "", ""]
             attrs = dict(num_heads=cfg.n_head, kv_num_heads=cfg.n_kv_head, scale=1 / math.sqrt(cfg.head_dim))
-            if rope is not None:
-                inputs += list(rope)
+            rope_in = []
+            if rope is not None and fused_rope:
+                rope_in = list(rope)
                 attrs.update(do_rotary=1, rotary_interleaved=0)
+            elif rope is not None:  # GroupQueryAttention rotates only head sizes that are multiples of 16
+                D = cfg.head_dim
+                q, k, v = g.op("Split", [qkv, g.const([cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D])],
+                               n_out=3, axis=-1)
+                q, k = (g.op("RotaryEmbedding", [t, pos, *rope], domain=MS_DOMAIN, num_heads=n, interleaved=0)
+                        for t, n in ((q, cfg.n_head), (k, cfg.n_kv_head)))
+                qkv_in = [q, k, v]
+            inputs = [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, *rope_in]
             y = f"/model/layers.{i}/attn/GroupQueryAttention/output_0"
             g.op_to("GroupQueryAttention", inputs, [y, f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN, **attrs)
             return self._linear(y, f"model.layers.{i}.attn.o_proj", f"blocks.{i}.attn.o")

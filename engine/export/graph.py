@@ -83,9 +83,10 @@ class GraphBuilder:
 
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Write `path` and its weights to `path.name + ".data"` beside it (no 2 GiB protobuf limit)."""
+    """Write `path` and its weights to `path.name + ".data"` beside it (no 2 GiB protobuf limit);
+    small constants stay in the graph, where shape inference reads them."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=0, convert_attribute=False)
+                    location=data.name, size_threshold=1024, convert_attribute=False)
