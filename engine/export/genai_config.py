@@ -18,7 +18,8 @@ def genai_config(model_dir: Path, cfg: DecoderConfig, model_type: str, shared_bu
     gc = read_json(Path(model_dir) / "generation_config.json", required=False) or {}
     hf = read_json(Path(model_dir) / "config.json")
     eos = gc.get("eos_token_id", hf.get("eos_token_id"))
-    eos = eos if eos is not None else -1  # -1: no end-of-sequence token (generation runs to max_length)
+    if eos is None:  # genai needs an id in [0, vocab): 0, with min_length or max_length deciding the end
+        eos = 0
     bos = gc.get("bos_token_id", cfg.bos_token_id)
     pad = gc.get("pad_token_id", hf.get("pad_token_id"))
     if pad is None:
