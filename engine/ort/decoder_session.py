@@ -29,7 +29,7 @@ class DecoderSession:
         self.session = session
         cfg = manifest["config"]
         self.n_layer, self.n_kv_head, self.head_dim = cfg["n_layer"], cfg["n_kv_head"], cfg["head_dim"]
-        self.vocab_size = cfg["vocab_size"]
+        self.vocab_size, self.context = cfg["vocab_size"], cfg["max_seq_len"]
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.shared = manifest["variant"] == "optimized"
         self.inputs_embeds = bool(manifest.get("inputs_embeds"))
@@ -40,6 +40,8 @@ class DecoderSession:
 
     def allocate(self, batch: int, max_len: int) -> None:
         """A cache for `batch` rows of up to `max_len` positions each (kept when it already fits)."""
+        if max_len > self.context:
+            raise CapacityError(f"a cache of {max_len} positions exceed the model's context of {self.context} positions")
         if self.shared and (batch != self.batch or max_len > self.max_len):
             shape = (batch, self.n_kv_head, max_len, self.head_dim)
             self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in range(2 * self.n_layer)]
