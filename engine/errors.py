@@ -30,4 +30,4 @@ class ProviderError(MMFuseError, ValueError):
 
 
 class ExportCheckError(MMFuseError, RuntimeError):
-    """An exported graph fails onnx.checker or differs from the PyTorch engine beyond tolerance."""
+    """An exported graph fails onnx.checker, or its outputs differ from the PyTorch engine's beyond tolerance."""

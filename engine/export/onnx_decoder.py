@@ -23,7 +23,7 @@ from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open
 from ..ort.decoder_session import DecoderSession
 from ..ort.manifest import MANIFEST, write_manifest
-from ..ort.session import open_session
+from ..ort.session import make_session
 from .decoder_graph import MIN_OPSET, ONNX_DTYPES, DecoderExportOptions, DecoderGraph, check_opset, weights_from_model
 from .genai_config import genai_config
 from .graph import save_with_external_data
@@ -108,7 +108,7 @@ def check_decoder_export(folder: Path, model, manifest: dict, log: Callable[[str
     seqs = [rng.integers(0, cfg.vocab_size, n + steps) for n in lens]
     ref = [model(torch.as_tensor(s)[None], torch.arange(len(s))[None])[0].numpy() for s in seqs]  # (L+k, V) each
 
-    sess = DecoderSession(open_session(folder / GRAPH_FILE), manifest)
+    sess = DecoderSession(make_session(folder / GRAPH_FILE), manifest)
     sess.allocate(len(seqs), max(lens) + steps)
 
     def inputs(s):

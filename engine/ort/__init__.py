@@ -1,1 +1,1 @@
-"""Torch-free runtime for mmfuse's ONNX exports: imports only numpy, onnxruntime and tokenizers."""
+"""mmfuse.ort: a torch-free runtime for mmfuse ONNX exports (numpy, onnxruntime, tokenizers, pillow only)."""

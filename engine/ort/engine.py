@@ -17,7 +17,7 @@ from ..generation.sampling_np import NumpySampler
 from ..tokenizer import load_tokenizer
 from .decoder_session import DecoderSession
 from .manifest import read_manifest
-from .session import check_providers, open_session, session_options
+from .session import make_session
 
 GRAPH_FILE = "model.onnx"
 
@@ -50,8 +50,7 @@ class OrtEngine(GenerationFrontend):
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
                         graph_optimization_level: str = "all") -> "OrtEngine":
         """Open an export folder of `mmfuse export onnx`; options are checked before anything is read."""
-        check_providers(providers)
-        session_options(threads, graph_optimization_level)
+        make_session(None, threads, providers, graph_optimization_level)  # options only: errors before any reading
         folder = Path(onnx_dir)
         manifest = read_manifest(folder, "decoder")
         if manifest.get("inputs_embeds"):
@@ -61,7 +60,7 @@ class OrtEngine(GenerationFrontend):
                                     "not token ids; OrtEngine generates from token ids")
         c = manifest["config"]
         config = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
-        sess = open_session(folder / GRAPH_FILE, threads, providers, graph_optimization_level)
+        sess = make_session(folder / GRAPH_FILE, threads, providers, graph_optimization_level)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(DecoderSession(sess, manifest), config, tok, defaults_from_generation_config(folder), manifest)
 
