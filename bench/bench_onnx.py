@@ -61,6 +61,10 @@ def timed_subprocess(cmd: list) -> float:
     return time.perf_counter() - t
 
 
+def _s(seconds) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
 def genai_runner(folder: Path, prompts: list):
     import onnxruntime_genai as og
 
@@ -95,6 +99,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workdir", default=None, help="keep checkpoints and exports here (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir (no export timing)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_onnx_"))
     rows, exports = [], []
@@ -104,24 +109,26 @@ def main(argv=None) -> None:
             ckpt.mkdir(parents=True, exist_ok=True)
             build_checkpoint(shape, ckpt)
         mmfuse = [sys.executable, "-m", "mmfuse.cli", "export", "onnx", "--model", str(ckpt)]
-        t_p = timed_subprocess(mmfuse + ["--out", str(ours_p)])
-        t_o = timed_subprocess(mmfuse + ["--out", str(ours_o), "--optimize"])
-        try:
-            t_b = timed_subprocess([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
-                                    "-o", str(theirs), "-p", "fp32", "-e", "cpu"])
-        except RuntimeError as e:
-            print(f"{shape}: the model builder failed: {str(e).splitlines()[-1]}")
-            t_b = None
+        done = lambda folder, name: (folder / name).exists() and args.reuse  # noqa: E731
+        t_p = None if done(ours_p, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_p)])
+        t_o = None if done(ours_o, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_o), "--optimize"])
+        t_b = None
+        if not done(theirs, "genai_config.json"):
+            try:
+                t_b = timed_subprocess([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
+                                        "-o", str(theirs), "-p", "fp32", "-e", "cpu"])
+            except RuntimeError as e:
+                print(f"{shape}: the model builder failed: {str(e).splitlines()[-1]}")
+        has_builder = (theirs / "genai_config.json").exists()
         exports.append((shape, t_p, t_o, t_b))
-        print(f"{shape}: export s: mmfuse portable {t_p:.1f}, optimised {t_o:.1f}, builder "
-              f"{'-' if t_b is None else f'{t_b:.1f}'}", flush=True)
+        print(f"{shape}: export s: mmfuse portable {_s(t_p)}, optimised {_s(t_o)}, builder {_s(t_b)}", flush=True)
         torch_engine = Engine.from_pretrained(ckpt)
         vocab = torch_engine.cfg.vocab_size
         engines = [("PyTorch Engine", lambda p: engine_runner(torch_engine, p)),
                    ("OrtEngine portable", lambda p: engine_runner(OrtEngine.from_pretrained(ours_p), p)),
                    ("OrtEngine optimised", lambda p: engine_runner(OrtEngine.from_pretrained(ours_o), p)),
                    ("genai on our optimised export", lambda p: genai_runner(ours_o, p))]
-        if t_b is not None:
+        if has_builder:
             engines.append(("genai on builder export", lambda p: genai_runner(theirs, p)))
         for batch in args.batch:
             prompts = random_prompts(vocab, batch, args.prompt_len)
@@ -140,7 +147,7 @@ def main(argv=None) -> None:
     print("\n| model | mmfuse export portable s | mmfuse export optimised s | model builder s |")
     print("|---|---|---|---|")
     for shape, t_p, t_o, t_b in exports:
-        print(f"| {shape} | {t_p:.1f} | {t_o:.1f} | {'failed' if t_b is None else f'{t_b:.1f}'} |")
+        print(f"| {shape} | {_s(t_p)} | {_s(t_o)} | {_s(t_b)} |")
 
 
 if __name__ == "__main__":
