@@ -5,9 +5,16 @@ padded for one prefill call; each row then decodes at its own position, so every
 what it would get alone. `forward()` with k tokens and `truncate()` are the verification and
 rollback steps a speculative decoder needs. `Engine` adds tokenization, sampling, stop handling
 and streaming on top.
+
+Concurrency: a `DecodeState` belongs to one caller at a time. `Engine` is safe to share between
+threads: each `generate()` / `stream()` call decodes in a `DecodeState` of its own, taken from the
+engine's idle one when it fits and returned when the call ends (a stream: when it is exhausted or
+closed), so concurrent calls and interleaved streams never share a KV cache, none waits for
+another, and each gets exactly what it would get alone.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,11 +26,14 @@ from ..errors import CapacityError
 from ..generation.frontend import Generation, GenerationFrontend
 from ..generation.requests import (Completion, RequestOutput, StreamChunk,  # noqa: F401  (re-exported)
                                    defaults_from_generation_config)
+from ..generation.sampling import Sampler
+from ..tokenizer import load_tokenizer
 from .kv_cache import KVCache
 from .loader import load_decoder
 from .transformer import Decoder
-from ..generation.sampling import Sampler
-from ..tokenizer import load_tokenizer
+
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 class DecodeState:
@@ -33,6 +43,7 @@ class DecodeState:
         p = model.lm_head.weight
         self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
         self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
+        model.ensure_positions(max_len)  # RoPE tables for what the cache holds, built here, not mid-graph
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # (B,) filled positions
         self._host_lengths = [0] * batch  # mirror of `lengths`, so capacity checks need no device sync
         self.cuda_graph = cuda_graph and p.is_cuda
@@ -101,6 +112,8 @@ class DecodeState:
 
     def _capture(self, tok: torch.Tensor) -> None:
         self._tok = tok.clone()
+        if self.model.pos_embed is None:  # the graph reads these tables: keep them alive if they grow
+            self._rope = (self.model.rope_cos, self.model.rope_sin)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up writes only the slot the first replay overwrites
@@ -108,7 +121,8 @@ class DecodeState:
                 self._decode_step(self._tok)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        # One capture at a time; "thread_local" lets other threads' decode calls run meanwhile.
+        with _CAPTURE_LOCK, torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._logits = self._decode_step(self._tok)
 
     @torch.inference_mode()
@@ -134,41 +148,57 @@ class DecodeState:
 
 
 class Engine(GenerationFrontend):
-    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()`
-    (the request side is `GenerationFrontend`, shared with the ONNX Runtime engine)."""
+    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()` (the
+    request side is `GenerationFrontend`, shared with the ONNX Runtime engine).
+
+    Thread-safe: every call (and every open stream) decodes in a KV cache of its own, so one
+    Engine may serve several threads, and one thread may interleave several streams. The engine
+    keeps one idle cache for reuse; concurrent calls each hold one while they run."""
 
     def __init__(self, model: Decoder, tokenizer=None, defaults: Optional[dict] = None, cuda_graph: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
         self.cuda_graph = cuda_graph
-        self._state: Optional[DecodeState] = None
+        self._idle: Optional[DecodeState] = None  # the cache (and CUDA graph) of a finished call
+        self._idle_lock = threading.Lock()
 
     @property
     def cfg(self):
         return self.model.cfg
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False) -> "Engine":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False) -> "Engine":
+        """Model, tokenizer.json and generation_config.json of a checkpoint folder; dtype "auto": the
+        checkpoint's own."""
         folder = Path(folder)
         model = load_decoder(folder, dtype=dtype, device=device)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
 
-    def _decode_state(self, batch: int, max_len: int) -> DecodeState:
-        """Reuse the last cache (and its CUDA graph) when the batch matches and it is large enough."""
-        s = self._state
-        if s is None or s.batch != batch or s.cache.max_len < max_len:
-            self._state = None  # free the old cache before allocating the new one
-            s = self._state = DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
-        return s
+    def _take_state(self, batch: int, max_len: int) -> DecodeState:
+        """The idle cache (and its CUDA graph) when the batch matches and it is large enough, else a new one."""
+        with self._idle_lock:
+            s, self._idle = self._idle, None
+        if s is not None and (s.batch != batch or s.cache.max_len < max_len):
+            s = None  # free the idle cache before allocating the new one
+        return s if s is not None else DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
+
+    def _give_back(self, state: DecodeState) -> None:
+        with self._idle_lock:
+            self._idle = state
 
     def _start(self, prompts: list, params: list) -> Generation:
-        state = self._decode_state(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
-        dev = state.lengths.device
+        dev = self.model.lm_head.weight.device
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
+        state = self._take_state(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+        try:
+            logits = state.prefill(prompts)
+        except BaseException:
+            self._give_back(state)
+            raise
 
         def step(tokens, active):
             return state.decode(tokens, torch.tensor(active, device=dev))
 
-        return Generation(sampler, state.prefill(prompts), step)
+        return Generation(sampler, logits, step, close=lambda: self._give_back(state))

@@ -8,24 +8,31 @@ a sampler built for its array type (torch or numpy). Everything else is this mod
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import fields, replace
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
-from ..errors import CapacityError
-from .params import SamplingParams
+from ..errors import CapacityError, PromptError, SamplingParamsError
+from ..tokenizer import check_text
+from .params import ALIASES, SamplingParams, resolve_aliases
 from .requests import Completion, RequestOutput, StreamChunk
 
 
 class Generation:
     """One batch in flight: the backend's sampler, and logits (B, V) for the next token."""
 
-    def __init__(self, sampler, logits, step_fn):
+    def __init__(self, sampler, logits, step_fn, close: Optional[Callable[[], None]] = None):
         self.sampler = sampler
         self.logits = logits
         self._step_fn = step_fn  # (tokens (B,), active list of bool) -> logits (B, V)
+        self._close = close  # returns the backend's cache when the batch ends
 
     def step(self, tokens, active: list) -> None:
         self.logits = self._step_fn(tokens, active)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
 
 
 class GenerationFrontend:
@@ -42,32 +49,37 @@ class GenerationFrontend:
         raise NotImplementedError
 
     def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
-        """Generation defaults, then `params`, then keyword overrides; the model's eos ids always stop."""
+        """Generation defaults, then `params`, then keyword overrides (SamplingParams fields or their
+        ALIASES); the model's eos ids always stop."""
         names = {f.name for f in fields(SamplingParams)}
-        unknown = sorted(set(overrides) - names)
+        unknown = sorted(set(overrides) - names - set(ALIASES))
         if unknown:
-            raise ValueError(f"unknown sampling option(s): {unknown}")
+            raise SamplingParamsError(f"unknown sampling option(s): {unknown}")
         base = params if params is not None else SamplingParams(**self.defaults)
-        p = replace(base, **overrides)
+        p = replace(base, **resolve_aliases(overrides, base.temperature))
         stops = tuple(dict.fromkeys(tuple(p.stop_token_ids) + tuple(self.cfg.eos_token_ids)))
         return replace(p, stop_token_ids=stops).validate()
 
-    def encode(self, prompt: Union[str, Sequence[int]]) -> list:
+    def encode(self, prompt: Union[str, Sequence[int]], where: str = "prompt") -> list:
+        """Token ids of a text prompt, or checked ids; PromptError names `where` when it is bad."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer (tokenizer.json in the model folder)")
-            return self.tokenizer.encode(prompt).ids
-        ids = [int(t) for t in prompt]
+                raise PromptError(f"{where}: a text prompt needs a tokenizer (tokenizer.json in the checkpoint folder)")
+            return self.tokenizer.encode(check_text(prompt, where)).ids
+        try:
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise PromptError(f"{where}: expected a str or a sequence of int token ids") from None
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.cfg.vocab_size}")
+            raise PromptError(f"{where}: token ids {bad[:5]} are outside the vocabulary of {self.cfg.vocab_size}")
         return ids
 
     def check_request(self, b: int, ids: list, p: SamplingParams, extra: int = 0) -> None:
         """Raise before any allocation if prompt + new tokens (+ `extra` draft slots) exceed the context."""
         ctx = self.cfg.max_seq_len
         if not ids:
-            raise ValueError(f"prompt {b} is empty")
+            raise PromptError(f"prompt {b} is empty")
         if len(ids) + p.max_new_tokens + extra > ctx:
             more = f" + {extra} draft slots" if extra else ""
             raise CapacityError(f"prompt {b}: {len(ids)} prompt + {p.max_new_tokens} new tokens{more} exceed "
@@ -86,27 +98,31 @@ class GenerationFrontend:
         if ignore_eos:
             params = [self.without_eos(p) for p in params]
         B = len(prompts)
-        gen = self._start(prompts, params)
         rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
-        done = [False] * B
-        step = 0
-        while not all(done):
-            tokens, logprobs = gen.sampler.sample(gen.logits, step)
-            gen.sampler.update(tokens)
-            toks = tokens.tolist()
-            lps = logprobs.tolist() if logprobs is not None else [None] * B
-            for b in range(B):
-                if not done[b]:
-                    piece, reason = rows[b].add(toks[b])
-                    done[b] = reason is not None
-                    yield b, toks[b], piece, lps[b] if params[b].logprobs else None, reason
-            step += 1
-            if not all(done):
-                gen.step(tokens, [not d for d in done])
+        gen = self._start(prompts, params)
+        try:
+            done = [False] * B
+            step = 0
+            while not all(done):
+                tokens, logprobs = gen.sampler.sample(gen.logits, step)
+                gen.sampler.update(tokens)
+                toks = tokens.tolist()
+                lps = logprobs.tolist() if logprobs is not None else [None] * B
+                for b in range(B):
+                    if not done[b]:
+                        piece, reason = rows[b].add(toks[b])
+                        done[b] = reason is not None
+                        yield b, toks[b], piece, lps[b] if params[b].logprobs else None, reason
+                step += 1
+                if not all(done):
+                    gen.step(tokens, [not d for d in done])
+        finally:
+            gen.close()  # a stream closed early ends here too
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
                  **overrides) -> list:
-        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`.
+        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`, `n`
+        per prompt in prompt order (n > 1: the j-th of a prompt uses seed + j when a seed is set).
 
         `params` may also be a list with one SamplingParams per prompt."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
@@ -117,7 +133,10 @@ class GenerationFrontend:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         plist = [self.params(p, **overrides) for p in plist]
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p, f"prompt {b}") for b, p in enumerate(prompts)]
+        ids = [i for i, p in zip(ids, plist) for _ in range(p.n)]
+        plist = [replace(p, n=1, seed=None if p.seed is None else (p.seed + j) % 2**64)
+                 for p in plist for j in range(p.n)]
         out = [Completion([], "" if self.tokenizer else None, [] if p.logprobs else None, "length") for p in plist]
         for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos):
             c = out[b]
@@ -134,5 +153,7 @@ class GenerationFrontend:
                **overrides) -> Iterator[StreamChunk]:
         """Yield a `StreamChunk` per generated token of one prompt as soon as it is sampled."""
         p = self.params(params, **overrides)
+        if p.n != 1:
+            raise SamplingParamsError(f"SamplingParams.n={p.n}: stream() yields one sequence; use generate() for n > 1")
         for _, t, piece, lp, reason in self._run([self.encode(prompt)], [p], ignore_eos):
             yield StreamChunk(t, piece, lp, reason)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..jsonfile import read_json
-from .detokenize import IncrementalDecoder, StopStringMatcher
+from .detokenize import StopStringMatcher, open_decoder
 from .params import SamplingParams
 
 
@@ -49,7 +49,7 @@ class RequestOutput:
 
     def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int]):
         self.params = params
-        self.detok = IncrementalDecoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
+        self.detok = open_decoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
         self.stops = StopStringMatcher(params.stop_strings) if params.stop_strings else None
         self.stop_ids = set(params.stop_token_ids)
         self.n = 0

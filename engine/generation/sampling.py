@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .params import GREEDY_TEMPERATURE, SamplingParams, SamplingParamsError  # noqa: F401  (re-exported)
+from ..errors import NumericalError, SamplingParamsError
+from .params import (ALIASES, GREEDY_TEMPERATURE, REPETITION_PENALTY_RANGE,  # noqa: F401  (re-exported)
+                     SamplingParams, resolve_aliases)
 
 NEG_INF = float("-inf")
 TOP_P_CANDIDATES = 256  # first guess at how many tokens hold the top-p mass
-
-
 def _column(value, logits: torch.Tensor) -> torch.Tensor:
     """A scalar or (B,) per-row parameter as a (B, 1) tensor on the logits' device and dtype."""
     t = torch.as_tensor(value, device=logits.device)
@@ -269,7 +269,18 @@ class Sampler:
             x = rows.put(x, apply_top_k(rows.take(x), self.top_k, self._top_k_max))
         if self.min_p_rows.any:
             x = self.min_p_rows.put(x, apply_min_p(self.min_p_rows.take(x), self.min_p))
+        self._check_finite(x, step)
         return x
+
+    def _check_finite(self, x: torch.Tensor, step: int) -> None:
+        """Raise NumericalError if a row's processed logits hold NaN or +inf, or nothing finite to
+        choose: argmax would pick garbage and the inverse CDF an id past the vocabulary. One row-max
+        per step (amax propagates NaN), one host sync."""
+        ok = torch.isfinite(x.amax(dim=-1))  # (B,)
+        if not bool(ok.all()):
+            rows = (~ok).nonzero().flatten().tolist()
+            raise NumericalError(f"step {step}: the logits of row(s) {rows[:8]} are NaN or infinite (NaN/inf "
+                                 "weights, a degenerate config such as rope_theta 0, or an overflowing penalty)")
 
     def probs(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The (B, V) distribution tokens are drawn from: softmax of the processed logits for

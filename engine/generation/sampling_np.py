@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .params import SamplingParams, SamplingParamsError
+from ..errors import SamplingParamsError
+from .params import SamplingParams
 
 NEG_INF = np.float32(-np.inf)
 
