@@ -56,6 +56,7 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_decoder(model_dir, dtype="fp32")
+    model.ensure_positions(cfg.max_seq_len)  # RoPE tables for the whole context (they grow on demand)
     rope = None if cfg.learned_pos else (model.rope_cos.numpy(), model.rope_sin.numpy())
     graph = DecoderGraph(cfg, weights_from_model(model), rope, opts).build()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
