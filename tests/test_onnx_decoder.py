@@ -254,7 +254,7 @@ def test_opset_choice(checkpoints, tmp_path):
 def test_unsupported_architecture_and_field_refused_before_any_work(checkpoints, tmp_path):
     src, _ = checkpoints["gpt2"]
     for i, (patch, match) in enumerate((({"model_type": "bloom"}, "model_type 'bloom'"),
-                                        ({"alibi_slopes": [1.0]}, "alibi_slopes"),
+                                        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
                                         ({"n_inner": 4, "activation_function": "swiglu"}, "'swiglu'"))):
         bad = tmp_path / f"bad{i}"
         bad.mkdir()
