@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, envs
 from .errors import MMFuseError
 
 COMMAND_MODULES = [
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name = f"mmfuse {args.command}"
-    show = args.traceback or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+    show = args.traceback
     try:
+        show = show or envs.MMFUSE_TRACEBACK  # a bad value is a SettingError, reported in one line
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130

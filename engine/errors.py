@@ -56,3 +56,12 @@ class ImageError(MMFuseError, ValueError):
 class NumericalError(MMFuseError, ValueError):
     """A model produced NaN or infinite values (broken weights or a degenerate config): its output
     would be meaningless, so generation stops instead of emitting garbage tokens."""
+
+
+class SettingError(MMFuseError, ValueError):
+    """An environment variable (`mmfuse.envs`) or a backend name is outside its allowed values."""
+
+
+class BackendUnavailableError(MMFuseError, RuntimeError):
+    """A requested kernel backend cannot run here (triton not installed, CPU tensors without the
+    Triton interpreter)."""
