@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -16,12 +15,11 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, ConfigError
-from .jsonfile import read_json  # noqa: F401  (re-exported: checkpoint readers use it from here)
+from .jsonfile import HUB_ID, not_a_folder_message, read_config, read_json  # noqa: F401  (checkpoint readers use them from here)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 DTYPE_NAMES = ["auto", "fp32", "bf16", "fp16"]  # what --dtype offers
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hugging Face Hub
 
 
 def resolve_dtype(dtype, config: Optional[dict] = None) -> torch.dtype:
@@ -65,26 +63,6 @@ def path_in_folder(folder, entry, source) -> Path:
     if not any(real == r or real.is_relative_to(r) for r in roots):
         raise CheckpointError(f"{source}: entry {entry!r} resolves to {real}, outside the checkpoint folder {folder}")
     return path
-
-
-def read_config(folder) -> dict:
-    """config.json of a checkpoint folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(not_a_folder_message(folder))
-    return read_json(folder / "config.json")
-
-
-def not_a_folder_message(folder) -> str:
-    """Why `folder` cannot be loaded; for a Hub id (owner/name), how to get a local folder."""
-    text = str(folder)
-    if HUB_ID.fullmatch(text) and not Path(text).exists():
-        local = text.split("/")[-1]
-        return (f"{text}: no such folder. mmfuse loads local checkpoint folders and never downloads on its "
-                f"own; {text!r} looks like a Hugging Face Hub id. Get a folder with\n"
-                f"    huggingface-cli download {text} --local-dir {local}\n"
-                f"and pass {local}, or, with huggingface_hub installed, add --download to let mmfuse fetch it")
-    return f"{folder}: not a checkpoint folder (no such directory)"
 
 
 def fetch_from_hub(repo_id: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import read_config
+from ..jsonfile import read_config
 from ..errors import ConfigError
 
 DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2")
