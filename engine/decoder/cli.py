@@ -27,6 +27,7 @@ def register(sub) -> None:
     g.add_argument("--logprobs", action="store_true", help="print per-token logprobs")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     _device_args(g)
+    _quant_args(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="parameters, dtype and KV-cache bytes of a checkpoint")
@@ -44,6 +45,7 @@ def register(sub) -> None:
     b.add_argument("--bandwidth-gbs", type=float, default=30.0, help="memory bandwidth for the floor (GB/s)")
     b.add_argument("--cuda-graph", action="store_true")
     _device_args(b)
+    _quant_args(b)
     b.set_defaults(func=cmd_bench)
 
 
@@ -52,10 +54,28 @@ def _device_args(p) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _quant_args(p) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load time")
+    p.add_argument("--group-size", type=int, help="input columns per scale (-1: per output channel; int4 default 128)")
+    p.add_argument("--asym", action="store_true", help="a zero point per group (default: symmetric)")
+    p.add_argument("--float-head", action="store_true", help="keep the LM head (and tied embeddings) in float")
+
+
+def _quant_config(args):
+    from ..quant import QuantConfig
+
+    if args.quantize is None:
+        if args.group_size is not None or args.asym or args.float_head:
+            raise ValueError("--group-size / --asym / --float-head need --quantize")
+        return None
+    return QuantConfig.parse(args.quantize, group_size=args.group_size, symmetric=False if args.asym else None,
+                             lm_head=False if args.float_head else None)
+
+
 def cmd_generate(args) -> int:
     from .generate import Engine
 
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=_quant_config(args))
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
                                           "min_p", "repetition_penalty", "presence_penalty",
                                           "frequency_penalty", "seed") if getattr(args, k) is not None}
@@ -105,14 +125,21 @@ def cmd_bench(args) -> int:
     from .loader import load_decoder
     from .transformer import Decoder
 
+    from ..quant import quantize_decoder
+
     dtype = resolve_dtype(args.dtype)
+    qcfg = _quant_config(args)
     if args.model:
-        model, name = load_decoder(args.model, dtype=dtype, device=args.device), args.model
+        model, name = load_decoder(args.model, dtype=dtype, device=args.device, quantize=qcfg), args.model
     else:
         if args.preset not in PRESETS:
             raise ValueError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
         model, name = Decoder.random(PRESETS[args.preset], dtype=dtype, device=args.device), args.preset
-    print(f"mmfuse bench: {name}, {model.num_params() / 1e6:.1f}M params, {args.dtype}, {args.device}, "
+        if qcfg is not None:
+            quantize_decoder(model, qcfg)
+    quant = getattr(model, "quant_config", None)
+    print(f"mmfuse bench: {name}, {model.num_params() / 1e6:.1f}M float params, {args.dtype}"
+          f"{'' if quant is None else ' + ' + quant.name}, {args.device}, "
           f"{torch.get_num_threads()} threads, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
           f"median of {args.repeats}")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} {'floor ms':>9} {'x floor':>8}")

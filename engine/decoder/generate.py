@@ -30,7 +30,7 @@ class DecodeState:
     """The KV cache of a batch of sequences and how many positions each row holds."""
 
     def __init__(self, model: Decoder, batch: int, max_len: int, cuda_graph: bool = False):
-        p = model.lm_head.weight
+        p = model.norm_f.weight  # float in quantized models too
         self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
         self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # (B,) filled positions
@@ -211,9 +211,12 @@ class Engine:
         self._state: Optional[DecodeState] = None
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False) -> "Engine":
+    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False, quantize=None) -> "Engine":
+        """`quantize`: None, "int8", "int4" ("int4-g32", "int8-asym", ...), a `mmfuse.quant.QuantConfig`
+        or a dict of its fields: weight-only quantization at load time (GPTQ/AWQ/mmfuse-quantized
+        folders load quantized without it)."""
         folder = Path(folder)
-        model = load_decoder(folder, dtype=dtype, device=device)
+        model = load_decoder(folder, dtype=dtype, device=device, quantize=quantize)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
 
