@@ -137,11 +137,8 @@ def load_mmfuse(folder, cfg, qdesc: dict, dtype="fp32", device="cpu") -> nn.Modu
         model.embed = QuantizedEmbedding(model.lm_head, dtype)
     elif table == "embed.table":
         model.embed = QuantizedEmbedding(model.get_submodule("embed.table"), dtype)
-    sd = {}
+    sd = {key: ck.take(key, dtype=dtype, device=device) for key in ck.unused()}  # the float tensors
     quantized = tuple(n + "." for n in mods)
-    for key in ck.keys():
-        if not key.startswith(quantized):
-            sd[key] = ck.take(key, dtype=dtype, device=device)
     ck.finish()
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith(quantized + ("embed.table.",))
