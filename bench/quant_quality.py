@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     ap.add_argument("--family", default="llama", choices=["llama", "gpt2"])
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=24, help="training windows per step")
     args = ap.parse_args(argv)
     train = open(os.path.join(DATA, "train.txt"), encoding="utf-8").read().splitlines()
     test = open(os.path.join(DATA, "test.txt"), encoding="utf-8").read().splitlines()
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
         cfg = DecoderConfig(family="gpt2", **common)
     print(f"training a {args.family}-shaped decoder ({cfg.n_layer} layers, d={cfg.d_model}) for {args.train_seconds:.0f} s "
           f"on {len(ids):,} tokens; held-out: {n} windows of {args.seq}")
-    model = train_decoder(ids, cfg, args.train_seconds, seq=args.seq)
+    model = train_decoder(ids, cfg, args.train_seconds, batch=args.batch, seq=args.seq)
     base_nll, base_pred = evaluate(model, windows)
     print(f"\n| format | bits/weight (linears) | perplexity | vs fp32 | next-token agreement |")
     print("|---|---|---|---|---|")

@@ -295,7 +295,7 @@ def check_against_transformers(kind, hf_folder, qfolder, expected, hf_model):
         ref = hf_model(ids).logits
         out = ours(ids, torch.arange(9).expand(2, 9))
         step = ours(ids[:, :1], torch.zeros(2, 1, dtype=torch.long))
-    tol = 2e-5 * ref.abs().max().item()  # random codes make large weights and logits
+    tol = 1e-4 * ref.abs().max().item()  # random codes make large weights and logits (weights checked exactly above)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=tol)
     torch.testing.assert_close(step, ref[:, :1], rtol=1e-4, atol=tol)
 
