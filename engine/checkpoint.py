@@ -47,6 +47,29 @@ def read_json(path: Path, required: bool = True) -> Optional[dict]:
     return data
 
 
+def path_in_folder(folder, entry, source) -> Path:
+    """`folder / entry` for a file name a checkpoint's own JSON gives (an index's `weight_map`,
+    sentence-transformers' modules.json), refused with CheckpointError naming `source` and the
+    entry when it is not a relative path that stays inside the folder: no absolute paths, no `..`
+    out of it, no symlink resolving outside it. The one exception is the Hugging Face hub cache,
+    whose snapshot files are symlinks into the repository's `blobs/` folder beside `snapshots/`."""
+    folder = Path(folder)
+    if not isinstance(entry, str) or not entry or "\0" in entry:
+        raise CheckpointError(f"{source}: entry {entry!r} is not a file name")
+    rel = Path(entry)
+    if rel.is_absolute() or rel.drive or rel.root:
+        raise CheckpointError(f"{source}: entry {entry!r} is an absolute path; it must stay inside {folder}")
+    if ".." in rel.parts:
+        raise CheckpointError(f"{source}: entry {entry!r} uses '..'; it must stay inside the checkpoint folder {folder}")
+    path = folder / rel
+    real, roots = path.resolve(), [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":
+        roots.append(folder.resolve().parent.parent / "blobs")
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{source}: entry {entry!r} resolves to {real}, outside the checkpoint folder {folder}")
+    return path
+
+
 def read_config(folder) -> dict:
     """config.json of a checkpoint folder."""
     folder = Path(folder)
@@ -70,8 +93,8 @@ class Checkpoint:
             wmap = meta.get("weight_map")
             if not isinstance(wmap, dict) or not wmap:
                 raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = sorted({self.folder / f for f in wmap.values()})
-            key_file = {k: self.folder / f for k, f in wmap.items()}
+            key_file = {k: path_in_folder(self.folder, f, f"{index}: weight_map[{k!r}]") for k, f in wmap.items()}
+            files = sorted(set(key_file.values()))
         else:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
             hint = f" (found {bins}: pickled weights are not loaded; convert them to safetensors)" if bins else ""

@@ -153,8 +153,8 @@ def _packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]
         return hit[1]
     storage = owner.untyped_storage()
     start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    for k in [k for k in entry[1] if k[4] != owner.dtype or not start <= k[1] < end]:
-        del entry[1][k]
+    for k in [k for k in list(entry[1]) if k[4] != owner.dtype or not start <= k[1] < end]:  # list(): threads
+        entry[1].pop(k, None)
     w = weight.detach().contiguous() if scale == 1.0 else weight.detach() * scale
     packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
     entry[1][key] = (owner._version, packed)

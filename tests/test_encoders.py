@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmfuse.encoders import (ClipModel, ImageError, ImageProcessor, SiglipModel, build_zero_shot_classifier,
+from mmfuse.encoders import (ClipModel, ImageProcessor, SiglipModel, build_zero_shot_classifier,
                              load_encoder, search, search_reference)
 from mmfuse.encoders.synthetic import COLOURS, SHAPES, shapes_dataset, write_word_tokenizer
-from mmfuse.errors import CheckpointError, ConfigError
+from mmfuse.errors import CheckpointError, ConfigError, ImageError
 
 transformers = pytest.importorskip("transformers")
 

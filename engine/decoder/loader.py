@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
-from .config import DecoderConfig
 from ..errors import CheckpointError, ConfigError
+from .config import DecoderConfig
 from .transformer import Decoder
-from ..nn.rope import rope_tables
 
 
 def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
@@ -125,9 +124,9 @@ def load_decoder(folder, dtype="fp32", device="cpu", quantize=None) -> Decoder:
         raise CheckpointError(f"{folder}: internal key mapping mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    if not cfg.learned_pos:  # buffers created on meta: rebuild them for real
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if not cfg.learned_pos:  # buffers created on meta: real (empty) ones, grown on use
+        model.rope_cos = torch.zeros(0, cfg.head_dim // 2, device=device)
+        model.rope_sin = torch.zeros(0, cfg.head_dim // 2, device=device)
     model.quant_config = spec
     model = model.eval()
     if qcfg is not None:

@@ -11,26 +11,38 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import PromptError
+from ..files import atomic_open
+
 
 def _embed(args) -> int:
     from .api import load_encoder
 
     if bool(args.images) + bool(args.texts or args.text) != 1:
         raise ValueError("give either --images or --texts/--text")
-    enc = load_encoder(args.checkpoint, dtype=args.dtype)
-    if args.images:
-        emb = enc.encode_image(args.images, batch_size=args.batch_size, normalize=not args.no_normalize)
-    else:
-        texts = list(args.text or [])
-        if args.texts:
-            path = Path(args.texts)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: text file not found")
-            texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        emb = enc.encode_text(texts, batch_size=args.batch_size, normalize=not args.no_normalize)
-    out = np.ascontiguousarray(emb.numpy().astype(np.float32))
-    np.save(args.out, out)
-    print(f"wrote {out.shape[0]} x {out.shape[1]} embeddings to {args.out}", file=sys.stderr)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    target = args.out if args.out.endswith(".npy") else args.out + ".npy"  # as np.save names it
+    # The temporary file beside --out is made first: an unwritable place fails before any model work,
+    # and a failure later leaves the previous file untouched.
+    with atomic_open(target, "wb") as f:
+        enc = load_encoder(args.checkpoint, dtype=args.dtype)
+        if args.images:
+            emb = enc.encode_image(args.images, batch_size=args.batch_size, normalize=not args.no_normalize)
+        else:
+            texts = list(args.text or [])
+            if args.texts:
+                path = Path(args.texts)
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: text file not found")
+                try:
+                    texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                except UnicodeDecodeError as e:
+                    raise PromptError(f"{path}: not UTF-8 text (byte {e.start})") from None
+            emb = enc.encode_text(texts, batch_size=args.batch_size, normalize=not args.no_normalize)
+        out = np.ascontiguousarray(emb.numpy().astype(np.float32))
+        np.save(f, out)
+    print(f"wrote {out.shape[0]} x {out.shape[1]} embeddings to {target}", file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..hf_config import int_field
 from .config import check_fields, sub_config, text_tower, vision_tower
 from .dual import DualEncoder
 from .weights import module_keys
@@ -25,7 +26,7 @@ class ClipModel(DualEncoder):
                               "quick_gelu", 1e-5, class_token=True)
         text = text_tower(sub_config(cfg, "text_config", source), f"{source} text_config",
                           "quick_gelu", 1e-5, causal=True)
-        return vision, text, cfg.get("projection_dim", 512)
+        return vision, text, int_field(cfg, "projection_dim", source, default=512)
 
     @classmethod
     def key_table(cls, vision, text):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import read_config
 from ..errors import ConfigError
+from ..files import atomic_path
 from ..nn.layers import init_weights
 from .config import TowerConfig
 from .text import TextTower
@@ -115,7 +116,8 @@ class DualEncoder(nn.Module):
             for name in ASSETS:
                 src = Path(assets_from) / name
                 if src.is_file():
-                    shutil.copyfile(src, folder / name)
+                    with atomic_path(folder / name) as tmp:
+                        shutil.copyfile(src, tmp)
         return folder
 
     # ---- embedding and scoring

@@ -4,6 +4,7 @@ biased `head`; independent sigmoid scores from exp(logit_scale) * cos + logit_bi
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..hf_config import int_field
 from .config import check_fields, sub_config, text_tower, vision_tower
 from .dual import DualEncoder
 from .weights import module_keys
@@ -26,7 +27,7 @@ class SiglipModel(DualEncoder):
         tcfg = sub_config(cfg, "text_config", source)
         text = text_tower(tcfg, f"{source} text_config", "gelu_pytorch_tanh", 1e-6, causal=False,
                           extra={"projection_size"})
-        dim = tcfg.get("projection_size") or text.d_model
+        dim = int_field(tcfg, "projection_size", f"{source} text_config", default=text.d_model)
         if dim != vision.d_model:
             raise ConfigError(f"{source}: text projection_size={dim} differs from the image width {vision.d_model} "
                               "(SigLIP compares the pooled image features with the projected text directly)")

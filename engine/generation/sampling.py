@@ -23,15 +23,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import MMFuseError
+from ..errors import NumericalError, SamplingParamsError
 
 NEG_INF = float("-inf")
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily
 TOP_P_CANDIDATES = 256  # first guess at how many tokens hold the top-p mass
-
-
-class SamplingParamsError(MMFuseError, ValueError):
-    """A sampling parameter is out of range or of the wrong type."""
+# Beyond this range the penalty is absolute anyway (a seen token is never, or always, chosen),
+# and a tiny one overflows float32 logits (logit / 1e-40 = inf).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass
@@ -45,7 +44,7 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest most-likely set with mass >= top_p; 1.0 = off
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0.0 = off
     repetition_penalty: float = 1.0  # HF: over prompt + generated tokens, positive logits / it,
-    #                                  negative logits * it; 1.0 = off
+    #                                  negative logits * it; 1.0 = off; in [0.01, 100]
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token generated so far
     frequency_penalty: float = 0.0  # OpenAI: minus this times the count of each generated token
     stop_token_ids: tuple[int, ...] = ()  # end on these ids; the caller merges the model's eos ids
@@ -93,8 +92,9 @@ class SamplingParams:
             raise bad("top_p", "must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0 (1.0 means off)")
+        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
+            lo, hi = REPETITION_PENALTY_RANGE
+            raise bad("repetition_penalty", f"must be in [{lo}, {hi}] (1.0 means off)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "must be in [-2, 2] (OpenAI range)")
@@ -351,7 +351,18 @@ class Sampler:
             x = rows.put(x, apply_top_k(rows.take(x), self.top_k, self._top_k_max))
         if self.min_p_rows.any:
             x = self.min_p_rows.put(x, apply_min_p(self.min_p_rows.take(x), self.min_p))
+        self._check_finite(x, step)
         return x
+
+    def _check_finite(self, x: torch.Tensor, step: int) -> None:
+        """Raise NumericalError if a row's processed logits hold NaN or +inf, or nothing finite to
+        choose: argmax would pick garbage and the inverse CDF an id past the vocabulary. One row-max
+        per step (amax propagates NaN), one host sync."""
+        ok = torch.isfinite(x.amax(dim=-1))  # (B,)
+        if not bool(ok.all()):
+            rows = (~ok).nonzero().flatten().tolist()
+            raise NumericalError(f"step {step}: the logits of row(s) {rows[:8]} are NaN or infinite (NaN/inf "
+                                 "weights, a degenerate config such as rope_theta 0, or an overflowing penalty)")
 
     def probs(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The (B, V) distribution tokens are drawn from: softmax of the processed logits for

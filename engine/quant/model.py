@@ -103,7 +103,6 @@ def save_quantized(model: nn.Module, folder, source_config: dict, source_folder=
 def load_mmfuse(folder, cfg, qdesc: dict, dtype="fp32", device="cpu") -> nn.Module:
     """A `Decoder` from a folder `save_quantized` wrote (`cfg`: its DecoderConfig, `qdesc`: its quantization_config)."""
     from ..decoder.transformer import Decoder
-    from ..nn.rope import rope_tables
 
     folder = Path(folder)
     src = folder / "config.json"
@@ -147,9 +146,9 @@ def load_mmfuse(folder, cfg, qdesc: dict, dtype="fp32", device="cpu") -> nn.Modu
         raise CheckpointError(f"{folder}: tensors missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.embed.weight
-    if not cfg.learned_pos:
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if not cfg.learned_pos:  # buffers created on meta: real (empty) ones, grown on use
+        model.rope_cos = torch.zeros(0, cfg.head_dim // 2, device=device)
+        model.rope_sin = torch.zeros(0, cfg.head_dim // 2, device=device)
     qc = {k: qdesc[k] for k in QuantConfig.__dataclass_fields__ if k in qdesc}
     model.quant_config = QuantConfig(**qc) if qc else None
     return model.eval()
