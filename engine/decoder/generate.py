@@ -301,7 +301,7 @@ class Engine:
         B = len(prompts)
         if ignore_eos:
             params = [self.without_eos(p) for p in params]
-        dev = self.model.lm_head.weight.device
+        dev = self.model.norm_f.weight.device  # float in quantized models too
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
         rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
         done = [False] * B
