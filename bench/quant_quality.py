@@ -9,7 +9,6 @@ share of positions whose greedy next token equals the fp32 model's.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -21,11 +20,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speculative import train_decoder, train_tokenizer  # noqa: E402
 
 from mmfuse.decoder.config import DecoderConfig  # noqa: E402
+from mmfuse.decoder.transformer import Decoder  # noqa: E402
 from mmfuse.quant import QuantConfig, quantize_decoder  # noqa: E402
 from mmfuse.quant.model import quantized_linears  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "kenlm")
 FORMATS = ["int8", "int8-asym", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g128", "int4-g128-asym"]
+
+
+def clone(model, cfg):
+    """A copy of the trained model (Decoder holds a lock, so no deepcopy)."""
+    twin = Decoder(cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
 
 
 @torch.inference_mode()
@@ -71,12 +78,12 @@ def main(argv=None) -> None:
     print(f"\n| format | bits/weight (linears) | perplexity | vs fp32 | next-token agreement |")
     print("|---|---|---|---|---|")
     print(f"| fp32 | 32 | {math.exp(base_nll):.3f} | - | - |")
-    bf = copy.deepcopy(model).to(torch.bfloat16)
+    bf = clone(model, cfg).to(torch.bfloat16)
     nll, pred = evaluate(bf, windows)
     print(f"| bf16 | 16 | {math.exp(nll):.3f} | {math.exp(nll - base_nll) * 100 - 100:+.2f}% | "
           f"{(pred == base_pred).float().mean().item() * 100:.2f}% |")
     for name in FORMATS:
-        q = quantize_decoder(copy.deepcopy(model), QuantConfig.parse(name))
+        q = quantize_decoder(clone(model, cfg), QuantConfig.parse(name))
         lins = quantized_linears(q)
         bits = 8 * sum(m.nbytes for m in lins.values()) / sum(m.in_features * m.out_features for m in lins.values())
         nll, pred = evaluate(q, windows)

@@ -101,26 +101,16 @@ def test_quant_config_parsing_and_errors():
         QuantizedLinear(torch.zeros(4, 9, dtype=torch.uint8), torch.ones(4, 1), None, 4, 16, 16)  # 9 bytes for 16 columns
 
 
-def float_twin(model):
-    """The same model with every quantized linear replaced by nn.Linear of its dequantized weight."""
-    import copy
-
-    twin = copy.deepcopy(model)
-    emb = None
-    if not isinstance(twin.embed, torch.nn.Embedding):
-        emb = torch.nn.Embedding(twin.cfg.vocab_size, twin.cfg.d_model)
-        emb.weight.data = twin.embed.table.dequantize()
-        tied = twin.embed.table is twin.lm_head
-    for name, m in list(quantized_linears(twin).items()):
-        lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        lin.weight.data = m.dequantize()
-        if m.bias is not None:
-            lin.bias.data = m.bias.float()
-        twin.set_submodule(name, lin)
-    if emb is not None:
-        twin.embed = emb
-        if tied:
-            twin.lm_head.weight = emb.weight
+def float_twin(model, folder):
+    """The float model of `folder` with every weight the quantized `model` holds replaced by its
+    dequantized value (norms, biases and position tables are the checkpoint's in both)."""
+    twin = load_decoder(folder)
+    with torch.no_grad():
+        for name, m in quantized_linears(model).items():
+            target = twin.embed if name == "embed.table" else twin.get_submodule(name)
+            target.weight.copy_(m.dequantize())
+        if not isinstance(model.embed, torch.nn.Embedding) and model.embed.table is model.lm_head:
+            assert twin.embed.weight is twin.lm_head.weight  # tied in both
     return twin
 
 
@@ -129,7 +119,7 @@ def test_quantized_decoder_equals_dequantized_float_model(hf_decoder, quant, tmp
     kind, folder, _ = hf_decoder
     model = load_decoder(folder, quantize=quant)
     assert isinstance(model.blocks[0].attn.qkv, QuantizedLinear) and isinstance(model.lm_head, QuantizedLinear)
-    twin = float_twin(model)
+    twin = float_twin(model, folder)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(5))
     pos = torch.arange(13).expand(2, 13)
     with torch.inference_mode():
