@@ -13,21 +13,42 @@ import os
 import sys
 import traceback
 
+from . import __version__, envs
 from .errors import MMFuseError
 
 COMMAND_MODULES = [
     "mmfuse.ngram.cli",
     "mmfuse.decoder.cli",
     "mmfuse.encoders.cli",
+    "mmfuse.export.cli",
 ]
 TRACEBACK_ENV = "MMFUSE_TRACEBACK"  # set to 1 to print tracebacks of internal errors
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults (not None/False, not where the help text already gives one)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command shows its defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmfuse", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="mmfuse", description="mmfuse: n-gram LMs, Transformer decoders and CLIP-style "
+                     "encoders from local checkpoint folders. Commands import torch only when they need it.")
+    parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
     parser.add_argument("--traceback", action="store_true",
                         help=f"print the traceback of an internal error (or set {TRACEBACK_ENV}=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -49,8 +70,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     name = f"mmfuse {args.command}"
-    show = args.traceback or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
+    show = args.traceback
     try:
+        show = show or envs.MMFUSE_TRACEBACK  # a bad value is a SettingError, reported in one line
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130

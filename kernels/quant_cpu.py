@@ -23,17 +23,17 @@ The plain PyTorch reference is `dequantize` then `F.linear`.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import activation
+from mmfuse import envs
+
+from .activations import activation
 
 FUSED_MAX_ROWS = 16  # up to here the fused kernel; above, dequantized blocks through the float GEMM
 DEQUANT_BLOCK = 1024  # output rows dequantized at a time on the GEMM path (4 MiB of fp32 at K = 1024)
-_FUSED = os.environ.get("MMFUSE_QUANT_FUSED", "1") != "0"
 
 
 def unpack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -232,7 +232,7 @@ def quant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: 
     zc = 8.0 if bits == 4 else 0.0
     z = (zeros if zeros is not None else _NO_ZEROS).numpy()
     w8, w4, deq = _kernels()
-    if _FUSED and n <= FUSED_MAX_ROWS:
+    if n <= FUSED_MAX_ROWS and envs.read("MMFUSE_QUANT_FUSED"):
         out = torch.empty(n, N, dtype=torch.float32)
         (w8 if bits == 8 else w4)(q.numpy(), scales.numpy(), z, zc, flat.numpy(), out.numpy(), group_size)
     else:

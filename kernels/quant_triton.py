@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .cpu_linear import activation
+from .activations import activation
 from .quant_cpu import quant_linear_reference
 
 try:

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConfigError
-from ..hf_config import (ACTIVATIONS, GENERIC_FIELDS, bool_field, check_sizes, float_field, int_field,
-                         token_ids)
+from ..hf_config import (ACTIVATIONS, bool_field, check_sizes, float_field, int_field, screen_fields, token_ids,
+                         with_defaults)
 
+# The fields transformers' class for each model_type reads; the readers below implement each one or
+# refuse its value by name. Every other field goes through hf_config.screen_fields.
 _GPT2_FIELDS = {
     "activation_function", "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx",
     "layer_norm_epsilon", "reorder_and_upcast_attn", "scale_attn_by_inverse_layer_idx",
@@ -25,11 +27,15 @@ _LLAMA_FIELDS = {
     "attention_bias", "head_dim", "hidden_act", "hidden_size", "intermediate_size",
     "max_position_embeddings", "mlp_bias", "num_attention_heads", "num_hidden_layers",
     "num_key_value_heads", "pretraining_tp", "rms_norm_eps", "rope_parameters", "rope_scaling",
-    "rope_theta", "vocab_size", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types",
+    "rope_theta", "vocab_size", "layer_types",
 }
 
-_FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
+_FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS | {"sliding_window"},
+                  "qwen2": _LLAMA_FIELDS | {"sliding_window", "use_sliding_window", "max_window_layers"}}
+
+# Multimodal checkpoints whose config.json wraps a decoder: not loadable as a text decoder.
+_WRAPPERS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
+             "mllama", "paligemma"}
 
 
 @dataclass
@@ -84,14 +90,17 @@ class DecoderConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "DecoderConfig":
-        """Build from a Hugging Face config dict; unknown fields and unsupported values are errors."""
+        """Build from a Hugging Face config dict. Fields are decided by `hf_config.screen_fields`;
+        unsupported values are ConfigErrors naming the field."""
         mt = cfg.get("model_type")
+        if mt in _WRAPPERS:
+            raise ConfigError(f"{source}: model_type {mt!r} is a vision-language model, not a text decoder "
+                              f"(its text_config describes the decoder inside it)")
         if mt not in _FAMILY_FIELDS:
             raise ConfigError(f"{source}: unknown or unsupported model_type {mt!r} "
                               f"(supported: {sorted(_FAMILY_FIELDS)})")
-        unknown = sorted(set(cfg) - GENERIC_FIELDS - _FAMILY_FIELDS[mt])
-        if unknown:
-            raise ConfigError(f"{source}: unsupported field(s) for model_type {mt!r}: {unknown}")
+        screen_fields(cfg, _FAMILY_FIELDS[mt], source)
+        cfg = with_defaults(cfg, mt)
         if cfg.get("add_cross_attention"):
             raise ConfigError(f"{source}: add_cross_attention=true is not supported")
         bos = token_ids(cfg, "bos_token_id", source)
@@ -133,11 +142,16 @@ class DecoderConfig:
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
         if cfg.get("pretraining_tp", 1) != 1:
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported (must be 1)")
-        if cfg.get("use_sliding_window") or (mt == "mistral" and cfg.get("sliding_window") is not None):
-            raise ConfigError(f"{source}: sliding-window attention is not supported")
         lt = cfg.get("layer_types")
-        if lt is not None and (not isinstance(lt, list) or any(t != "full_attention" for t in lt)):
-            raise ConfigError(f"{source}: layer_types other than 'full_attention' are not supported")
+        if lt is not None and (not isinstance(lt, list)
+                               or any(t not in ("full_attention", "sliding_attention") for t in lt)):
+            raise ConfigError(f"{source}: layer_types {lt!r}: only 'full_attention' and 'sliding_attention' "
+                              "(with a window no shorter than the context) are supported")
+        context = int_field(cfg, "max_position_embeddings", source, default=2048)
+        window = _sliding_window(cfg, mt, source)
+        if window is not None and window < context:
+            raise ConfigError(f"{source}: sliding_window={window} is shorter than the context "
+                              f"max_position_embeddings={context}; sliding-window attention is not supported")
         d = int_field(cfg, "hidden_size", source)
         h = int_field(cfg, "num_attention_heads", source)
         key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
@@ -164,7 +178,7 @@ class DecoderConfig:
         return cls(n_layer=int_field(cfg, "num_hidden_layers", source), n_head=h,
                    n_kv_head=int_field(cfg, "num_key_value_heads", source, default=h), d_model=d,
                    head_dim=head_dim, d_ff=int_field(cfg, "intermediate_size", source),
-                   max_seq_len=int_field(cfg, "max_position_embeddings", source, default=2048), family="llama",
+                   max_seq_len=context, family="llama",
                    norm="rmsnorm", norm_eps=float_field(cfg, "rms_norm_eps", source, default=1e-6),
                    act=ACTIVATIONS[act], gated_mlp=True, learned_pos=False, rope_theta=theta, rope_scaling=scaling,
                    qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool_field(cfg, "mlp_bias", source, False),
@@ -186,6 +200,21 @@ def _check_rope_scaling(scaling: dict) -> None:
     if rtype == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ConfigError(f"{where}: high_freq_factor={scaling['high_freq_factor']} must be greater than "
                           f"low_freq_factor={scaling['low_freq_factor']}")
+
+
+def _sliding_window(cfg: dict, mt: str, source: str) -> Optional[int]:
+    """The attention window some layer uses, as transformers decides it, or None (all full)."""
+    lt = cfg.get("layer_types")
+    if mt == "mistral":
+        uses = cfg.get("sliding_window") is not None
+    elif lt is not None:
+        uses = "sliding_attention" in lt
+    elif mt == "qwen2":
+        uses = bool_field(cfg, "use_sliding_window", source, False) and int_field(
+            cfg, "max_window_layers", source, default=0, minimum=0) < int_field(cfg, "num_hidden_layers", source)
+    else:
+        uses = False
+    return int_field(cfg, "sliding_window", source) if uses else None
 
 
 # Built-in shapes for benchmarks and `mmfuse bench` (random weights, no download).

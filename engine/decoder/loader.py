@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..device import check_device
 from ..errors import CheckpointError, ConfigError
 from .config import DecoderConfig
 from .transformer import Decoder
@@ -63,8 +64,9 @@ def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take, fused=None):
     return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".rotary_emb.inv_freq",), modules
 
 
-def load_decoder(folder, dtype="fp32", device="cpu", quantize=None) -> Decoder:
-    """Build a `Decoder` from a checkpoint folder (config.json + safetensors).
+def load_decoder(folder, dtype="auto", device="cpu", quantize=None) -> Decoder:
+    """Build a `Decoder` from a checkpoint folder (config.json + safetensors). dtype "auto": the
+    checkpoint's own (config.json `dtype`/`torch_dtype`).
 
     Quantized checkpoints (GPTQ, AWQ, mmfuse's own) load as such; `quantize` (a `QuantConfig` or
     "int8" / "int4" ...) quantizes a float checkpoint's weights at load time."""
@@ -74,11 +76,12 @@ def load_decoder(folder, dtype="fp32", device="cpu", quantize=None) -> Decoder:
     from ..quant.published import parse_published, published_quant, read_linear
 
     folder = Path(folder)
-    config = read_config(folder)
-    qc = published_quant(folder, config)
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    device = check_device(device)
+    hf = read_config(folder)
+    qc = published_quant(folder, hf)
+    config = {k: v for k, v in hf.items() if k != "quantization_config"}
     cfg = DecoderConfig.from_hf(config, source=str(folder / "config.json"))
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, hf)
     qcfg = QuantConfig.parse(quantize)
     if qc is not None and qcfg is not None:
         raise ConfigError(f"{folder}: the checkpoint is already quantized ({qc.get('quant_method')}); "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError
-from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, check_sizes, float_field, int_field
+from ..hf_config import ACTIVATIONS, check_sizes, float_field, int_field, screen_fields, with_defaults
 
 
 @dataclass
@@ -55,23 +55,13 @@ class TowerConfig:
             raise ConfigError(f"unsupported activation {self.act!r}")
 
 
-# Per-tower fields that describe training (dropout, init) or other heads: no effect on inference.
-_IGNORED = GENERIC_FIELDS | {
-    "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_factor",
-    "gradient_checkpointing", "classifier_dropout", "tie_encoder_decoder", "projection_dim",
-    "_attn_implementation_autoset",
-}
-_VIT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-               "image_size", "patch_size", "hidden_act", "layer_norm_eps"}
-_TEXT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                "max_position_embeddings", "hidden_act", "layer_norm_eps"}
-_BERT_FIELDS = _TEXT_FIELDS | {"type_vocab_size", "position_embedding_type"}
-
-
-def check_fields(cfg: dict, allowed: set, source: str) -> None:
-    unknown = sorted(set(cfg) - _IGNORED - allowed)
-    if unknown:
-        raise ConfigError(f"{source}: unsupported field(s): {unknown}")
+# The fields transformers' tower classes read; all others go through hf_config.screen_fields.
+_TOWER_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+                 "layer_norm_eps"}
+# (a CLIP tower's own projection_dim is unused: CLIPModel reads the top-level one)
+_VIT_FIELDS = _TOWER_FIELDS | {"num_channels", "image_size", "patch_size", "projection_dim"}
+_TEXT_FIELDS = _TOWER_FIELDS | {"vocab_size", "max_position_embeddings", "projection_dim"}
+_BERT_FIELDS = _TOWER_FIELDS | {"vocab_size", "max_position_embeddings", "type_vocab_size", "position_embedding_type"}
 
 
 def _act(cfg: dict, default: str, source: str) -> str:
@@ -101,7 +91,8 @@ def _side(cfg: dict, key: str, source: str) -> int:
 
 def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, class_token: bool) -> TowerConfig:
     """ViT image tower of CLIP (class token) or SigLIP (no class token)."""
-    check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    screen_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    cfg = with_defaults(cfg, "clip_vision_model" if class_token else "siglip_vision_model")
     if not class_token and cfg.get("vision_use_head", True) is False:
         raise ConfigError(f"{source}: vision_use_head=false (no pooled image embedding) is not supported")
     size, patch = _side(cfg, "image_size", source), _side(cfg, "patch_size", source)
@@ -118,7 +109,8 @@ def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, c
 def text_tower(cfg: dict, source: str, default_act: str, default_eps: float, causal: bool,
                extra: set = frozenset()) -> TowerConfig:
     """Transformer text tower of CLIP (causal, EOT pooling) or SigLIP (bidirectional, last token)."""
-    check_fields(cfg, _TEXT_FIELDS | extra, source)
+    screen_fields(cfg, _TEXT_FIELDS | extra, source)
+    cfg = with_defaults(cfg, "clip_text_model" if causal else "siglip_text_model")
     vocab = int_field(cfg, "vocab_size", source)
     return TowerConfig(vocab_size=vocab, max_positions=int_field(cfg, "max_position_embeddings", source),
                        causal=causal, pad_token_id=_token_id(cfg, "pad_token_id", source, vocab, None),
@@ -130,7 +122,8 @@ def bert_tower(cfg: dict, source: str) -> TowerConfig:
     """BERT-family text encoder: post-LN, token type embeddings, absolute positions."""
     if cfg.get("model_type") not in ("bert",):
         raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not a BERT encoder")
-    check_fields(cfg, _BERT_FIELDS, source)
+    screen_fields(cfg, _BERT_FIELDS, source)
+    cfg = with_defaults(cfg, "bert")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"{source}: position_embedding_type={cfg['position_embedding_type']!r} is not supported")
     vocab = int_field(cfg, "vocab_size", source)

@@ -80,7 +80,7 @@ class DualEncoder(nn.Module):
         return cls(cfg, *cls.checked_config(cfg, source))
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "DualEncoder":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu") -> "DualEncoder":
         """Load a Hugging Face checkpoint folder (config.json + safetensors)."""
         folder = Path(folder)
         cfg = read_config(folder)

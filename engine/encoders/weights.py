@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..checkpoint import Checkpoint, resolve_dtype
+from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..device import check_device
 from ..errors import CheckpointError, OutputError
 from ..files import atomic_open, atomic_path
 
@@ -47,10 +48,11 @@ def module_keys(ours: str, theirs: str, params=("weight", "bias")) -> KeyTable:
     return [(f"{ours}.{p}", [f"{theirs}.{p}"]) for p in params]
 
 
-def load_weights(build: Callable[[], nn.Module], folder, table: KeyTable, dtype="fp32", device="cpu",
+def load_weights(build: Callable[[], nn.Module], folder, table: KeyTable, dtype="auto", device="cpu",
                  ignore=()) -> nn.Module:
     """Build `build()` on the meta device and fill it from the checkpoint folder through `table`."""
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, read_config(folder) if dtype == "auto" else None)
+    device = check_device(device)
     with torch.device("meta"):
         model = build()
     expected = dict(model.state_dict())
