@@ -47,6 +47,8 @@ ENV_VARS: dict[str, Setting] = {
     "MMFUSE_CPU_GEMV": _flag(True, "CPU linear layers of 1-16 rows (fp32) through the numba GEMV"),
     "MMFUSE_CPU_PACKED": _flag(True, "CPU linear layers of frozen weights through oneDNN with the weight "
                                      "packed once"),
+    "MMFUSE_QUANT_FUSED": _flag(True, "int8/int4 CPU linear layers of 1-16 rows through the fused "
+                                      "dequantize-and-multiply kernel"),
     "MMFUSE_TRACEBACK": _flag(False, "the `mmfuse` command prints the traceback of an internal error "
                                      "(as --traceback does)"),
     "TRITON_INTERPRET": _flag(False, "Triton's interpreter: the kernels run on CPU tensors (tests); read "

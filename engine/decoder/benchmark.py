@@ -18,12 +18,13 @@ from .transformer import Decoder
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes read per decode step for the weights (tied tensors counted once)."""
+    """Bytes read per decode step for the weights: parameters and stored buffers (quantized
+    weights, scales), tied tensors counted once."""
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
 
 
@@ -56,7 +57,7 @@ def bench_engine(model: Decoder, batch: int, prompt_len: int, new_tokens: int, r
     """Greedy generation of random prompts with the engine (eos ignored, so every run is full length)."""
     engine = Engine(model, cuda_graph=cuda_graph)
     prompts = random_prompts(model.cfg.vocab_size, batch, prompt_len)
-    dev = model.lm_head.weight.device
+    dev = model.norm_f.weight.device
 
     def run(n):
         engine.generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True)

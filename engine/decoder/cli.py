@@ -29,6 +29,7 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--logprobs", action="store_true", help="print per-token logprobs")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _quant_args(g)
     add_output_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -47,6 +48,7 @@ def register(sub) -> None:
     b.add_argument("--bandwidth-gbs", type=float, default=30.0, help="memory bandwidth for the floor (GB/s)")
     b.add_argument("--cuda-graph", action="store_true")
     add_device_options(b)
+    _quant_args(b)
     add_output_options(b)
     b.set_defaults(func=cmd_bench)
 
@@ -57,6 +59,24 @@ def _flag_error(e: Exception) -> Exception:
         return _FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-"))
 
     return type(e)(re.sub(r"SamplingParams\.(\w+)", flag, str(e)))
+
+
+def _quant_args(p) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization at load time")
+    p.add_argument("--group-size", type=int, help="input columns per scale (-1: per output channel; int4 default 128)")
+    p.add_argument("--asym", action="store_true", help="a zero point per group (default: symmetric)")
+    p.add_argument("--float-head", action="store_true", help="keep the LM head (and tied embeddings) in float")
+
+
+def _quant_config(args):
+    from ..quant import QuantConfig
+
+    if args.quantize is None:
+        if args.group_size is not None or args.asym or args.float_head:
+            raise ValueError("--group-size / --asym / --float-head need --quantize")
+        return None
+    return QuantConfig.parse(args.quantize, group_size=args.group_size, symmetric=False if args.asym else None,
+                             lm_head=False if args.float_head else None)
 
 
 def cmd_generate(args) -> int:
@@ -72,7 +92,7 @@ def cmd_generate(args) -> int:
     if args.stop_id:
         opts["stop_token_ids"] = tuple(args.stop_id)
     opts["logprobs"] = args.logprobs
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=_quant_config(args))
     try:
         engine.params(**opts)  # checks the flags before any generation
     except SamplingParamsError as e:
@@ -110,7 +130,7 @@ def cmd_info(args) -> int:
     prepare_model_args(args)
     model = load_decoder(args.model, dtype=args.dtype, device=args.device)
     cfg = model.cfg
-    dtype = model.lm_head.weight.dtype
+    dtype = model.norm_f.weight.dtype  # float in quantized models too
     item = dtype.itemsize
     kv = cfg.kv_bytes_per_token * item
     name = str(dtype).removeprefix("torch.")
@@ -140,21 +160,27 @@ def cmd_bench(args) -> int:
     from .loader import load_decoder
     from .transformer import Decoder
 
+    from ..quant import quantize_decoder
+
     for flag, values in (("--batch", args.batch), ("--prompt-len", [args.prompt_len]),
                          ("--new-tokens", [args.new_tokens]), ("--repeats", [args.repeats])):
         if min(values) < 1:
             raise ValueError(f"{flag} {min(values)}: must be >= 1")
     prepare_model_args(args)
+    qcfg = _quant_config(args)
     if args.model:
-        model, name = load_decoder(args.model, dtype=args.dtype, device=args.device), args.model
+        model, name = load_decoder(args.model, dtype=args.dtype, device=args.device, quantize=qcfg), args.model
     else:
         if args.preset not in PRESETS:
             raise ValueError(f"--preset {args.preset!r}: unknown; choose from {sorted(PRESETS)}")
         dtype = resolve_dtype("fp32" if args.dtype == "auto" else args.dtype)
         model, name = Decoder.random(PRESETS[args.preset], dtype=dtype, device=args.device), args.preset
-    dname = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        if qcfg is not None:
+            quantize_decoder(model, qcfg)
+    quant = getattr(model, "quant_config", None)
+    dname = str(model.norm_f.weight.dtype).removeprefix("torch.") + ("" if quant is None else " + " + quant.name)
     if not args.json:
-        print(f"mmfuse bench: {name}, {model.num_params() / 1e6:.1f}M params, {dname}, {args.device}, "
+        print(f"mmfuse bench: {name}, {model.num_params() / 1e6:.1f}M float params, {dname}, {args.device}, "
               f"{torch.get_num_threads()} threads, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
               f"median of {args.repeats}")
         print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} {'floor ms':>9} {'x floor':>8}")

@@ -40,7 +40,7 @@ class DecodeState:
     """The KV cache of a batch of sequences and how many positions each row holds."""
 
     def __init__(self, model: Decoder, batch: int, max_len: int, cuda_graph: bool = False):
-        p = model.lm_head.weight
+        p = model.norm_f.weight  # float in quantized models too
         self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
         self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
         model.ensure_positions(max_len)  # RoPE tables for what the cache holds, built here, not mid-graph
@@ -168,11 +168,13 @@ class Engine(GenerationFrontend):
         return self.model.cfg
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False) -> "Engine":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False, quantize=None) -> "Engine":
         """Model, tokenizer.json and generation_config.json of a checkpoint folder; dtype "auto": the
-        checkpoint's own."""
+        checkpoint's own. `quantize`: None, "int8", "int4" ("int4-g32", "int8-asym", ...), a
+        `mmfuse.quant.QuantConfig` or a dict of its fields: weight-only quantization at load time
+        (GPTQ/AWQ/mmfuse-quantized folders load quantized without it)."""
         folder = Path(folder)
-        model = load_decoder(folder, dtype=dtype, device=device)
+        model = load_decoder(folder, dtype=dtype, device=device, quantize=quantize)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
 
@@ -189,7 +191,7 @@ class Engine(GenerationFrontend):
             self._idle = state
 
     def _start(self, prompts: list, params: list) -> Generation:
-        dev = self.model.lm_head.weight.device
+        dev = self.model.norm_f.weight.device  # float in quantized models too
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
         state = self._take_state(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
         try:

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
 from ..device import check_device
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .config import DecoderConfig
 from .transformer import Decoder
 
@@ -32,60 +32,97 @@ def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
             sd[b + ours + ".weight"] = take(h + theirs + ".weight", (d,))
             sd[b + ours + ".bias"] = take(h + theirs + ".bias", (d,))
-    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".attn.bias", ".attn.masked_bias")
+    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".attn.bias", ".attn.masked_bias"), {}
 
 
-def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
+def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take, fused=None):
+    """State dict in our names; `fused(prefixes, widths, n_in)` may return a quantized module for a
+    (fused) linear, which is then kept out of the dict and returned in the third item."""
     d, V, hd, F = cfg.d_model, cfg.vocab_size, cfg.head_dim, cfg.d_ff
     qo, kvo = cfg.n_head * hd, cfg.n_kv_head * hd
     sd = {"embed.weight": take("model.embed_tokens.weight", (V, d)), "norm_f.weight": take("model.norm.weight", (d,))}
+    modules = {}
+
+    def linear(ours, prefixes, widths, n_in, has_bias):
+        q = fused(prefixes, widths, n_in) if fused is not None else None
+        if q is not None:
+            modules[ours] = q
+            return
+        sd[ours + ".weight"] = torch.cat([take(p + ".weight", (w, n_in)) for p, w in zip(prefixes, widths)])
+        if has_bias:
+            sd[ours + ".bias"] = torch.cat([take(p + ".bias", (w,)) for p, w in zip(prefixes, widths)])
+
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        a = h + "self_attn."
-        sd[b + "attn.qkv.weight"] = torch.cat([take(a + "q_proj.weight", (qo, d)), take(a + "k_proj.weight", (kvo, d)),
-                                               take(a + "v_proj.weight", (kvo, d))])
-        if cfg.qkv_bias:
-            sd[b + "attn.qkv.bias"] = torch.cat([take(a + "q_proj.bias", (qo,)), take(a + "k_proj.bias", (kvo,)),
-                                                 take(a + "v_proj.bias", (kvo,))])
-        sd[b + "attn.o.weight"] = take(a + "o_proj.weight", (d, qo))
-        if cfg.o_bias:
-            sd[b + "attn.o.bias"] = take(a + "o_proj.bias", (d,))
-        m = h + "mlp."
-        sd[b + "mlp.up.weight"] = torch.cat([take(m + "gate_proj.weight", (F, d)), take(m + "up_proj.weight", (F, d))])
-        sd[b + "mlp.down.weight"] = take(m + "down_proj.weight", (d, F))
-        if cfg.mlp_bias:
-            sd[b + "mlp.up.bias"] = torch.cat([take(m + "gate_proj.bias", (F,)), take(m + "up_proj.bias", (F,))])
-            sd[b + "mlp.down.bias"] = take(m + "down_proj.bias", (d,))
+        a, m = h + "self_attn.", h + "mlp."
+        linear(b + "attn.qkv", [a + "q_proj", a + "k_proj", a + "v_proj"], (qo, kvo, kvo), d, cfg.qkv_bias)
+        linear(b + "attn.o", [a + "o_proj"], (d,), qo, cfg.o_bias)
+        linear(b + "mlp.up", [m + "gate_proj", m + "up_proj"], (F, F), d, cfg.mlp_bias)
+        linear(b + "mlp.down", [m + "down_proj"], (d,), F, cfg.mlp_bias)
         sd[b + "norm1.weight"] = take(h + "input_layernorm.weight", (d,))
         sd[b + "norm2.weight"] = take(h + "post_attention_layernorm.weight", (d,))
-    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".rotary_emb.inv_freq",)
+    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".rotary_emb.inv_freq",), modules
 
 
-def load_decoder(folder, dtype="auto", device="cpu") -> Decoder:
+def load_decoder(folder, dtype="auto", device="cpu", quantize=None) -> Decoder:
     """Build a `Decoder` from a checkpoint folder (config.json + safetensors). dtype "auto": the
-    checkpoint's own (config.json `dtype`/`torch_dtype`)."""
+    checkpoint's own (config.json `dtype`/`torch_dtype`).
+
+    Quantized checkpoints (GPTQ, AWQ, mmfuse's own) load as such; `quantize` (a `QuantConfig` or
+    "int8" / "int4" ...) quantizes a float checkpoint's weights at load time."""
+    from ..quant import QuantConfig, quantize_decoder
+    from ..quant.linear import QuantizedLinear
+    from ..quant.model import METHOD, load_mmfuse
+    from ..quant.published import parse_published, published_quant, read_linear
+
     folder = Path(folder)
     device = check_device(device)
     hf = read_config(folder)
-    cfg = DecoderConfig.from_hf(hf, source=str(folder / "config.json"))
+    qc = published_quant(folder, hf)
+    config = {k: v for k, v in hf.items() if k != "quantization_config"}
+    cfg = DecoderConfig.from_hf(config, source=str(folder / "config.json"))
     dtype = resolve_dtype(dtype, hf)
+    qcfg = QuantConfig.parse(quantize)
+    if qc is not None and qcfg is not None:
+        raise ConfigError(f"{folder}: the checkpoint is already quantized ({qc.get('quant_method')}); "
+                          "drop quantize=")
+    if qc is not None and qc.get("quant_method") == METHOD:
+        return load_mmfuse(folder, cfg, qc, dtype=dtype, device=device)
+    spec = None if qc is None else parse_published(qc, str(folder / "config.json"))
+    if spec is not None and cfg.family == "gpt2":
+        raise ConfigError(f"{folder}: {spec.method} checkpoints are read for the Llama and Qwen2 families, not GPT-2")
     ck = Checkpoint(folder)
 
     def take(key, shape):
         return ck.take(key, shape, dtype=dtype, device=device)
 
-    convert = _gpt2_tensors if cfg.family == "gpt2" else _llama_tensors
-    sd, head_key, ignore = convert(ck, cfg, take)
+    def fused(prefixes, widths, n_in):
+        if spec is None or prefixes[0] + ".qweight" not in ck:
+            return None
+        parts = [read_linear(ck, spec, p, w, n_in, dtype) for p, w in zip(prefixes, widths)]
+        return QuantizedLinear.concat(parts, name=f"{folder}: {prefixes}") if len(parts) > 1 else parts[0]
+
+    if cfg.family == "gpt2":
+        sd, head_key, ignore, modules = _gpt2_tensors(ck, cfg, take)
+    else:
+        sd, head_key, ignore, modules = _llama_tensors(ck, cfg, take, fused)
     if head_key is not None:
-        sd["lm_head.weight"] = take(head_key, (cfg.vocab_size, cfg.d_model))
+        head = fused(["lm_head"], (cfg.vocab_size,), cfg.d_model)
+        if head is not None:
+            modules["lm_head"] = head
+        else:
+            sd["lm_head.weight"] = take(head_key, (cfg.vocab_size, cfg.d_model))
     elif "lm_head.weight" in ck:
         ck.take("lm_head.weight", (cfg.vocab_size, cfg.d_model))  # a tied head stored twice: same values
     ck.finish(ignore=ignore)
 
     with torch.device("meta"):
         model = Decoder(cfg)
+    for name, mod in modules.items():
+        model.set_submodule(name, mod.to(device))
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    quantized = tuple(n + "." for n in modules)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight") and not k.startswith(quantized)]
     if missing or unexpected:
         raise CheckpointError(f"{folder}: internal key mapping mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
@@ -93,4 +130,8 @@ def load_decoder(folder, dtype="auto", device="cpu") -> Decoder:
     if not cfg.learned_pos:  # buffers created on meta: real (empty) ones, grown on use
         model.rope_cos = torch.zeros(0, cfg.head_dim // 2, device=device)
         model.rope_sin = torch.zeros(0, cfg.head_dim // 2, device=device)
-    return model.eval()
+    model.quant_config = spec
+    model = model.eval()
+    if qcfg is not None:
+        quantize_decoder(model, qcfg)
+    return model

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CapacityError
-from ..nn.layers import Block, init_weights, linear, make_norm
+from ..nn.layers import Block, init_weights, make_norm, project
 from ..nn.rope import rope_inv_freq, rope_tables
 from .config import DecoderConfig
 from .kv_cache import KVCache
@@ -86,4 +86,4 @@ class Decoder(nn.Module):
                       positions=positions, kv_len=kv_len, q_start=q_start)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, C)
-        return linear(self.norm_f(x), self.lm_head.weight)
+        return project(self.lm_head, self.norm_f(x))

@@ -18,6 +18,14 @@ from mmfuse.kernels.cpu_linear import linear
 from .rope import apply_rope
 
 
+def project(lin: nn.Module, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+    """act(lin(x)): an `nn.Linear` through the CPU kernels, any other module (a quantized linear)
+    through its own `forward(x, act)`."""
+    if isinstance(lin, nn.Linear):
+        return linear(x, lin.weight, lin.bias, act)
+    return lin(x, act=act)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -49,11 +57,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            gate, up = linear(x, self.up.weight, self.up.bias).chunk(2, dim=-1)
+            gate, up = project(self.up, x).chunk(2, dim=-1)
             h = activation(self.act, gate) * up
         else:
-            h = linear(x, self.up.weight, self.up.bias, act=self.act)  # fused on the CPU where it can be
-        return linear(h, self.down.weight, self.down.bias)
+            h = project(self.up, x, act=self.act)  # fused on the CPU where it can be
+        return project(self.down, h)
 
 
 class SelfAttention(nn.Module):
@@ -72,7 +80,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, *, causal: bool, rope=None, cache=None, positions=None, kv_len=None, q_start=None):
         B, T, _ = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qkv = project(self.qkv, x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if rope is not None:
@@ -86,7 +94,7 @@ class SelfAttention(nn.Module):
             k, v = k_cache, v_cache
         y = attention(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len)  # (B, Hq, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return linear(y, self.o.weight, self.o.bias)
+        return project(self.o, y)
 
 
 class Block(nn.Module):
@@ -117,4 +125,4 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
 
 
-__all__ = ["RMSNorm", "make_norm", "activation", "MLP", "SelfAttention", "Block", "init_weights"]
+__all__ = ["project", "RMSNorm", "make_norm", "activation", "MLP", "SelfAttention", "Block", "init_weights"]

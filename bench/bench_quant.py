@@ -1,0 +1,106 @@
+"""Decode speed of quantized weights on the CPU: fp32, bf16, int8, int4 on the same random weights.
+
+    python bench/bench_quant.py [--models gpt2-124m smollm2-135m] [--batch 1 8] [--formats fp32 int8 int4]
+
+Random-init transformers models of each shape are saved as checkpoint folders; mmfuse loads them
+once per format (quantizing at load time). Method as `mmfuse bench` (greedy, random prompts, eos
+ignored): prefill = median time of a 1-token run, decode step = (median of a full run - prefill)
+/ (new tokens - 1). The formats are timed in alternating rounds, so load from other jobs on a
+shared machine spreads over all of them. The floor is the weight bytes read per step (quantized
+weights, scales and zeros; tied tensors once) / --bandwidth-gbs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmfuse.decoder.benchmark import random_prompts, weight_bytes
+from mmfuse.decoder.generate import Engine
+from mmfuse.decoder.loader import load_decoder
+
+SHAPES = {
+    "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                   max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)),
+}
+FLOAT = ("fp32", "bf16")  # any other format name is a `--quantize` spec on fp32 activations: int8, int4-g32, ...
+
+
+def save_random_model(shape: str, folder: Path) -> None:
+    """A random-init transformers model of the shape, as a checkpoint folder."""
+    import transformers
+
+    family, kw = SHAPES[shape]
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                    help="fp32, bf16, or quantization specs (int8, int4, int4-g32, int8-asym, ...)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bandwidth-gbs", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    print(f"{threads} threads, prompt {args.prompt_len} + {args.new_tokens} new tokens, median of {args.repeats} "
+          f"alternating rounds, floor at {args.bandwidth_gbs:.0f} GB/s")
+    print("| model | format | batch | tok/s | ms/step | x fp32 | weight MB | floor ms | x floor | prefill tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "hf"
+            save_random_model(shape, folder)
+            models = {}
+            for fmt in args.formats:
+                models[fmt] = load_decoder(folder, dtype=fmt if fmt in FLOAT else "fp32",
+                                           quantize=None if fmt in FLOAT else fmt)
+            for bs in args.batch:
+                prompts = random_prompts(models[args.formats[0]].cfg.vocab_size, bs, args.prompt_len)
+                engines = {fmt: Engine(m) for fmt, m in models.items()}
+
+                def timed(fmt, n):
+                    t0 = time.perf_counter()
+                    engines[fmt].generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True)
+                    return time.perf_counter() - t0
+
+                with torch.inference_mode():
+                    for fmt in args.formats:
+                        timed(fmt, args.new_tokens)  # warm-up: kernels compiled, caches allocated
+                    t1 = {fmt: [] for fmt in args.formats}
+                    tn = {fmt: [] for fmt in args.formats}
+                    for _ in range(args.repeats):
+                        for fmt in args.formats:
+                            t1[fmt].append(timed(fmt, 1))
+                            tn[fmt].append(timed(fmt, args.new_tokens))
+                step = {f: max(statistics.median(tn[f]) - statistics.median(t1[f]), 1e-9) / (args.new_tokens - 1)
+                        for f in args.formats}
+                for fmt in args.formats:
+                    m = models[fmt]
+                    nbytes = weight_bytes(m)
+                    floor = nbytes / (args.bandwidth_gbs * 1e9)
+                    name = fmt if getattr(m, "quant_config", None) is None else m.quant_config.name
+                    rel = f"{step['fp32'] / step[fmt]:.2f}" if "fp32" in step else "-"
+                    print(f"| {shape} | {name} | {bs} | {bs / step[fmt]:.1f} | {step[fmt] * 1e3:.2f} | {rel} | "
+                          f"{nbytes / 1e6:.1f} | {floor * 1e3:.2f} | {step[fmt] / floor:.2f} | "
+                          f"{bs * args.prompt_len / statistics.median(t1[fmt]):.0f} |", flush=True)
+            del models
+
+
+if __name__ == "__main__":
+    main()
