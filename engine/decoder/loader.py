@@ -32,7 +32,7 @@ def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
             sd[b + ours + ".weight"] = take(h + theirs + ".weight", (d,))
             sd[b + ours + ".bias"] = take(h + theirs + ".bias", (d,))
-    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".attn.bias", ".attn.masked_bias")
+    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None)
 
 
 def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
@@ -58,33 +58,55 @@ def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
             sd[b + "mlp.down.bias"] = take(m + "down_proj.bias", (d,))
         sd[b + "norm1.weight"] = take(h + "input_layernorm.weight", (d,))
         sd[b + "norm2.weight"] = take(h + "post_attention_layernorm.weight", (d,))
-    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None), (".rotary_emb.inv_freq",)
+    return sd, ("lm_head.weight" if not cfg.tie_embeddings else None)
 
 
 def load_decoder(folder, dtype="fp32", device="cpu") -> Decoder:
     """Build a `Decoder` from a checkpoint folder (config.json + safetensors)."""
     folder = Path(folder)
     cfg = DecoderConfig.from_hf(read_config(folder), source=str(folder / "config.json"))
-    dtype = resolve_dtype(dtype)
     ck = Checkpoint(folder)
+    model = decoder_from_checkpoint(ck, cfg, dtype=dtype, device=device)
+    ck.finish(ignore=DECODER_IGNORED[cfg.family])
+    return model
+
+
+# Checkpoint tensors a decoder family stores but never uses (buffers of old exports).
+DECODER_IGNORED = {"gpt2": (".attn.bias", ".attn.masked_bias"), "llama": (".rotary_emb.inv_freq",)}
+
+
+def decoder_from_checkpoint(ck: Checkpoint, cfg: DecoderConfig, dtype="fp32", device="cpu",
+                            prefix: str = "", head_prefix: str = "") -> Decoder:
+    """Take a decoder's tensors out of an open checkpoint (the caller reports unused tensors).
+
+    `prefix` / `head_prefix` replace the leading "model." / "lm_head." of the Llama-family names
+    when the decoder is part of a larger model (e.g. "model.language_model." and "lm_head." in
+    a LLaVA folder)."""
+    dtype = resolve_dtype(dtype)
+
+    def name(key):
+        if prefix and key.startswith("model."):
+            return prefix + key[len("model."):]
+        if head_prefix and key.startswith("lm_head."):
+            return head_prefix + key[len("lm_head."):]
+        return key
 
     def take(key, shape):
-        return ck.take(key, shape, dtype=dtype, device=device)
+        return ck.take(name(key), shape, dtype=dtype, device=device)
 
     convert = _gpt2_tensors if cfg.family == "gpt2" else _llama_tensors
-    sd, head_key, ignore = convert(ck, cfg, take)
+    sd, head_key = convert(ck, cfg, take)
     if head_key is not None:
         sd["lm_head.weight"] = take(head_key, (cfg.vocab_size, cfg.d_model))
-    elif "lm_head.weight" in ck:
-        ck.take("lm_head.weight", (cfg.vocab_size, cfg.d_model))  # a tied head stored twice: same values
-    ck.finish(ignore=ignore)
+    elif name("lm_head.weight") in ck:
+        take("lm_head.weight", (cfg.vocab_size, cfg.d_model))  # a tied head stored twice: same values
 
     with torch.device("meta"):
         model = Decoder(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: internal key mapping mismatch: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{ck.folder}: internal key mapping mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     if not cfg.learned_pos:  # buffers created on meta: rebuild them for real
