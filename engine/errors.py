@@ -19,3 +19,7 @@ class CapacityError(MMFuseError, ValueError):
 
 class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
+
+
+class PromptError(MMFuseError, ValueError):
+    """A prompt or conversation does not fit the model: image placeholders vs images, a bad message."""

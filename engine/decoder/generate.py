@@ -48,6 +48,21 @@ class DecodeState:
                 raise CapacityError(f"row {b}: {n} cached + {k} new positions exceed the KV cache of "
                                     f"{self.cache.max_len} positions")
 
+    @property
+    def filled(self) -> list:
+        """Positions each row holds."""
+        return list(self._host_lengths)
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate the cache to `max_len` positions, keeping what every row holds."""
+        if max_len <= self.cache.max_len:
+            return
+        old, n = self.cache, max(self._host_lengths)
+        self.cache = KVCache.allocate(self.model.cfg, self.batch, max_len, old.k.dtype, old.k.device)
+        self.cache.k[..., :n, :] = old.k[..., :n, :]
+        self.cache.v[..., :n, :] = old.v[..., :n, :]
+        self._graph = None  # captured on the old buffers
+
     def reset(self) -> None:
         self.lengths.zero_()
         self._host_lengths = [0] * self.batch
