@@ -13,6 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from .checkpoint import read_json
 from .errors import CheckpointError, PromptError
 
@@ -20,8 +24,6 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 
 
 def _raise_exception(message):
-    import jinja2
-
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -37,9 +39,6 @@ class ChatTemplate:
     """A compiled chat template and the special-token variables it may read."""
 
     def __init__(self, source: str, where: str = "chat template", special_tokens: Optional[dict] = None):
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
@@ -80,8 +79,6 @@ class ChatTemplate:
 
     def render(self, messages: list, add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text of a conversation (a list of {"role", "content"} dicts)."""
-        import jinja2
-
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise PromptError("messages must be a list of {'role': ..., 'content': ...} dicts")
         try:

@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "mmfuse.ngram.cli",
     "mmfuse.decoder.cli",
     "mmfuse.encoders.cli",
+    "mmfuse.vlm.cli",
 ]
 
 

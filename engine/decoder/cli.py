@@ -56,13 +56,7 @@ def cmd_generate(args) -> int:
     from .generate import Engine
 
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
-                                          "min_p", "repetition_penalty", "presence_penalty",
-                                          "frequency_penalty", "seed") if getattr(args, k) is not None}
-    if args.stop:
-        opts["stop_strings"] = tuple(args.stop)
-    if args.stop_id:
-        opts["stop_token_ids"] = tuple(args.stop_id)
+    opts = sampling_options(args)
     opts["logprobs"] = args.logprobs
     if args.stream:
         for prompt in args.prompt:
@@ -80,6 +74,18 @@ def cmd_generate(args) -> int:
         if args.logprobs:
             print("logprobs:", " ".join(f"{x:.4f}" for x in c.logprobs))
     return 0
+
+
+def sampling_options(args) -> dict:
+    """SamplingParams overrides from the sampling flags that were given."""
+    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
+                                          "min_p", "repetition_penalty", "presence_penalty",
+                                          "frequency_penalty", "seed") if getattr(args, k, None) is not None}
+    if args.stop:
+        opts["stop_strings"] = tuple(args.stop)
+    if args.stop_id:
+        opts["stop_token_ids"] = tuple(args.stop_id)
+    return opts
 
 
 def cmd_info(args) -> int:
