@@ -77,17 +77,28 @@ def rename(key: str, layout: str) -> str:
     raise KeyError(key)
 
 
-def build_llava(name: str, folder, seed: int = 0, vision_kw=None, text_kw=None, tokenizer=None):
-    """Save a random-init LlavaForConditionalGeneration (+ processor files) to `folder`;
-    return (hf model, hf processor)."""
+# Benchmark shape: a LLaVA with a CLIP ViT-B/16 tower and a SmolLM2-135M-shaped text model.
+BENCH_SPEC = ("clip", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16),
+              "llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                            num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+                            max_position_embeddings=2048, vocab_size=49152),
+              dict(vision_feature_layer=-2, vision_feature_select_strategy="default"),
+              "clip", dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}), "current")
+
+
+def build_llava(spec, folder, seed: int = 0, tokenizer=None):
+    """Save a random-init LlavaForConditionalGeneration (+ processor files) of `spec` (a SPECS name
+    or a spec tuple) to `folder`; return (hf model, hf processor)."""
     import transformers
 
-    vkind, vkw, tkind, tkw, lkw, pkind, pkw, layout = SPECS[name]
-    vkw, tkw = {**vkw, **(vision_kw or {})}, {**tkw, **(text_kw or {})}
+    vkind, vkw, tkind, tkw, lkw, pkind, pkw, layout = SPECS[spec] if isinstance(spec, str) else spec
+    tkw = dict(tkw)
     tok = tokenizer or make_vlm_tokenizer()
     vcfg = (transformers.CLIPVisionConfig if vkind == "clip" else transformers.SiglipVisionConfig)(**vkw)
     tcfg = (transformers.LlamaConfig if tkind == "llama" else transformers.Qwen2Config)(
-        vocab_size=VOCAB, max_position_embeddings=tkw.pop("max_position_embeddings", 512), initializer_range=0.2,
+        vocab_size=tkw.pop("vocab_size", VOCAB), max_position_embeddings=tkw.pop("max_position_embeddings", 512),
+        initializer_range=0.2,
         bos_token_id=None, eos_token_id=None, pad_token_id=None, **tkw)
     cfg = transformers.LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=tok.token_to_id("<image>"),
                                    **lkw)
