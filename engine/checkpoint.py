@@ -58,11 +58,10 @@ def read_config(folder) -> dict:
 class Checkpoint:
     """The safetensors tensors of a checkpoint folder (single file or sharded with an index)."""
 
-    def __init__(self, folder, weights_name: str = "model.safetensors"):
+    def __init__(self, folder):
         self.folder = Path(folder)
-        stem = weights_name[: -len(".safetensors")]
-        index = self.folder / f"{stem}.safetensors.index.json"
-        single = self.folder / weights_name
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
         if single.is_file():
             files = [single]
             key_file = None
@@ -76,7 +75,7 @@ class Checkpoint:
         else:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
             hint = f" (found {bins}: pickled weights are not loaded; convert them to safetensors)" if bins else ""
-            raise CheckpointError(f"{self.folder}: no {weights_name} or {index.name}{hint}")
+            raise CheckpointError(f"{self.folder}: no model.safetensors or {index.name}{hint}")
         self._handles = {}
         self._where = {}  # key -> file
         for f in files:
@@ -107,9 +106,6 @@ class Checkpoint:
         size = os.path.getsize(f)
         if 8 + n + end > size:
             raise CheckpointError(f"{f}: truncated: header declares {8 + n + end} bytes, file has {size}")
-
-    def keys(self) -> list[str]:
-        return list(self._where)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where

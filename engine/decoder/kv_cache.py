@@ -34,6 +34,3 @@ class KVCache:
 
     def layer(self, i: int):
         return self.k[i], self.v[i]
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import sub_config, text_tower, vision_tower, _check_fields
+from .config import check_fields, sub_config, text_tower, vision_tower
 from .dual import DualEncoder
 from .weights import module_keys
 
@@ -20,7 +20,7 @@ class ClipModel(DualEncoder):
 
     @classmethod
     def parse_config(cls, cfg, source):
-        _check_fields(cfg, _TOP_FIELDS, source)
+        check_fields(cfg, _TOP_FIELDS, source)
         vision = vision_tower(sub_config(cfg, "vision_config", source), f"{source} vision_config",
                               "quick_gelu", 1e-5, class_token=True)
         text = text_tower(sub_config(cfg, "text_config", source), f"{source} text_config",

@@ -64,7 +64,7 @@ _TEXT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 _BERT_FIELDS = _TEXT_FIELDS | {"type_vocab_size", "position_embedding_type"}
 
 
-def _check_fields(cfg: dict, allowed: set, source: str) -> None:
+def check_fields(cfg: dict, allowed: set, source: str) -> None:
     unknown = sorted(set(cfg) - _IGNORED - allowed)
     if unknown:
         raise ConfigError(f"{source}: unsupported field(s): {unknown}")
@@ -97,7 +97,7 @@ def _side(cfg: dict, key: str, source: str) -> int:
 
 def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, class_token: bool) -> TowerConfig:
     """ViT image tower of CLIP (class token) or SigLIP (no class token)."""
-    _check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
     if not class_token and cfg.get("vision_use_head", True) is False:
         raise ConfigError(f"{source}: vision_use_head=false (no pooled image embedding) is not supported")
     size, patch = _side(cfg, "image_size", source), _side(cfg, "patch_size", source)
@@ -109,7 +109,7 @@ def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, c
 def text_tower(cfg: dict, source: str, default_act: str, default_eps: float, causal: bool,
                extra: set = frozenset()) -> TowerConfig:
     """Transformer text tower of CLIP (causal, EOT pooling) or SigLIP (bidirectional, last token)."""
-    _check_fields(cfg, _TEXT_FIELDS | extra, source)
+    check_fields(cfg, _TEXT_FIELDS | extra, source)
     return TowerConfig(vocab_size=need(cfg, "vocab_size", source),
                        max_positions=need(cfg, "max_position_embeddings", source), causal=causal,
                        pad_token_id=cfg.get("pad_token_id"), eos_token_id=cfg.get("eos_token_id"),
@@ -120,7 +120,7 @@ def bert_tower(cfg: dict, source: str) -> TowerConfig:
     """BERT-family text encoder: post-LN, token type embeddings, absolute positions."""
     if cfg.get("model_type") not in ("bert",):
         raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not a BERT encoder")
-    _check_fields(cfg, _BERT_FIELDS, source)
+    check_fields(cfg, _BERT_FIELDS, source)
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"{source}: position_embedding_type={cfg['position_embedding_type']!r} is not supported")
     return TowerConfig(vocab_size=need(cfg, "vocab_size", source),

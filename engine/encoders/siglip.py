@@ -4,7 +4,7 @@ biased `head`; independent sigmoid scores from exp(logit_scale) * cos + logit_bi
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .config import sub_config, text_tower, vision_tower, _check_fields
+from .config import check_fields, sub_config, text_tower, vision_tower
 from .dual import DualEncoder
 from .weights import module_keys
 
@@ -20,7 +20,7 @@ class SiglipModel(DualEncoder):
 
     @classmethod
     def parse_config(cls, cfg, source):
-        _check_fields(cfg, _TOP_FIELDS, source)
+        check_fields(cfg, _TOP_FIELDS, source)
         vision = vision_tower(sub_config(cfg, "vision_config", source), f"{source} vision_config",
                               "gelu_pytorch_tanh", 1e-6, class_token=False)
         tcfg = sub_config(cfg, "text_config", source)

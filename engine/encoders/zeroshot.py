@@ -10,10 +10,6 @@ import torch.nn.functional as F
 
 Template = Union[str, Callable[[str], str]]
 
-OPENAI_TEMPLATES_SHORT = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
-                          "a photo of the small {}.", "a drawing of a {}.", "art of the {}.")
-
-
 def fill(template: Template, name: str) -> str:
     return template(name) if callable(template) else template.format(name)
 
