@@ -15,6 +15,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from mmfuse.kernels.cpu_linear import freeze
+
 from ..decoder.generate import DecodeState, Engine, defaults_from_generation_config
 from ..generation.sampling import SamplingParams
 from .llava import LlavaModel
@@ -35,7 +37,7 @@ class VisionLanguageModel(Engine):
     def __init__(self, model: LlavaModel, processor: VlmProcessor, defaults: Optional[dict] = None,
                  prefix_reuse: bool = True):
         super().__init__(model.decoder, processor.tokenizer, defaults)
-        self.vlm, self.processor = model, processor
+        self.vlm, self.processor = freeze(model), processor  # weights are constants: the CPU may pack them
         self.prefix_reuse = prefix_reuse
         self._cached_keys: list = []      # what the batch-1 cache holds, position by position
         self._cached_state: Optional[DecodeState] = None
