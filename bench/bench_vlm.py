@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         n_prompt = len(ours.prepare(q1, image))
         print(f"LLaVA CLIP ViT-B/16 + SmolLM2-135M shape, fp32, CPU, {torch.get_num_threads()} threads, batch 1, "
               f"prompt {n_prompt} tokens ({ours.vlm.cfg.tokens_per_image} image), {args.new_tokens} new, "
-              f"median of {args.repeats}")
+              f"median of {args.repeats}", flush=True)
 
         def hf_run(msgs, n):
             inputs = proc(images=[image], text=proc.apply_chat_template(msgs, add_generation_prompt=True),
@@ -75,6 +75,7 @@ def main(argv=None) -> None:
             assert warm.reused_positions > ours.vlm.cfg.tokens_per_image
             r["fu_cold"].append(_timed(lambda: our_run(ours, q2, 1)))
             r["fu_hf"].append(_timed(lambda: hf_run(q2, 1)))
+            print("repeat (s): " + " ".join(f"{k} {v[-1]:.2f}" for k, v in r.items()), flush=True)
         m = {k: statistics.median(v) for k, v in r.items()}
         dec, hf_dec = (n - 1) / (m["gen"] - m["ttft"]), (n - 1) / (m["hf_gen"] - m["hf_ttft"])
         print(f"{'':<34} {'mmfuse':>9} {'transformers':>12} {'ratio':>6}")
