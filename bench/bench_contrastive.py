@@ -9,20 +9,22 @@ in the same run. Time: median of --reps fwd+bwd calls after one warm-up. Peak me
 (loss, implementation, N) runs once in a fresh subprocess, which resets the kernel's high-water
 mark (/proc/self/clear_refs = 5) after a small warm-up and building its inputs, and reports VmHWM minus VmRSS before
 the call, i.e. the resident memory the fwd+bwd added (inputs excluded). Linux only.
-On CUDA the same script also prints the GPU table of bench/gpu_contrastive.py.
+On CUDA the same script also prints the GPU table (`gpu_table`, also run by bench/gpu_contrastive.py):
+bf16 features, the Triton backend, median of --reps after a warm-up (which autotunes); peak =
+torch.cuda.max_memory_allocated during the call, inputs included; the PyTorch loss reports OOM
+where it does not fit.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from common import median_seconds
 
 from mmfuse.kernels import clip_loss, clip_loss_reference, siglip_loss, siglip_loss_reference
 
@@ -45,18 +47,6 @@ def fwd_bwd(fn, inputs, **kw) -> None:
     """One loss forward and backward into fresh leaf gradients."""
     leaves = [t.detach().requires_grad_() for t in inputs]
     fn(*leaves, **kw).backward()
-
-
-def median_ms(run, reps: int, sync=lambda: None) -> float:
-    run()  # warm-up (and Triton autotuning on CUDA)
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _proc_kib(field: str) -> int:
@@ -91,12 +81,44 @@ def cpu_table(sizes, D: int, reps: int, losses=tuple(LOSSES)) -> None:
         ours, ref, _ = LOSSES[kind]
         for N in sizes:
             inputs = make_inputs(kind, N, D, torch.float32, "cpu")
-            t_ours = median_ms(lambda: fwd_bwd(ours, inputs), reps)
-            t_ref = median_ms(lambda: fwd_bwd(ref, inputs), reps)
+            t_ours = median_seconds(lambda: fwd_bwd(ours, inputs), reps) * 1e3
+            t_ref = median_seconds(lambda: fwd_bwd(ref, inputs), reps) * 1e3
             m_ours = peak_rss_subprocess(kind, "mmfuse", N, D)
             m_ref = peak_rss_subprocess(kind, "reference", N, D)
             print(f"| {kind} | {N} | {t_ours:.0f} | {t_ref:.0f} | {t_ref / t_ours:.2f}x | "
                   f"{m_ours:.0f} | {m_ref:.0f} | 1/{m_ref / max(m_ours, 1e-9):.0f} |", flush=True)
+
+
+def _measure(fn, inputs, reps):
+    """(median ms, peak GB) of fwd+bwd on CUDA, or the error name when it does not run."""
+    torch.cuda.empty_cache()
+    try:
+        ms = median_seconds(lambda: fwd_bwd(fn, inputs), reps, torch.cuda.synchronize) * 1e3
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd(fn, inputs)
+        torch.cuda.synchronize()
+        return ms, torch.cuda.max_memory_allocated() / 1e9
+    except torch.cuda.OutOfMemoryError:
+        return "OOM", None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def gpu_table(sizes, D: int = 512, reps: int = 5) -> None:
+    print(f"\n{torch.cuda.get_device_name()}, bf16 features, D={D}, fwd+bwd median of {reps}; "
+          "peak = max_memory_allocated (inputs included)")
+    print("| loss | N | mmfuse ms | PyTorch ms | speed-up | mmfuse GB | PyTorch GB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, (ours, ref, _) in LOSSES.items():
+        for N in sizes:
+            inputs = make_inputs(kind, N, D, torch.bfloat16, "cuda")
+            t_ours, m_ours = _measure(lambda *t: ours(*t, backend="triton"), inputs, reps)
+            t_ref, m_ref = _measure(ref, inputs, reps)
+            fmt = lambda v, f: v if isinstance(v, str) else ("-" if v is None else format(v, f))  # noqa: E731
+            speed = f"{t_ref / t_ours:.2f}x" if not isinstance(t_ref, str) and not isinstance(t_ours, str) else "-"
+            mem = f"1/{m_ref / m_ours:.0f}" if m_ref and m_ours else "-"
+            print(f"| {kind} | {N} | {fmt(t_ours, '.1f')} | {fmt(t_ref, '.1f')} | {speed} | "
+                  f"{fmt(m_ours, '.3f')} | {fmt(m_ref, '.2f')} | {mem} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -113,9 +135,7 @@ def main(argv=None) -> int:
         return 0
     cpu_table(args.sizes, args.dim, args.reps, args.losses)
     if torch.cuda.is_available():
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import gpu_contrastive
-        gpu_contrastive.timing_table([32768, 65536, 262144], args.dim)
+        gpu_table([32768, 65536, 262144], args.dim)
     return 0
 
 

@@ -14,11 +14,11 @@ Prints medians over --repeats timed runs (after a warm-up) and the ratio mmfuse 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
+
+from common import median_seconds
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
@@ -31,16 +31,6 @@ SENTENCES = [
     "the third consecutive quarter despite supply-chain disruptions.",
     "Researchers trained the model on a corpus of scientific abstracts and evaluated it on retrieval.",
 ]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def bench_clip(repeats: int, rows: list, bf16: bool, folder: str) -> None:
@@ -63,8 +53,8 @@ def bench_clip(repeats: int, rows: list, bf16: bool, folder: str) -> None:
             with torch.no_grad():
                 hf.get_image_features(pixel_values=px)
 
-        t_peer = median_time(peer, repeats)
-        t_ours = median_time(lambda: enc.encode_pixels(px), repeats)
+        t_peer = median_seconds(peer, repeats)
+        t_ours = median_seconds(lambda: enc.encode_pixels(px), repeats)
         rows.append(("CLIP ViT-B/32 image", batch, "images/s", batch / t_peer, batch / t_ours))
     if bf16:  # both sides with bf16 weights and activations (oneDNN bf16 GEMMs where the CPU has them)
         hf16, enc16 = hf.to(torch.bfloat16), load_encoder(folder, dtype="bf16")
@@ -75,8 +65,8 @@ def bench_clip(repeats: int, rows: list, bf16: bool, folder: str) -> None:
                 with torch.no_grad():
                     hf16.get_image_features(pixel_values=px.bfloat16())
 
-            t_peer = median_time(peer16, repeats)
-            t_ours = median_time(lambda: enc16.encode_pixels(px), repeats)
+            t_peer = median_seconds(peer16, repeats)
+            t_ours = median_seconds(lambda: enc16.encode_pixels(px), repeats)
             rows.append(("  bf16 (both)", batch, "images/s", batch / t_peer, batch / t_ours))
 
 
@@ -92,11 +82,11 @@ def bench_minilm(repeats: int, rows: list) -> None:
         texts = (SENTENCES * (batch // len(SENTENCES) + 1))[:batch]
         ref = st.encode(texts, convert_to_tensor=True, batch_size=batch)
         assert torch.allclose(enc.encode_text(texts, batch_size=batch), ref, atol=1e-5)
-        t_peer = median_time(lambda: st.encode(texts, batch_size=batch, convert_to_tensor=True), repeats)
-        t_ours = median_time(lambda: enc.encode_text(texts, batch_size=batch), repeats)
+        t_peer = median_seconds(lambda: st.encode(texts, batch_size=batch, convert_to_tensor=True), repeats)
+        t_ours = median_seconds(lambda: enc.encode_text(texts, batch_size=batch), repeats)
         rows.append(("all-MiniLM-L6-v2 text", batch, "sentences/s", batch / t_peer, batch / t_ours))
         if batch > 1:  # the same, padded like the peer (one batch): what length bucketing is worth
-            t_flat = median_time(lambda: enc.encode_text(texts, batch_size=batch, bucket=False), repeats)
+            t_flat = median_seconds(lambda: enc.encode_text(texts, batch_size=batch, bucket=False), repeats)
             rows.append(("  (no length buckets)", batch, "sentences/s", batch / t_peer, batch / t_flat))
 
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -26,27 +25,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mmfuse.kernels.attention import attention, attention_reference, set_backend
+from mmfuse.kernels import attention, attention_reference, lse_reference, set_backend
 from mmfuse.kernels import flash_decode as fd
 from mmfuse.kernels import flash_prefill as fp
+from mmfuse.kernels.testing import poisoned_allocations
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty hands out NaN-filled tensors, so any element a kernel does not write shows."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
 
 
 def _qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=0):
@@ -102,7 +86,7 @@ def check_correctness() -> bool:
                 q, k, v = _qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed=i)
                 sem = dict(causal=causal, q_start=_ints(qs), kv_len=_ints(kl))
                 ref = attention_reference(q.float(), k.float(), v.float(), **sem)
-                lref = fp.lse_reference(q.float(), k.float(), v.float(), **sem)
+                lref = lse_reference(q.float(), k.float(), v.float(), **sem)
                 fin = torch.isfinite(lref)
                 if Tq <= fd.MAX_QUERY_TOKENS:
                     runs = [(f"{n} splits", fd.decode_attention(q, k, v, return_lse=True, num_splits=n,
@@ -253,12 +237,12 @@ def compile_only() -> bool:
         for c in fp.GPU_CONFIGS:
             meta = dict(common, HEAD_DIM=D, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
                         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"])
-            jobs.append((f"prefill D={D} {c}", fp._flash_prefill_kernel, meta, c))
+            jobs.append((f"prefill D={D} {c}", fp.flash_prefill_kernel, meta, c))
     for D, rows in ((128, 16), (64, 16), (128, 128)):
         for c in fd.GPU_CONFIGS:
             meta = dict(common, SINGLE_SPLIT=False, HEAD_DIM=D, BLOCK_D=D, BLOCK_M=rows, BLOCK_N=c["BLOCK_N"])
-            jobs.append((f"decode D={D} rows={rows} {c}", fd._flash_decode_kernel, meta, c))
-    jobs.append(("combine D=128 S=32", fd._combine_kernel,
+            jobs.append((f"decode D={D} rows={rows} {c}", fd.flash_decode_kernel, meta, c))
+    jobs.append(("combine D=128 S=32", fd.combine_kernel,
                  dict(WRITE_LSE=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=32, BLOCK_R=1),
                  dict(num_warps=4, num_stages=1)))
     for label, kernel, meta, c in jobs:

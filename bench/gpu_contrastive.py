@@ -8,37 +8,26 @@
    and on the "torch" backend, fp32 and bf16 features, against the float64 reference; the loss,
    both feature gradients, d logit_scale and d logit_bias. Also the local-loss path (3 simulated
    ranks, each its rows against all columns) against the global float64 loss.
-2. Timings: fwd+bwd, bf16 features, D=512, median of --reps after a warm-up (which autotunes);
-   peak = torch.cuda.max_memory_allocated during the call, inputs included, as the issue's H200
-   reference figures (N=32,768: 45 ms, 18.5 GB; N=65,536: 189 ms, 73.8 GB; SigLIP N=65,536:
-   108 ms, 65.6 GB). The PyTorch loss reports OOM where it does not fit.
+2. Timings: bench_contrastive.gpu_table (fwd+bwd, bf16 features, D=512, median of --reps after a
+   warm-up; peak = torch.cuda.max_memory_allocated during the call, inputs included, as the
+   issue's H200 reference figures (N=32,768: 45 ms, 18.5 GB; N=65,536: 189 ms, 73.8 GB; SigLIP
+   N=65,536: 108 ms, 65.6 GB).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_contrastive import LOSSES, fwd_bwd, make_inputs, median_ms  # noqa: E402
+from bench_contrastive import LOSSES, gpu_table, make_inputs  # noqa: E402
 
-from mmfuse.kernels import contrastive as C  # noqa: E402
+from mmfuse.kernels.contrastive_kinds import CLIP, SIGLIP  # noqa: E402
+from mmfuse.kernels.testing import poisoned_allocations, simulated_local_loss  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative to the largest reference value
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Every kernel output starts as NaN, so an element a kernel does not write shows."""
-    real = C._new
-    C._new = lambda shape, dtype, device: torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-    try:
-        yield
-    finally:
-        C._new = real
 
 
 def _loss_and_grads(fn, inputs, **kw):
@@ -69,7 +58,7 @@ def check_correctness(cases=((1000, 512), (333, 77), (4097, 768), (3 * 171, 256)
                 inputs = make_inputs(kind, N, D, dtype, device, seed=N + D)
                 want = _loss_and_grads(ref, [t.double() for t in inputs])
                 for backend in ("triton", "torch"):
-                    with poisoned_outputs():
+                    with poisoned_allocations():
                         got = _loss_and_grads(ours, inputs, backend=backend)
                     err = _worst(got, want)
                     good = err <= TOL[dtype]
@@ -79,8 +68,8 @@ def check_correctness(cases=((1000, 512), (333, 77), (4097, 768), (3 * 171, 256)
         N, D = cases[-1]
         inputs = make_inputs(kind, N, D, torch.float32, device, seed=7)
         want = _loss_and_grads(ref, [t.double() for t in inputs])
-        with poisoned_outputs():
-            got = _loss_and_grads(lambda *t: C.simulated_local_loss(kind, *t, world=3, backend="triton"), inputs)
+        with poisoned_allocations():
+            got = _loss_and_grads(lambda *t: simulated_local_loss(kind, *t, world=3, backend="triton"), inputs)
         err = _worst(got, want)
         ok &= err <= TOL[torch.float32]
         print(f"  {'PASS' if err <= TOL[torch.float32] else 'FAIL'} {kind} triton local_loss "
@@ -88,40 +77,9 @@ def check_correctness(cases=((1000, 512), (333, 77), (4097, 768), (3 * 171, 256)
     return ok
 
 
-def _measure(fn, inputs, reps):
-    """(median ms, peak GB) of fwd+bwd, or the error name when it does not run."""
-    torch.cuda.empty_cache()
-    try:
-        ms = median_ms(lambda: fwd_bwd(fn, inputs), reps, torch.cuda.synchronize)
-        torch.cuda.reset_peak_memory_stats()
-        fwd_bwd(fn, inputs)
-        torch.cuda.synchronize()
-        return ms, torch.cuda.max_memory_allocated() / 1e9
-    except torch.cuda.OutOfMemoryError:
-        return "OOM", None
-    finally:
-        torch.cuda.empty_cache()
-
-
-def timing_table(sizes, D: int = 512, reps: int = 5) -> None:
-    print(f"\n{torch.cuda.get_device_name()}, bf16 features, D={D}, fwd+bwd median of {reps}; "
-          "peak = max_memory_allocated (inputs included)")
-    print("| loss | N | mmfuse ms | PyTorch ms | speed-up | mmfuse GB | PyTorch GB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, (ours, ref, _) in LOSSES.items():
-        for N in sizes:
-            inputs = make_inputs(kind, N, D, torch.bfloat16, "cuda")
-            t_ours, m_ours = _measure(lambda *t: ours(*t, backend="triton"), inputs, reps)
-            t_ref, m_ref = _measure(ref, inputs, reps)
-            fmt = lambda v, f: v if isinstance(v, str) else ("-" if v is None else format(v, f))  # noqa: E731
-            speed = f"{t_ref / t_ours:.2f}x" if not isinstance(t_ref, str) and not isinstance(t_ours, str) else "-"
-            mem = f"1/{m_ref / m_ours:.0f}" if m_ref and m_ours else "-"
-            print(f"| {kind} | {N} | {fmt(t_ours, '.1f')} | {fmt(t_ref, '.1f')} | {speed} | "
-                  f"{fmt(m_ours, '.3f')} | {fmt(m_ref, '.2f')} | {mem} |", flush=True)
-
-
-def _cfg(cfg) -> str:
-    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} st={cfg.num_stages}"
+def _cfg(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("num_warps", "num_stages")) + \
+        f" w={cfg['num_warps']} st={cfg['num_stages']}"
 
 
 def compile_only(dims=(512, 768, 1024)) -> bool:
@@ -140,6 +98,9 @@ def compile_only(dims=(512, 768, 1024)) -> bool:
     backend = triton.compiler.make_backend(target)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     ok_all = True
+
+    def meta_of(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
 
     def build(kernel, consts, launch, feat):
         sig, attrs = {}, {}
@@ -169,21 +130,21 @@ def compile_only(dims=(512, 768, 1024)) -> bool:
         block_d = max(64, triton.next_power_of_2(D))
         for feat, prec in (("*bf16", "tf32"), ("*fp32", "ieee")):
             flags = dict(BLOCK_K=64, UPCAST=False, PRECISION=prec)
-            for kind in (C.CLIP, C.SIGLIP):
-                for cfg in ct._fwd_launch.configs:
-                    jobs.append((f"fwd  D={D} {feat[1:]} kind={kind} {_cfg(cfg)}", ct._fwd_kernel,
-                                 dict(flags, KIND=kind, **cfg.kwargs), cfg, feat))
-                lse_flags = [(True, True), (True, False), (False, True)] if kind == C.CLIP else [(False, False)]
+            for kind in (CLIP, SIGLIP):
+                for cfg in ct.FWD_CONFIGS:
+                    jobs.append((f"fwd  D={D} {feat[1:]} kind={kind} {_cfg(cfg)}", ct.fwd_kernel,
+                                 dict(flags, KIND=kind, **meta_of(cfg)), cfg, feat))
+                lse_flags = [(True, True), (True, False), (False, True)] if kind == CLIP else [(False, False)]
                 for hx, hy in lse_flags:
-                    for cfg in ct._bwd_prune(ct._bwd_launch.configs, dict(BLOCK_D=block_d)):
+                    for cfg in [c for c in ct.BWD_CONFIGS if ct.bwd_config_fits(c, dict(BLOCK_D=block_d))]:
                         meta = dict(flags, KIND=kind, HAS_LSE_X=hx, HAS_LSE_Y=hy, WANT_SUMS=True,
-                                    BLOCK_D=block_d, **cfg.kwargs)
+                                    BLOCK_D=block_d, **meta_of(cfg))
                         jobs.append((f"bwd  D={D} {feat[1:]} kind={kind} lse=({hx},{hy}) {_cfg(cfg)}",
-                                     ct._bwd_kernel, meta, cfg, feat))
+                                     ct.bwd_kernel, meta, cfg, feat))
     for label, kernel, meta, cfg, feat in jobs:
         try:
-            smem, wgmma, regs, spill = build(kernel, dict(meta), dict(num_warps=cfg.num_warps,
-                                                                     num_stages=cfg.num_stages), feat)
+            smem, wgmma, regs, spill = build(kernel, dict(meta), dict(num_warps=cfg["num_warps"],
+                                                                     num_stages=cfg["num_stages"]), feat)
             fits = smem <= 227 * 1024
             ok_all &= fits
             print(f"  {'ok  ' if fits else 'SMEM'} {label}: shared {smem // 1024} KiB, wgmma {wgmma}, "
@@ -209,7 +170,7 @@ def main(argv=None) -> int:
     print(f"Correctness on {torch.cuda.get_device_name()} (float64 reference):")
     ok = check_correctness()
     print("correctness:", "all PASS" if ok else "FAILURES above")
-    timing_table([32768] if args.quick else [32768, 65536, 262144], reps=args.reps)
+    gpu_table([32768] if args.quick else [32768, 65536, 262144], reps=args.reps)
     return 0 if ok else 1
 
 

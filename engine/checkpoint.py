@@ -8,26 +8,39 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = ["auto", "fp32", "bf16", "fp16"]  # what --dtype offers
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hugging Face Hub
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    """Accept a torch dtype or one of the names in DTYPES."""
+def resolve_dtype(dtype, config: Optional[dict] = None) -> torch.dtype:
+    """A torch dtype or one of the names in DTYPES; "auto" is the dtype the checkpoint's config
+    names (`dtype`, or the older `torch_dtype`; float32 where it names none)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        if config is None:
+            raise ValueError("dtype='auto' needs the checkpoint's config.json")
+        key = "dtype" if config.get("dtype") is not None else "torch_dtype"
+        name = config.get(key) or "float32"
+        if name not in DTYPES:
+            raise ConfigError(f"config.json: {key}={name!r} is not a supported dtype "
+                              f"(supported: float32, bfloat16, float16); pass an explicit dtype")
+        return DTYPES[name]
     try:
         return DTYPES[str(dtype)]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES) + ['auto']}") from None
 
 
 def read_json(path: Path, required: bool = True) -> Optional[dict]:
@@ -47,12 +60,63 @@ def read_json(path: Path, required: bool = True) -> Optional[dict]:
     return data
 
 
+def path_in_folder(folder, entry, source) -> Path:
+    """`folder / entry` for a file name a checkpoint's own JSON gives (an index's `weight_map`,
+    sentence-transformers' modules.json), refused with CheckpointError naming `source` and the
+    entry when it is not a relative path that stays inside the folder: no absolute paths, no `..`
+    out of it, no symlink resolving outside it. The one exception is the Hugging Face hub cache,
+    whose snapshot files are symlinks into the repository's `blobs/` folder beside `snapshots/`."""
+    folder = Path(folder)
+    if not isinstance(entry, str) or not entry or "\0" in entry:
+        raise CheckpointError(f"{source}: entry {entry!r} is not a file name")
+    rel = Path(entry)
+    if rel.is_absolute() or rel.drive or rel.root:
+        raise CheckpointError(f"{source}: entry {entry!r} is an absolute path; it must stay inside {folder}")
+    if ".." in rel.parts:
+        raise CheckpointError(f"{source}: entry {entry!r} uses '..'; it must stay inside the checkpoint folder {folder}")
+    path = folder / rel
+    real, roots = path.resolve(), [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":
+        roots.append(folder.resolve().parent.parent / "blobs")
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{source}: entry {entry!r} resolves to {real}, outside the checkpoint folder {folder}")
+    return path
+
+
 def read_config(folder) -> dict:
     """config.json of a checkpoint folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (no such directory)")
+        raise CheckpointError(not_a_folder_message(folder))
     return read_json(folder / "config.json")
+
+
+def not_a_folder_message(folder) -> str:
+    """Why `folder` cannot be loaded; for a Hub id (owner/name), how to get a local folder."""
+    text = str(folder)
+    if HUB_ID.fullmatch(text) and not Path(text).exists():
+        local = text.split("/")[-1]
+        return (f"{text}: no such folder. mmfuse loads local checkpoint folders and never downloads on its "
+                f"own; {text!r} looks like a Hugging Face Hub id. Get a folder with\n"
+                f"    huggingface-cli download {text} --local-dir {local}\n"
+                f"and pass {local}, or, with huggingface_hub installed, add --download to let mmfuse fetch it")
+    return f"{folder}: not a checkpoint folder (no such directory)"
+
+
+def fetch_from_hub(repo_id: str) -> Path:
+    """Download `repo_id` (config, tokenizer, safetensors only) with huggingface_hub; only called on
+    the user's explicit request (--download / download=True)."""
+    if not HUB_ID.fullmatch(repo_id):
+        raise CheckpointError(f"{repo_id}: not a Hugging Face Hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: downloading needs huggingface_hub (pip install huggingface_hub), "
+                              f"or run: huggingface-cli download {repo_id} --local-dir DIR") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as e:  # network, authentication, unknown repository
+        raise CheckpointError(f"{repo_id}: download failed ({type(e).__name__}: {e})") from None
 
 
 class Checkpoint:
@@ -70,8 +134,8 @@ class Checkpoint:
             wmap = meta.get("weight_map")
             if not isinstance(wmap, dict) or not wmap:
                 raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = sorted({self.folder / f for f in wmap.values()})
-            key_file = {k: self.folder / f for k, f in wmap.items()}
+            key_file = {k: path_in_folder(self.folder, f, f"{index}: weight_map[{k!r}]") for k, f in wmap.items()}
+            files = sorted(set(key_file.values()))
         else:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
             hint = f" (found {bins}: pickled weights are not loaded; convert them to safetensors)" if bins else ""

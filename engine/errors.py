@@ -1,4 +1,7 @@
-"""Typed errors raised by mmfuse. Each message names the file, key, line or shape at fault."""
+"""Typed errors raised by mmfuse. Each message names the file, key, line, field, flag or shape at fault.
+
+Every error mmfuse raises on bad input, a bad checkpoint or a failed write is an `MMFuseError`;
+the `mmfuse` command prints it as one line and exits non-zero."""
 
 
 class MMFuseError(Exception):
@@ -21,5 +24,36 @@ class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
 
 
+class DeviceError(MMFuseError, ValueError):
+    """A requested device does not exist in this torch build or on this machine."""
+
+
+class ExtensionError(MMFuseError, ImportError):
+    """A compiled extension (the n-gram C++ code) is not built in this installation."""
+
+
+class SamplingParamsError(MMFuseError, ValueError):
+    """A sampling parameter is out of range or of the wrong type."""
+
+
 class PromptError(MMFuseError, ValueError):
-    """A prompt or conversation does not fit the model: image placeholders vs images, a bad message."""
+    """A prompt or input text is empty, not encodable text (a lone surrogate), or holds token ids
+    outside the vocabulary."""
+
+
+class ImageError(MMFuseError, ValueError):
+    """An input image cannot be read, has an unsupported layout, or exceeds the pixel budget."""
+
+
+class NumericalError(MMFuseError, ValueError):
+    """A model produced NaN or infinite values (broken weights or a degenerate config): its output
+    would be meaningless, so generation stops instead of emitting garbage tokens."""
+
+
+class SettingError(MMFuseError, ValueError):
+    """An environment variable (`mmfuse.envs`) or a backend name is outside its allowed values."""
+
+
+class BackendUnavailableError(MMFuseError, RuntimeError):
+    """A requested kernel backend cannot run here (triton not installed, CPU tensors without the
+    Triton interpreter)."""

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PromptError
 
 
 def load_tokenizer(folder) -> Tokenizer:
@@ -16,3 +16,14 @@ def load_tokenizer(folder) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from None
+
+
+def check_text(text: str, where: str = "prompt") -> str:
+    """`text` if it is valid Unicode text; a lone surrogate (e.g. from a bad decode) cannot be
+    tokenized, so it is a PromptError naming `where` and the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{where}: character {e.start} is a lone surrogate {text[e.start]!r}, "
+                          "not valid Unicode text") from None
+    return text

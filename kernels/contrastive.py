@@ -25,27 +25,31 @@ for CPU tensors) or from the same primitive on the transposed problem (y against
 the "triton" backend in contrastive_triton.py, imported on first use, for CUDA tensors or CPU
 tensors under TRITON_INTERPRET=1; no atomics, deterministic). The "_reference" functions below
 materialise the logits as OpenCLIP does. Backend "auto" picks triton on CUDA and torch otherwise;
-the environment variable MMFUSE_CONTRASTIVE overrides the default.
+the environment variable MMFUSE_CONTRASTIVE (mmfuse.envs) sets the default.
 
 Distributed: `gather_features` gathers across ranks exactly as OpenCLIP does. With
 `distributed=True`, `local_loss=True` each rank computes its local rows against all gathered
 columns (labels offset by rank * n); averaging that loss over ranks equals the single-process
 loss. OpenCLIP's SigLipLoss (neighbour exchange) equals
-`siglip_loss(..., distributed=True, local_loss=True, gather_with_grad=True)`.
+`siglip_loss(..., distributed=True, local_loss=True, gather_with_grad=True)`;
+`mmfuse.kernels.testing.simulated_local_loss` runs that local path for several ranks in one process.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-CLIP, SIGLIP = 0, 1
-_BACKENDS = ("auto", "triton", "torch")
-_CHUNK_ELEMENTS = 1 << 22  # torch backend: rows per chunk = this // K (16 MiB of fp32 per buffer),
-_MIN_CHUNK_ROWS = 512  # but at least this many (CPU GEMMs with fewer rows run 1.5-10x slower)
+from mmfuse import envs
+from mmfuse.errors import SettingError
+
+from .backends import require_triton, triton_installed
+from .contrastive_kinds import CLIP, SIGLIP
+
+BACKENDS = envs.choices("MMFUSE_CONTRASTIVE")
+CHUNK_ELEMENTS = 1 << 22  # torch backend: rows per chunk = this // K (16 MiB of fp32 per buffer),
+MIN_CHUNK_ROWS = 512  # but at least this many (CPU GEMMs with fewer rows run 1.5-10x slower)
 
 
 # ----------------------------------------------------------------------------- references
@@ -127,11 +131,6 @@ def siglip_loss_reference(image_features: torch.Tensor, text_features: torch.Ten
     return -F.logsigmoid(labels * logits).sum() / img.shape[0]
 
 
-def _new(shape, dtype, device) -> torch.Tensor:
-    """Allocation of every kernel output (tests replace it with a NaN-filled one)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 # ----------------------------------------------------------------------------- chunked torch
 
 
@@ -143,7 +142,7 @@ def _torch_tiles(x, y, scale, bias, kind, off):
     M, K = x.shape[0], y.shape[0]
     xs = x.float() * float(scale.detach())  # (M, D): the scale folded into the rows, O(N * D)
     yf = y.float()  # (K, D)
-    rows_per_chunk = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // K)
+    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // K)
     for r0 in range(0, M, rows_per_chunk):
         rs = slice(r0, min(M, r0 + rows_per_chunk))
         z = xs[rs] @ yf.T  # (R, K)
@@ -162,8 +161,8 @@ def _positive_logits(z, pos) -> torch.Tensor:
 def _torch_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
     """Row log-sum-exps (CLIP), row loss terms and, on request, column log-sum-exps (CLIP)."""
     M, K = x.shape[0], y.shape[0]
-    lse = _new((M,), torch.float32, x.device) if kind == CLIP else None
-    rowloss = _new((M,), torch.float32, x.device)
+    lse = torch.empty((M,), dtype=torch.float32, device=x.device) if kind == CLIP else None
+    rowloss = torch.empty((M,), dtype=torch.float32, device=x.device)
     col_max = torch.full((K,), float("-inf"), device=x.device) if want_col_lse else None
     col_sum = torch.zeros(K, device=x.device) if want_col_lse else None
     for rs, z, pos in _torch_tiles(x, y, scale, bias, kind, off):
@@ -184,10 +183,10 @@ def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
     """dx (and dy = coef * s * G.T @ x, accumulated over the same row blocks) of one problem;
     SigLIP's row loss terms too when `rowloss` is given (forward and backward in one pass)."""
     M = x.shape[0]
-    dx = _new(x.shape, x.dtype, x.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # (K, D)
-    gdot = _new((M,), torch.float32, x.device) if want_sums else None
-    gsum = _new((M,), torch.float32, x.device) if want_sums else None
+    gdot = torch.empty((M,), dtype=torch.float32, device=x.device) if want_sums else None
+    gsum = torch.empty((M,), dtype=torch.float32, device=x.device) if want_sums else None
     xf, yf = x.float(), y.float()
     cs = coef.float() * scale.detach().float()
     for rs, z, pos in _torch_tiles(x, y, scale, bias, kind, off):
@@ -215,16 +214,12 @@ def _torch_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
 def _ops(backend: str, device: torch.device):
     """(fwd, bwd) primitives of a backend; the Triton module is imported on first use only."""
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+        backend = "triton" if device.type == "cuda" and triton_installed() else "torch"
     if backend == "torch":
         return _torch_fwd, _torch_bwd
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("contrastive loss backend 'triton' requested but triton is not installed")
-    from . import contrastive_triton as ct
-    if device.type != "cuda" and not ct.INTERPRET:
-        raise ValueError(f"contrastive loss backend 'triton' needs CUDA tensors (got {device}) "
-                         "or TRITON_INTERPRET=1 set before the first Triton loss call")
-    return ct.triton_fwd, ct.triton_bwd
+    require_triton("contrastive loss backend 'triton'", device)
+    from .contrastive_triton import triton_bwd, triton_fwd
+    return triton_fwd, triton_bwd
 
 
 def _grads(bwd, x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef):
@@ -286,7 +281,7 @@ class SiglipLossFunction(torch.autograd.Function):
         if ctx.bwd is _torch_bwd and any(ctx.needs_input_grad[:4]):
             # dL/dz = sigmoid(z) - I needs no global statistic, so the torch backend forms the
             # gradients (for a unit output gradient) in the same pass: 3 matmuls, not 4.
-            rowloss = _new((n,), torch.float32, img.device)
+            rowloss = torch.empty((n,), dtype=torch.float32, device=img.device)
             unit = torch.tensor(1.0 / n, device=img.device)
             ctx.eager = _torch_bwd(img, txt, scale, bias, SIGLIP, off, None, None, 1.0, unit, True,
                                    rowloss)
@@ -311,27 +306,6 @@ class SiglipLossFunction(torch.autograd.Function):
         d_scale = (coef * gdot.sum()).reshape(scale.shape).to(scale.dtype)
         d_bias = (coef * gsum.sum()).reshape(bias.shape).to(bias.dtype)
         return d_img, d_txt, d_scale, d_bias, None, None
-
-
-def simulated_local_loss(kind: str, image_features, text_features, *scalars, world: int,
-                         backend: str = "auto") -> torch.Tensor:
-    """Mean over `world` equal row shards of the local loss, each shard's rows against all columns.
-
-    What `distributed=True, local_loss=True` averages to across ranks, in one process (tests and
-    bench/gpu_contrastive.py check the local path with it); equals the global loss.
-    """
-    n = image_features.shape[0] // world
-    total = 0
-    for r in range(world):
-        rows = slice(r * n, (r + 1) * n)
-        if kind == "clip":
-            total = total + ClipLossFunction.apply(image_features[rows], text_features[rows],
-                                                   image_features, text_features, scalars[0], r * n,
-                                                   backend)
-        else:
-            total = total + SiglipLossFunction.apply(image_features[rows], text_features, *scalars,
-                                                     r * n, backend)
-    return total / world
 
 
 # ----------------------------------------------------------------------------- public API
@@ -361,9 +335,10 @@ def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
 
 
 def _backend(backend: Optional[str]) -> str:
-    backend = backend or os.environ.get("MMFUSE_CONTRASTIVE", "auto")
-    if backend not in _BACKENDS:
-        raise ValueError(f"contrastive loss backend {backend!r}: expected one of {_BACKENDS}")
+    """The call's backend, else MMFUSE_CONTRASTIVE's; SettingError for an unknown name."""
+    backend = backend or envs.MMFUSE_CONTRASTIVE
+    if backend not in BACKENDS:
+        raise SettingError(f"contrastive loss backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     return backend
 
 

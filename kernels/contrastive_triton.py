@@ -3,19 +3,16 @@
 Imported lazily by contrastive.py on the first Triton call, so TRITON_INTERPRET=1 only has to be
 set before that call. Plain pointer arithmetic and masks: one source for Triton 3.6 and 3.9.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import contrastive as C
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .contrastive_kinds import CLIP
+from .triton_utils import INTERPRET, autotuned, dot_precision
 
 
 @triton.jit
-def _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
+def dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """x[rows] @ y[cols].T as a (BLOCK_M, BLOCK_N) fp32 tile, looping over D in BLOCK_K chunks."""
@@ -34,7 +31,7 @@ def _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, rowloss_ptr, M, K, D, stride_x,
+def fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, rowloss_ptr, M, K, D, stride_x,
                 stride_y, off, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -49,7 +46,7 @@ def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, rowloss_ptr, M, K, D
     pos = tl.zeros((BLOCK_M,), tl.float32)  # z of the positive pair
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)  # (BN,)
-        z = s * _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
+        z = s * dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) + b  # (BM, BN)
         valid = cols[None, :] < K
         pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + off, z, 0.0), axis=1)
@@ -70,7 +67,7 @@ def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, rowloss_ptr, M, K, D
         tl.store(rowloss_ptr + rows, acc - pos, mask=rmask)
 
 @triton.jit
-def _bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_ptr, dx_ptr,
+def bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_ptr, dx_ptr,
                 gdot_ptr, gsum_ptr, M, K, D, stride_x, stride_y, stride_dx, off, diag_w,
                 KIND: tl.constexpr, HAS_LSE_X: tl.constexpr, HAS_LSE_Y: tl.constexpr,
                 WANT_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -101,7 +98,7 @@ def _bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_pt
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)  # (BN,)
         valid = cols < K
-        dot = _dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
+        dot = dot_tile(x_ptr, y_ptr, rows, cols, M, K, D, stride_x, stride_y,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)  # (BM, BN)
         z = s * dot + b
         diag = tl.where(cols[None, :] == rows[:, None] + off, diag_w, 0.0)
@@ -134,43 +131,36 @@ def _bwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_x_ptr, lse_y_ptr, coef_pt
             tl.store(gsum_ptr + rows, gsum, mask=rmask)
 
 
-if INTERPRET:  # one fixed config; small blocks that still exercise every loop and mask
-    _fwd_launch, _bwd_launch = _fwd_kernel, _bwd_kernel
-    _FWD_META = dict(BLOCK_M=64, BLOCK_N=64)
-    _BWD_META = dict(BLOCK_M=64, BLOCK_N=64, D_SPLITS=2)
-else:  # GPU: autotuned. Compiled for sm_90 without a GPU (bench/gpu_contrastive.py --compile-only)
-    # but never timed on one: the candidates keep registers in bounds rather than being tuned.
-    _fwd_launch = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
-                 for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                                       (128, 128, 8, 4), (64, 64, 4, 2)]],
-        key=["D", "KIND"])(_fwd_kernel)
-    _bwd_launch = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, D_SPLITS=sp), num_warps=w, num_stages=2)
-                 for bm, bn, w, splits in [(64, 64, 8, (1, 2, 4, 8)), (128, 64, 8, (2, 4, 8)),
-                                           (128, 32, 8, (2, 4, 8)), (64, 128, 8, (2, 4))]
-                 for sp in splits],
-        key=["D", "KIND", "HAS_LSE_X", "HAS_LSE_Y"],
-        prune_configs_by=dict(early_config_prune=lambda configs, nargs, **kw: _bwd_prune(configs, kw)),
-    )(_bwd_kernel)
-    _FWD_META, _BWD_META = {}, {}
+# GPU autotuning candidates. Compiled for sm_90 without a GPU (bench/gpu_contrastive.py --compile-only)
+# but never timed on one: they keep registers in bounds rather than being tuned.
+FWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+               for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 4),
+                                     (64, 64, 4, 2)]]
+BWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, D_SPLITS=sp, num_warps=w, num_stages=2)
+               for bm, bn, w, splits in [(64, 64, 8, (1, 2, 4, 8)), (128, 64, 8, (2, 4, 8)),
+                                         (128, 32, 8, (2, 4, 8)), (64, 128, 8, (2, 4))]
+               for sp in splits]
+# Interpreter: one fixed config; small blocks that still exercise every loop and mask.
+INTERPRET_FWD = dict(BLOCK_M=64, BLOCK_N=64)
+INTERPRET_BWD = dict(BLOCK_M=64, BLOCK_N=64, D_SPLITS=2)
 
 
-def _bwd_prune(configs, kwargs):
-    """Keep the configs whose per-program output slice, BLOCK_D / D_SPLITS, is at most 256 wide (a
+def bwd_config_fits(config: dict, meta: dict) -> bool:
+    """Whether the per-program output slice, BLOCK_D / D_SPLITS, is at most 256 wide (a
     (BLOCK_M, 512) fp32 accumulator spills) and, when split, at least 64 wide."""
-    block_d = kwargs["BLOCK_D"]
-    keep = [c for c in configs if block_d // c.kwargs["D_SPLITS"] <= 256
-            and (c.kwargs["D_SPLITS"] == 1 or block_d // c.kwargs["D_SPLITS"] >= 64)]
-    return keep or configs[:1]
+    width = meta["BLOCK_D"] // config["D_SPLITS"]
+    return width <= 256 and (config["D_SPLITS"] == 1 or width >= 64)
+
+
+_fwd_tuned = autotuned(fwd_kernel, FWD_CONFIGS, key=["D", "KIND"])
+_bwd_tuned = autotuned(bwd_kernel, BWD_CONFIGS, key=["D", "KIND", "HAS_LSE_X", "HAS_LSE_Y"], fits=bwd_config_fits)
 
 
 def _kernel_flags(x: torch.Tensor, D: int) -> tuple[dict, int]:
     """Compile-time flags shared by both kernels, and BLOCK_D (>= 64: the interpreter's 2 splits
     and the tl.dot minimum of 16 both fit)."""
     block_d = max(64, triton.next_power_of_2(D))
-    return dict(BLOCK_K=32 if INTERPRET else 64, UPCAST=INTERPRET,
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32"), block_d
+    return dict(BLOCK_K=32 if INTERPRET else 64, UPCAST=INTERPRET, PRECISION=dot_precision(x.dtype)), block_d
 
 
 def triton_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
@@ -178,12 +168,13 @@ def triton_fwd(x, y, scale, bias, kind, off, want_col_lse=False):
     M, D = x.shape
     K = y.shape[0]
     flags, _ = _kernel_flags(x, D)
-    lse = C._new((M,), torch.float32, x.device)
-    rowloss = C._new((M,), torch.float32, x.device)
+    lse = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rowloss = torch.empty((M,), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    _fwd_launch[grid](x, y, scale, scale if bias is None else bias, lse, rowloss, M, K, D,
-                      x.stride(0), y.stride(0), off, KIND=kind, **flags, **_FWD_META)
-    return (lse if kind == C.CLIP else None), rowloss, None
+    launch, meta = (fwd_kernel, INTERPRET_FWD) if _fwd_tuned is None else (_fwd_tuned, {})
+    launch[grid](x, y, scale, scale if bias is None else bias, lse, rowloss, M, K, D,
+                 x.stride(0), y.stride(0), off, KIND=kind, **flags, **meta)
+    return (lse if kind == CLIP else None), rowloss, None
 
 
 def triton_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_sums):
@@ -191,14 +182,14 @@ def triton_bwd(x, y, scale, bias, kind, off, lse_x, lse_y, diag_w, coef, want_su
     M, D = x.shape
     K = y.shape[0]
     flags, block_d = _kernel_flags(x, D)
-    dx = C._new((M, D), x.dtype, x.device)
-    gdot = C._new((M,), torch.float32, x.device) if want_sums else coef
-    gsum = C._new((M,), torch.float32, x.device) if want_sums else coef
+    dx = torch.empty((M, D), dtype=x.dtype, device=x.device)
+    gdot = torch.empty((M,), dtype=torch.float32, device=x.device) if want_sums else coef
+    gsum = torch.empty((M,), dtype=torch.float32, device=x.device) if want_sums else coef
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), meta["D_SPLITS"])  # noqa: E731
-    _bwd_launch[grid](x, y, scale, scale if bias is None else bias,
-                      coef if lse_x is None else lse_x, coef if lse_y is None else lse_y, coef,
-                      dx, gdot, gsum, M, K, D, x.stride(0), y.stride(0), dx.stride(0), off,
-                      float(diag_w), KIND=kind, HAS_LSE_X=lse_x is not None,
-                      HAS_LSE_Y=lse_y is not None, WANT_SUMS=want_sums, BLOCK_D=block_d,
-                      **flags, **_BWD_META)
+    launch, meta = (bwd_kernel, INTERPRET_BWD) if _bwd_tuned is None else (_bwd_tuned, {})
+    launch[grid](x, y, scale, scale if bias is None else bias,
+                 coef if lse_x is None else lse_x, coef if lse_y is None else lse_y, coef,
+                 dx, gdot, gsum, M, K, D, x.stride(0), y.stride(0), dx.stride(0), off,
+                 float(diag_w), KIND=kind, HAS_LSE_X=lse_x is not None,
+                 HAS_LSE_Y=lse_y is not None, WANT_SUMS=want_sums, BLOCK_D=block_d, **flags, **meta)
     return dx, (gdot if want_sums else None), (gsum if want_sums else None), None

@@ -17,7 +17,8 @@ otherwise leave a stale copy. Measured on that box with cold weights, 2 threads,
 1 row, 1.3x at 50. The cost is memory: a packed copy beside each weight used this way.
 The MLP's activation runs as a oneDNN post-op on the GEMM's output while it is in cache (a separate
 quick_gelu costs three passes over a (1600, 3072) tensor: 13 ms beside a 42 ms GEMM).
-`MMFUSE_CPU_GEMV=0` / `MMFUSE_CPU_PACKED=0` turn either path off.
+`MMFUSE_CPU_GEMV=0` / `MMFUSE_CPU_PACKED=0` turn either path off (read at each call, mmfuse.envs).
+The registry of frozen weights and their copies is frozen_weights.py; the activations, activations.py.
 
 Gradients, CUDA tensors, other dtypes, tracing and compiling go to `torch.nn.functional.linear`,
 which is also the reference.
@@ -25,44 +26,36 @@ which is also the reference.
 from __future__ import annotations
 
 import functools
-import os
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from mmfuse import envs
+
+from .activations import QUICK_GELU_SCALE, activation
+from .frozen_weights import FrozenWeights
+
 GEMV_MAX_ROWS = 4  # up to here the numba GEMV beats packed oneDNN (0.85x at 1 row, parity at 4)
 GEMV_UNPACKED_MAX_ROWS = 16  # weights that are not frozen: up to here the GEMV beats MKL's GEMM
-_GEMV = os.environ.get("MMFUSE_CPU_GEMV", "1") != "0"
-_PACKED = (os.environ.get("MMFUSE_CPU_PACKED", "1") != "0" and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+CAN_PACK = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 # oneDNN packs bf16 weights only on CPUs with AVX-512 (bw/vl/dq) or AVX-NE-CONVERT; elsewhere bf16 takes F.linear.
-_PACKED_BF16 = _PACKED and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def activation(name: Optional[str], x: torch.Tensor) -> torch.Tensor:
-    """The activations the engine's configs name; None is the identity."""
-    if name is None:
-        return x
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    if name == "silu":
-        return F.silu(x)
-    if name == "relu":
-        return F.relu(x)
-    raise ValueError(f"unknown activation {name!r}")
-
+CAN_PACK_BF16 = CAN_PACK and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+FROZEN = FrozenWeights()  # the weights `freeze` marked, and their packed copies
 
 # oneDNN post-ops that give our activations exactly: (attr, scalars, algorithm). quick_gelu(h) is
 # silu(1.702 h) / 1.702, so it runs as swish on a weight and bias scaled by 1.702.
 _POST_OPS = {None: ("none", [], ""), "gelu": ("gelu", [], "none"), "gelu_tanh": ("gelu", [], "tanh"),
              "silu": ("swish", [], ""), "relu": ("relu", [], ""), "quick_gelu": ("swish", [], "")}
-_PRE_SCALE = {"quick_gelu": 1.702}
+_PRE_SCALE = {"quick_gelu": QUICK_GELU_SCALE}
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether `linear` runs frozen weights of `dtype` from packed copies (MMFUSE_CPU_PACKED and
+    what oneDNN supports on this CPU)."""
+    can = {torch.float32: CAN_PACK, torch.bfloat16: CAN_PACK_BF16}.get(dtype, False)
+    return can and envs.read("MMFUSE_CPU_PACKED")  # read(): the attribute's module __getattr__ costs more
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -113,52 +106,22 @@ def _kernel():
 def freeze(module: torch.nn.Module, refresh: bool = False) -> torch.nn.Module:
     """Mark `module`'s weights (its parameters of 2+ dims) as inference constants, so `linear` may
     keep a oneDNN-packed copy of each. The engine's inference objects (`DecodeState`, `Encoder`) do
-    this; nothing else is packed. Freezing again keeps the packed copies.
-
-    A packed copy is rebuilt when the weight's version counter moves (in-place tensor ops,
-    `load_state_dict`, the default optimizers), but some writes bypass that counter (through
-    `.data`, fused optimizers such as `AdamW(fused=True)`): after those, call
-    `freeze(module, refresh=True)` (drops the copies; they are rebuilt on use) or `unfreeze`."""
-    for p in module.parameters():
-        if p.dim() >= 2 and (refresh or id(p) not in _frozen):
-            if id(p) not in _frozen:
-                weakref.finalize(p, _frozen.pop, id(p), None)
-            _frozen[id(p)] = (weakref.ref(p), {})
+    this; nothing else is packed. Freezing again keeps the packed copies; after a write that
+    bypasses the version counter (`.data`, fused optimizers) call it with `refresh=True` (see
+    frozen_weights.py for the contract)."""
+    FROZEN.add(module, refresh)
     return module
 
 
 def unfreeze(module: torch.nn.Module) -> torch.nn.Module:
     """Drop the packed copies of `module`'s weights; `linear` goes back to `F.linear` for them."""
-    for p in module.parameters():
-        _frozen.pop(id(p), None)
+    FROZEN.remove(module)
     return module
 
 
-# id(frozen parameter) -> (weakref to it, {(scale, address, shape, stride, dtype): (version, packed)})
-_frozen: dict = {}
-
-
-def _packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
-    """oneDNN-packed `scale * weight` (N, K) if `weight` is a frozen parameter or a view of one
-    (the ViT patch embedding views its conv weight per call; SigLIP's pooling head slices q and kv
-    out of one weight), else None. Packed on first use and again when the version moves; copies
-    of views the parameter no longer holds (after `.to()` or `.data =`) are dropped then."""
-    owner = weight if weight._base is None else weight._base
-    entry = _frozen.get(id(owner))
-    if entry is None or entry[0]() is not owner:
-        return None
-    key = (scale, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
-    hit = entry[1].get(key)
-    if hit is not None and hit[0] == owner._version:
-        return hit[1]
-    storage = owner.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    for k in [k for k in entry[1] if k[4] != owner.dtype or not start <= k[1] < end]:
-        del entry[1][k]
-    w = weight.detach().contiguous() if scale == 1.0 else weight.detach() * scale
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-    entry[1][key] = (owner._version, packed)
-    return packed
+def packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    """The oneDNN-packed `scale * weight` (N, K) of a frozen weight or a view of one, else None."""
+    return FROZEN.packed(weight, scale, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 64))
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str]) -> torch.Tensor:
@@ -186,18 +149,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             or rows == 0 or weight.is_inference() or (torch.is_grad_enabled() and (
                 x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))):
         return linear_reference(x, weight, bias, act)
-    gemv = _GEMV and x.dtype == torch.float32 and weight.is_contiguous()
+    gemv = (rows <= GEMV_UNPACKED_MAX_ROWS and x.dtype == torch.float32 and weight.is_contiguous()
+            and envs.read("MMFUSE_CPU_GEMV"))
     if gemv and rows <= GEMV_MAX_ROWS:
         return _gemv(x, weight, bias, act)
-    if (_PACKED and (x.dtype == torch.float32 or _PACKED_BF16) and act in _POST_OPS
-            and (bias is None or bias.dtype == x.dtype)):
+    if act in _POST_OPS and (bias is None or bias.dtype == x.dtype) and packs(x.dtype):
         scale = _PRE_SCALE.get(act, 1.0)
-        packed = _packed_weight(weight, scale)
+        packed = packed_weight(weight, scale)
         if packed is not None:
             if scale != 1.0 and bias is not None:
                 bias = bias * scale
             out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, *_POST_OPS[act])
             return out if scale == 1.0 else out.mul_(1.0 / scale)
-    if gemv and rows <= GEMV_UNPACKED_MAX_ROWS:
+    if gemv:
         return _gemv(x, weight, bias, act)
     return linear_reference(x, weight, bias, act)

@@ -13,21 +13,14 @@ caller's usual `o.transpose(1, 2).reshape(B, Tq, Hq * D)` costs no copy.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention import _check as check_shapes
-from .attention import check_positions
-
-# Triton decides interpreter or compiler when a kernel is decorated; the kernel configs follow it
-# (the interpreter runs one config, autotuning runs several).
-INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
-    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-LOG2E = 1.4426950408889634
+from .attention_semantics import check_positions, check_shapes
+from .triton_utils import LOG2E
 
 
 @triton.jit
@@ -113,21 +106,6 @@ def finish_rows(acc, l_i, m_i):
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = m_i + tl.log2(l_i)
     return out, lse2
-
-
-def autotuned(kernel, configs, key):
-    """`kernel` autotuned over `configs` (dicts of meta-parameters, num_warps and num_stages) per
-    value of the `key` arguments; None under the interpreter, which runs one fixed config."""
-    if INTERPRET:
-        return None
-    launch = ("num_warps", "num_stages")
-    return triton.autotune(configs=[triton.Config({n: c[n] for n in c if n not in launch}, num_warps=c["num_warps"],
-                                                  num_stages=c["num_stages"]) for c in configs], key=key)(kernel)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs are multiplied in full precision (no TF32); fp16/bf16 ignore the setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def head_block(D: int) -> int:

@@ -11,7 +11,7 @@ final output and the combine is skipped.
 
 Semantics are those of `attention()` (query t of row b at position q_start[b] + t; key j visible
 iff j < kv_len[b] and, causal, j <= q_start[b] + t); the reference is
-`attention.attention_reference`. Inference only: no backward.
+`attention_semantics.attention_reference`. Inference only: no backward.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_common import (INTERPRET, attend, autotuned, dot_precision, finish_rows, head_block,
-                           row_extent, new_output, positions, softmax_scale)
+from .flash_common import attend, finish_rows, head_block, new_output, positions, row_extent, softmax_scale
+from .triton_utils import INTERPRET, LN2, autotuned, dot_precision
 
 MAX_QUERY_TOKENS = 16  # attention() sends Tq <= this here, longer queries to prefill_attention
 MAX_SPLITS = 64
@@ -31,7 +31,7 @@ MAX_ROWS = 128  # query rows (heads x tokens) per program; larger groups use sev
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_start_default", "split_len", "SPLIT_BUCKET"])
-def _flash_decode_kernel(
+def flash_decode_kernel(
         Q, K, V, Out, Lse, OPart, LsePart, QStart, KvLen,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
@@ -78,7 +78,7 @@ def _flash_decode_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok)
         if WRITE_LSE:
             lse_ptrs = Lse + (b.to(tl.int64) * Hkv * group + h) * Tq + t
-            tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=rows < group * Tq)  # ln 2
+            tl.store(lse_ptrs, lse2 * LN2, mask=rows < group * Tq)
     else:
         # Partials: (B, Hq, Tq, num_splits) log2-sum-exp and (B, Hq, Tq, num_splits, HEAD_DIM) fp32.
         part = ((b.to(tl.int64) * Hkv * group + h) * Tq + t) * num_splits + split  # (M,)
@@ -87,7 +87,7 @@ def _flash_decode_kernel(
 
 
 @triton.jit
-def _combine_kernel(OPart, LsePart, Out, Lse, Hq, Tq, num_rows, num_splits,
+def combine_kernel(OPart, LsePart, Out, Lse, Hq, Tq, num_rows, num_splits,
                     stride_ob, stride_oh, stride_ot, stride_od,
                     WRITE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -112,7 +112,7 @@ def _combine_kernel(OPart, LsePart, Out, Lse, Hq, Tq, num_rows, num_splits,
     o_ptrs = Out + (b * stride_ob + h * stride_oh + t * stride_ot)[:, None] + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(row[:, None] < num_rows) & (offs_d[None, :] < HEAD_DIM))
     if WRITE_LSE:
-        tl.store(Lse + row, (m + tl.log2(total)) * 0.6931471805599453, mask=row < num_rows)  # ln 2
+        tl.store(Lse + row, (m + tl.log2(total)) * LN2, mask=row < num_rows)
 
 
 # H100/H200 autotuning candidates: memory-bound, so deep pipelines of K/V tiles.
@@ -125,7 +125,7 @@ INTERPRET_CONFIG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 COMBINE_TILE = 65536 if INTERPRET else 4096  # elements of partial output one combine program reads
 # split_len is a multiple of every candidate BLOCK_N
 SPLIT_GRANULE = INTERPRET_CONFIG["BLOCK_N"] if INTERPRET else max(c["BLOCK_N"] for c in GPU_CONFIGS)
-_tuned_kernel = autotuned(_flash_decode_kernel, GPU_CONFIGS,
+_tuned_kernel = autotuned(flash_decode_kernel, GPU_CONFIGS,
                           key=["BLOCK_D", "BLOCK_M", "CAUSAL", "SINGLE_SPLIT", "SPLIT_BUCKET"])
 
 
@@ -190,11 +190,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if config is None and _tuned_kernel is not None:
         _tuned_kernel[grid](*args, **meta)
     else:
-        _flash_decode_kernel[grid](*args, **meta, **(INTERPRET_CONFIG if config is None else config))
+        flash_decode_kernel[grid](*args, **meta, **(INTERPRET_CONFIG if config is None else config))
     if not single:
         block_s = max(2, triton.next_power_of_2(num_splits))
         block_r = max(1, min(COMBINE_TILE // (block_s * head_block(D)), triton.next_power_of_2(B * Hq * Tq)))
-        _combine_kernel[(triton.cdiv(B * Hq * Tq, block_r),)](
+        combine_kernel[(triton.cdiv(B * Hq * Tq, block_r),)](
             o_part, lse_part, out, lse_arg, Hq, Tq, B * Hq * Tq, num_splits, *out.stride(),
             WRITE_LSE=return_lse, HEAD_DIM=D, BLOCK_D=head_block(D), BLOCK_S=block_s, BLOCK_R=block_r,
             num_warps=4)

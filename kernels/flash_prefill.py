@@ -8,26 +8,24 @@ j <= q_start[b] + i, which covers right-padded batches, chunked prefill against 
 multi-token verification. Key blocks that every row of the program sees in full run without masks;
 only the diagonal / length boundary blocks are masked. Causal programs are launched longest first.
 
-`lse_reference` gives the natural-log LSE the kernel returns with return_lse=True; the output's
-reference is `attention.attention_reference`. No backward: this is an inference kernel, and
+The references of the output and of the natural-log LSE (return_lse=True) are
+`attention_semantics.attention_reference` / `lse_reference`. No backward: this is an inference kernel, and
 `attention()` sends inputs that need gradients to SDPA.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention import visibility_mask
-from .flash_common import (attend, autotuned, dot_precision, finish_rows, head_block, row_extent,
-                           new_output, positions, softmax_scale)
+from .flash_common import attend, finish_rows, head_block, new_output, positions, row_extent, softmax_scale
+from .triton_utils import LN2, autotuned, dot_precision
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_start_default", "TQ_BUCKET"])
-def _flash_prefill_kernel(
+def flash_prefill_kernel(
         Q, K, V, Out, Lse, QStart, KvLen,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
@@ -73,7 +71,7 @@ def _flash_prefill_kernel(
               + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok)
     if WRITE_LSE:
-        tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m, lse2 * 0.6931471805599453, mask=offs_m < Tq)
+        tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m, lse2 * LN2, mask=offs_m < Tq)
 
 
 # H100/H200 autotuning candidates; ones too large for a head dim fail to compile and are skipped.
@@ -83,7 +81,7 @@ GPU_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 
 # Interpreter: one small config (more programs of smaller blocks exercise the block boundaries).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-_tuned_kernel = autotuned(_flash_prefill_kernel, GPU_CONFIGS, key=["BLOCK_D", "CAUSAL", "TQ_BUCKET", "WRITE_LSE"])
+_tuned_kernel = autotuned(flash_prefill_kernel, GPU_CONFIGS, key=["BLOCK_D", "CAUSAL", "TQ_BUCKET", "WRITE_LSE"])
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -111,20 +109,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         _tuned_kernel[grid](*args, **meta)
     else:
         config = dict(INTERPRET_CONFIG if config is None else config)
-        _flash_prefill_kernel[(B * Hq, triton.cdiv(Tq, config["BLOCK_M"]))](*args, **meta, **config)
+        flash_prefill_kernel[(B * Hq, triton.cdiv(Tq, config["BLOCK_M"]))](*args, **meta, **config)
     return (out, lse) if return_lse else out
 
-
-def lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                  q_start: Optional[torch.Tensor] = None, kv_len: Optional[torch.Tensor] = None,
-                  scale: Optional[float] = None) -> torch.Tensor:
-    """Natural-log sum of exp of the visible scaled scores, (B, Hq, Tq); -inf where none is visible."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D)
-    s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    mask = visibility_mask(B, Tq, Tk, causal, q_start, kv_len, q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.logsumexp(s, dim=-1)

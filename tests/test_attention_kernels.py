@@ -6,7 +6,6 @@ a kernel forgets to write fails the comparison. Shapes are small and odd so the 
 fast, while the interpreter's block sizes (prefill 32x32, decode BLOCK_N=16) still put several key
 blocks, diagonal blocks and split boundaries in every case.
 """
-import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -16,11 +15,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from mmfuse.kernels.attention import attention, attention_reference, set_backend  # noqa: E402
+from mmfuse.kernels import attention_dispatch  # noqa: E402
+from mmfuse.kernels import attention, attention_reference, lse_reference, set_backend  # noqa: E402
 from mmfuse.kernels.flash_decode import choose_num_splits, decode_attention  # noqa: E402
-from mmfuse.kernels.flash_prefill import lse_reference, prefill_attention  # noqa: E402
-
-attn_mod = importlib.import_module("mmfuse.kernels.attention")  # the package attribute is the function
+from mmfuse.kernels.flash_prefill import prefill_attention  # noqa: E402
+from mmfuse.kernels.testing import poisoned_allocations  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log2(0) for empty rows
 
@@ -29,15 +28,10 @@ DTYPES = [torch.float32, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def poison_allocations(monkeypatch):
+def poison_allocations():
     """torch.empty returns NaN-filled (float) or garbage-filled (int) tensors during each test."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -12345)
-
-    monkeypatch.setattr(torch, "empty", empty)
+    with poisoned_allocations():
+        yield
 
 
 def make_qkv(B, Hq, Hkv, Tq, Tk, D, dtype, seed):
@@ -201,7 +195,7 @@ def test_split_count_fills_the_gpu():
 @pytest.fixture
 def backend():
     yield set_backend
-    set_backend("auto")
+    set_backend(None)
 
 
 @pytest.mark.parametrize("Tq", [1, 5, 16, 17, 60])
@@ -219,7 +213,7 @@ def test_unsupported_inputs_fall_back(backend, monkeypatch):
     def no_kernels(*args, **kwargs):
         raise AssertionError("Triton kernels called for unsupported inputs")
 
-    monkeypatch.setattr(attn_mod, "_attention_triton", no_kernels)
+    monkeypatch.setattr(attention_dispatch, "triton_attention", no_kernels)
     q, k, v = make_qkv(1, 4, 2, 20, 20, 64, torch.float32, seed=12)
     backend("auto")
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), **TOL[torch.float32])
@@ -264,8 +258,8 @@ def test_decoder_greedy_tokens_match_sdpa(backend, monkeypatch):
     g = torch.Generator().manual_seed(14)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 23, 1)]
     draft = torch.randint(0, 300, (3, 4), generator=g)
-    calls, kernels = [], attn_mod._attention_triton
-    monkeypatch.setattr(attn_mod, "_attention_triton", lambda q, *a: calls.append(q.shape[2]) or kernels(q, *a))
+    calls, kernels = [], attention_dispatch.triton_attention
+    monkeypatch.setattr(attention_dispatch, "triton_attention", lambda q, *a: calls.append(q.shape[2]) or kernels(q, *a))
     runs = {}
     for name in ("sdpa", "triton"):
         backend(name)

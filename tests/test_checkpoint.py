@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from mmfuse.cli import main as cli_main
 from mmfuse.decoder.config import DecoderConfig
 from mmfuse.errors import CheckpointError, ConfigError
+from mmfuse.hf_config import IgnoredFieldsWarning
 from mmfuse.decoder.loader import load_decoder
 
 
@@ -78,9 +79,15 @@ def test_unknown_model_type(ckpt):
         load_decoder(ckpt)
 
 
-def test_unknown_field_is_named(ckpt):
+def test_unknown_field_is_ignored_with_a_warning(ckpt):
     _edit_config(ckpt, lambda c: c.__setitem__("use_magic", True))
-    with pytest.raises(ConfigError, match=r"unsupported field\(s\) for model_type 'gpt2': \['use_magic'\]"):
+    with pytest.warns(IgnoredFieldsWarning, match=r"ignoring field\(s\) that do not change the computation: \['use_magic'\]"):
+        load_decoder(ckpt)
+
+
+def test_field_that_changes_the_computation_is_named(ckpt):
+    _edit_config(ckpt, lambda c: c.__setitem__("attn_logit_softcapping", 50.0))
+    with pytest.raises(ConfigError, match=r"config\.json: attn_logit_softcapping=50\.0 changes what the model computes"):
         load_decoder(ckpt)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from mmfuse.kernels import contrastive as C  # noqa: E402
 from mmfuse.kernels import (clip_loss, clip_loss_reference, siglip_loss,  # noqa: E402
                             siglip_loss_reference)
+from mmfuse.kernels.testing import poisoned_allocations, simulated_local_loss  # noqa: E402
 
 SHAPES = [(1, 5), (7, 33), (100, 77), (300, 65)]  # (N, D): odd, not powers of two
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}  # relative to the largest reference value
@@ -24,11 +25,10 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}  # relative to the largest ref
 
 @pytest.fixture(autouse=True)
 def poison_and_chunk(monkeypatch):
-    def nan_new(shape, dtype, device):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(C, "_new", nan_new)
-    monkeypatch.setattr(C, "_CHUNK_ELEMENTS", 8192)  # torch backend: several row blocks
-    monkeypatch.setattr(C, "_MIN_CHUNK_ROWS", 32)
+    monkeypatch.setattr(C, "CHUNK_ELEMENTS", 8192)  # torch backend: several row blocks
+    monkeypatch.setattr(C, "MIN_CHUNK_ROWS", 32)
+    with poisoned_allocations():
+        yield
 
 
 def make_inputs(N, D, dtype, kind, seed):
@@ -96,7 +96,7 @@ def test_local_loss_over_simulated_ranks_equals_global(kind, backend):
     W, n, D = 3, 7, 33
     inputs = make_inputs(W * n, D, torch.float32, kind, seed=11)
     leaves = [t.clone().requires_grad_() for t in inputs]
-    total = C.simulated_local_loss(kind, *leaves, world=W, backend=backend)
+    total = simulated_local_loss(kind, *leaves, world=W, backend=backend)
     total.backward()
     ref = clip_loss_reference if kind == "clip" else siglip_loss_reference
     ref_loss, ref_grads = loss_and_grads(ref, [t.double() for t in inputs])

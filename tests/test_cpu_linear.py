@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mmfuse.kernels import cpu_linear
 from mmfuse.kernels.cpu_linear import GEMV_MAX_ROWS, freeze, linear, linear_reference, unfreeze
 
-needs_packed = pytest.mark.skipif(not cpu_linear._PACKED, reason="torch built without oneDNN")
+needs_packed = pytest.mark.skipif(not cpu_linear.packs(torch.float32), reason="torch built without oneDNN")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -30,8 +30,8 @@ def _case(rows, K, N, bias, dtype, seed, frozen=True):
 
 def assert_path(w, rows, dtype, frozen=True):
     """The case ran where it should: packed oneDNN for frozen weights beyond the GEMV's rows (or in bf16)."""
-    packed = id(w) in cpu_linear._frozen and bool(cpu_linear._frozen[id(w)][1])
-    packs = cpu_linear._PACKED_BF16 if dtype == torch.bfloat16 else cpu_linear._PACKED
+    packed = cpu_linear.FROZEN.copies(w) > 0
+    packs = cpu_linear.packs(dtype)
     assert packed == (frozen and packs and (rows > GEMV_MAX_ROWS or dtype == torch.bfloat16))
 
 
@@ -67,7 +67,7 @@ def test_fused_activation_matches_float64(act, rows, bias, dtype):
 
 
 def _packed_copies():
-    return sum(len(entry[1]) for entry in cpu_linear._frozen.values())
+    return cpu_linear.FROZEN.copies()
 
 
 @needs_packed
@@ -125,18 +125,18 @@ def test_only_frozen_weights_are_packed_and_views_share_one_copy():
 
 @needs_packed
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not cpu_linear._PACKED_BF16, reason="oneDNN packs bf16 only with AVX-512 or AVX-NE-CONVERT"))])
+    not cpu_linear.packs(torch.bfloat16), reason="oneDNN packs bf16 only with AVX-512 or AVX-NE-CONVERT"))])
 def test_two_views_of_one_weight_keep_their_own_copies(dtype):
     pool = freeze(torch.nn.Linear(48, 3 * 16).to(dtype))  # SigLIP's head: q and kv sliced from one weight
     x = torch.randn(9, 48, dtype=dtype)
     before = _packed_copies()
     with torch.no_grad():
         w, b = pool.weight, pool.bias
-        q_pack = cpu_linear._packed_weight(w[:16], 1.0)
+        q_pack = cpu_linear.packed_weight(w[:16], 1.0)
         for _ in range(2):
             torch.testing.assert_close(linear(x, w[:16], b[:16]), F.linear(x, w[:16], b[:16]))
             torch.testing.assert_close(linear(x, w[16:], b[16:]), F.linear(x, w[16:], b[16:]))
-        assert cpu_linear._packed_weight(w[:16], 1.0) is q_pack  # the kv view did not evict it
+        assert cpu_linear.packed_weight(w[:16], 1.0) is q_pack  # the kv view did not evict it
         assert _packed_copies() == before + 2
         pool.weight.data = pool.weight.data.clone()  # new storage: the old copies go at the next packing
         linear(x, w[16:], b[16:])

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmfuse.encoders import (ClipModel, ImageError, ImageProcessor, SiglipModel, build_zero_shot_classifier,
+from mmfuse.encoders import (ClipModel, ImageProcessor, SiglipModel, build_zero_shot_classifier,
                              load_encoder, search, search_reference)
 from mmfuse.encoders.synthetic import COLOURS, SHAPES, shapes_dataset, write_word_tokenizer
-from mmfuse.errors import CheckpointError, ConfigError
+from mmfuse.errors import CheckpointError, ConfigError, ImageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -280,9 +280,9 @@ def test_bad_inputs(clip_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"vision_model.*has shape"):
         load_encoder(bad)
     cfg["vision_config"]["hidden_size"] = 32
-    cfg["vision_config"]["use_fancy_pooling"] = True
+    cfg["vision_config"]["use_qk_norm"] = True
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="use_fancy_pooling"):
+    with pytest.raises(ConfigError, match="vision_config: use_qk_norm=True changes what the model computes"):
         load_encoder(bad)
     with pytest.raises(ConfigError, match="model_type 'clip' is not 'siglip'"):
         SiglipModel.from_pretrained(clip_ckpt[0])
@@ -310,14 +310,15 @@ def test_cli_embed(clip_ckpt, tmp_path, capsys):
         Image.fromarray(img).save(p)
         paths.append(str(p))
     out = tmp_path / "img.npy"
-    assert main(["embed", str(folder), "--images", *paths, "--out", str(out)]) == 0
+    assert main(["embed", "--model", str(folder), "--images", *paths, "--out", str(out)]) == 0
     emb = np.load(out)
     torch.testing.assert_close(torch.from_numpy(emb), load_encoder(folder).encode_image(paths), atol=1e-6, rtol=0)
     texts = tmp_path / "t.txt"
     texts.write_text("a red circle\n\na blue square\n")
-    assert main(["embed", str(folder), "--texts", str(texts), "--out", str(tmp_path / "t.npy")]) == 0
+    with pytest.warns(DeprecationWarning, match="--model"):  # the positional checkpoint still works
+        assert main(["embed", str(folder), "--texts", str(texts), "--out", str(tmp_path / "t.npy")]) == 0
     assert np.load(tmp_path / "t.npy").shape == (2, 24)
-    assert main(["embed", str(folder), "--images", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
+    assert main(["embed", "--model", str(folder), "--images", str(tmp_path / "nope.png"), "--out", str(out)]) == 2
     assert "nope.png" in capsys.readouterr().err
 
 

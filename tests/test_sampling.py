@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmfuse.errors import SamplingParamsError
 from mmfuse.generation.sampling import (
     Sampler,
     SamplingParams,
-    SamplingParamsError,
     apply_min_p,
     apply_penalties,
     apply_top_k,

@@ -237,3 +237,13 @@ def test_cli_chat_one_question_and_interactive(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == want + "\n" + follow + "\n"
     assert main(["chat", "--model", str(folder), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_real_llava_1_5_config_reads_at_full_size():
+    from mmfuse.vlm.config import VlmConfig
+
+    cfg = json.loads((Path(__file__).parent / "data" / "configs" / "llava-1.5-7b-hf.json").read_text())
+    with pytest.warns(UserWarning):  # the tower's stray vocab_size is ignored with a warning
+        vc = VlmConfig.from_hf(cfg, "llava-1.5")
+    assert (vc.tokens_per_image, vc.image_token_id, vc.feature_layers, vc.text.vocab_size, vc.text.d_model,
+            vc.vision.d_model, vc.vision.n_layer) == (576, 32000, (-2,), 32064, 4096, 1024, 24)

@@ -1,18 +1,21 @@
-"""CLI for the decoder: `mmfuse generate`, `mmfuse info`, `mmfuse bench`."""
+"""CLI for the decoder: `mmfuse generate`, `mmfuse info`, `mmfuse bench`. torch is imported when a
+command runs, not when the CLI starts."""
 from __future__ import annotations
 
+import re
 import sys
 
-import torch
+from ..cli_options import add_device_options, add_model_options, add_output_options, emit_json, prepare_model_args
 
-from ..checkpoint import resolve_dtype
+# SamplingParams fields whose flag is not simply --field-name
+_FLAGS = {"stop_strings": "--stop", "stop_token_ids": "--stop-id"}
 
 
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a checkpoint folder")
-    g.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    add_model_options(g)
     g.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: generation_config.json, else 64)")
     g.add_argument("--min-new-tokens", type=int)
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-k", type=int)
@@ -26,50 +29,69 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--logprobs", action="store_true", help="print per-token logprobs")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    _device_args(g)
+    add_output_options(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="parameters, dtype and KV-cache bytes of a checkpoint")
-    i.add_argument("--model", required=True)
-    _device_args(i)
+    add_model_options(i)
+    add_output_options(i)
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="prefill/decode throughput on a built-in config with random weights")
     b.add_argument("--preset", default="gpt2-124m", help="built-in config (gpt2-124m, llama-1.1b)")
     b.add_argument("--model", help="a checkpoint folder instead of a preset")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+    b.add_argument("--new-tokens", type=int, default=128, help="generated tokens")
+    b.add_argument("--repeats", type=int, default=3, help="runs per batch size (median)")
     b.add_argument("--bandwidth-gbs", type=float, default=30.0, help="memory bandwidth for the floor (GB/s)")
     b.add_argument("--cuda-graph", action="store_true")
-    _device_args(b)
+    add_device_options(b)
+    add_output_options(b)
     b.set_defaults(func=cmd_bench)
 
 
-def _device_args(p) -> None:
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu")
+def _flag_error(e: Exception) -> Exception:
+    """A SamplingParams error, its field names turned into this command's flags."""
+    def flag(m):
+        return _FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-"))
+
+    return type(e)(re.sub(r"SamplingParams\.(\w+)", flag, str(e)))
 
 
 def cmd_generate(args) -> int:
+    from ..generation.sampling import SamplingParamsError
     from .generate import Engine
 
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    prepare_model_args(args)
     opts = sampling_options(args)
     opts["logprobs"] = args.logprobs
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    try:
+        engine.params(**opts)  # checks the flags before any generation
+    except SamplingParamsError as e:
+        raise _flag_error(e) from None
     if args.stream:
-        for prompt in args.prompt:
+        for i, prompt in enumerate(args.prompt):
             lps = []
             for chunk in engine.stream(prompt, **opts):
+                if args.json:
+                    emit_json({"index": i, "token_id": chunk.token_id, "text": chunk.text, "logprob": chunk.logprob,
+                               "finish_reason": chunk.finish_reason})
+                    continue
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 lps.append(chunk.logprob)
-            sys.stdout.write("\n")
-            if args.logprobs:
-                print("logprobs:", " ".join(f"{x:.4f}" for x in lps))
+            if not args.json:
+                sys.stdout.write("\n")
+                if args.logprobs:
+                    print("logprobs:", " ".join(f"{x:.4f}" for x in lps))
         return 0
-    for c in engine.generate(args.prompt, **opts):
+    for i, c in enumerate(engine.generate(args.prompt, **opts)):
+        if args.json:
+            emit_json({"index": i, "prompt": args.prompt[i], "text": c.text, "token_ids": c.token_ids,
+                       "logprobs": c.logprobs, "finish_reason": c.finish_reason})
+            continue
         print(c.text if c.text is not None else c.token_ids)
         if args.logprobs:
             print("logprobs:", " ".join(f"{x:.4f}" for x in c.logprobs))
@@ -91,40 +113,66 @@ def sampling_options(args) -> dict:
 def cmd_info(args) -> int:
     from .loader import load_decoder
 
+    prepare_model_args(args)
     model = load_decoder(args.model, dtype=args.dtype, device=args.device)
     cfg = model.cfg
-    item = resolve_dtype(args.dtype).itemsize
+    dtype = model.lm_head.weight.dtype
+    item = dtype.itemsize
     kv = cfg.kv_bytes_per_token * item
+    name = str(dtype).removeprefix("torch.")
+    if args.json:
+        emit_json({"model": args.model, "family": cfg.family, "layers": cfg.n_layer, "d_model": cfg.d_model,
+                   "heads": cfg.n_head, "kv_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff,
+                   "vocab_size": cfg.vocab_size, "parameters": model.num_params(), "dtype": name,
+                   "context": cfg.max_seq_len, "kv_cache_bytes_per_token": kv})
+        return 0
     print(f"model:         {args.model}")
     print(f"family:        {cfg.family} ({cfg.n_layer} layers, d_model {cfg.d_model}, heads {cfg.n_head}/{cfg.n_kv_head} "
           f"q/kv, head_dim {cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size})")
-    print(f"parameters:    {model.num_params():,} ({model.num_params() * item / 2**20:.1f} MiB in {args.dtype})")
-    print(f"dtype:         {args.dtype}")
+    print(f"parameters:    {model.num_params():,} ({model.num_params() * item / 2**20:.1f} MiB in {name})")
+    print(f"dtype:         {name}")
     print(f"context:       {cfg.max_seq_len} positions")
     print(f"KV cache:      {kv:,} bytes per token per sequence ({kv * cfg.max_seq_len / 2**20:.1f} MiB for a full context)")
     return 0
 
 
 def cmd_bench(args) -> int:
+    import torch
+
+    from ..checkpoint import resolve_dtype
+    from ..cli_options import progress
     from .benchmark import bench_engine, weight_bytes
     from .config import PRESETS
     from .loader import load_decoder
     from .transformer import Decoder
 
-    dtype = resolve_dtype(args.dtype)
+    for flag, values in (("--batch", args.batch), ("--prompt-len", [args.prompt_len]),
+                         ("--new-tokens", [args.new_tokens]), ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            raise ValueError(f"{flag} {min(values)}: must be >= 1")
+    prepare_model_args(args)
     if args.model:
-        model, name = load_decoder(args.model, dtype=dtype, device=args.device), args.model
+        model, name = load_decoder(args.model, dtype=args.dtype, device=args.device), args.model
     else:
         if args.preset not in PRESETS:
-            raise ValueError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
+            raise ValueError(f"--preset {args.preset!r}: unknown; choose from {sorted(PRESETS)}")
+        dtype = resolve_dtype("fp32" if args.dtype == "auto" else args.dtype)
         model, name = Decoder.random(PRESETS[args.preset], dtype=dtype, device=args.device), args.preset
-    print(f"mmfuse bench: {name}, {model.num_params() / 1e6:.1f}M params, {args.dtype}, {args.device}, "
-          f"{torch.get_num_threads()} threads, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
-    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} {'floor ms':>9} {'x floor':>8}")
-    for bs in args.batch:
+    dname = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    if not args.json:
+        print(f"mmfuse bench: {name}, {model.num_params() / 1e6:.1f}M params, {dname}, {args.device}, "
+              f"{torch.get_num_threads()} threads, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+              f"median of {args.repeats}")
+        print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} {'floor ms':>9} {'x floor':>8}")
+    for bs in progress(args.batch, desc="bench", quiet=args.quiet, unit="batch"):
         r = bench_engine(model, bs, args.prompt_len, args.new_tokens, repeats=args.repeats, cuda_graph=args.cuda_graph)
         floor = weight_bytes(model) / (args.bandwidth_gbs * 1e9)
+        if args.json:
+            emit_json({"model": name, "dtype": dname, "device": args.device, "batch": bs,
+                       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                       "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
+                       "step_ms": r["step_s"] * 1e3, "floor_ms": floor * 1e3, "x_floor": r["step_s"] / floor})
+            continue
         print(f"{bs:>5} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.1f} {r['step_s'] * 1e3:>8.2f} "
               f"{floor * 1e3:>9.2f} {r['step_s'] / floor:>8.2f}")
     return 0

@@ -6,12 +6,16 @@ SwiGLU + grouped-query attention (+ q/k/v bias for Qwen2).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConfigError
-from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, need
+from ..hf_config import (ACTIVATIONS, bool_field, check_sizes, float_field, int_field, screen_fields, token_ids,
+                         with_defaults)
 
+# The fields transformers' class for each model_type reads; the readers below implement each one or
+# refuse its value by name. Every other field goes through hf_config.screen_fields.
 _GPT2_FIELDS = {
     "activation_function", "n_embd", "n_head", "n_inner", "n_layer", "n_positions", "n_ctx",
     "layer_norm_epsilon", "reorder_and_upcast_attn", "scale_attn_by_inverse_layer_idx",
@@ -23,11 +27,15 @@ _LLAMA_FIELDS = {
     "attention_bias", "head_dim", "hidden_act", "hidden_size", "intermediate_size",
     "max_position_embeddings", "mlp_bias", "num_attention_heads", "num_hidden_layers",
     "num_key_value_heads", "pretraining_tp", "rms_norm_eps", "rope_parameters", "rope_scaling",
-    "rope_theta", "vocab_size", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types",
+    "rope_theta", "vocab_size", "layer_types",
 }
 
-_FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
+_FAMILY_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS | {"sliding_window"},
+                  "qwen2": _LLAMA_FIELDS | {"sliding_window", "use_sliding_window", "max_window_layers"}}
+
+# Multimodal checkpoints whose config.json wraps a decoder: not loadable as a text decoder.
+_WRAPPERS = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm",
+             "mllama", "paligemma"}
 
 
 @dataclass
@@ -57,12 +65,23 @@ class DecoderConfig:
     eos_token_ids: tuple = field(default_factory=tuple)
 
     def __post_init__(self):
+        check_sizes(self, ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
+                           "max_seq_len"), "DecoderConfig")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"unsupported norm {self.norm!r}")
         if self.act not in set(ACTIVATIONS.values()):
             raise ConfigError(f"unsupported activation {self.act!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise ConfigError(f"norm_eps={self.norm_eps!r} must be a finite number >= 0")
+        if not self.learned_pos:
+            if self.head_dim % 2:
+                raise ConfigError(f"head_dim={self.head_dim} must be even for rotary position embeddings")
+            if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+                raise ConfigError(f"rope_theta={self.rope_theta!r} must be a finite number > 0")
+            if self.rope_scaling is not None:
+                _check_rope_scaling(self.rope_scaling)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -71,73 +90,131 @@ class DecoderConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "DecoderConfig":
-        """Build from a Hugging Face config dict; unknown fields and unsupported values are errors."""
+        """Build from a Hugging Face config dict. Fields are decided by `hf_config.screen_fields`;
+        unsupported values are ConfigErrors naming the field."""
         mt = cfg.get("model_type")
+        if mt in _WRAPPERS:
+            raise ConfigError(f"{source}: model_type {mt!r} is a vision-language model, not a text decoder "
+                              f"(its text_config describes the decoder inside it)")
         if mt not in _FAMILY_FIELDS:
             raise ConfigError(f"{source}: unknown or unsupported model_type {mt!r} "
                               f"(supported: {sorted(_FAMILY_FIELDS)})")
-        unknown = sorted(set(cfg) - GENERIC_FIELDS - _FAMILY_FIELDS[mt])
-        if unknown:
-            raise ConfigError(f"{source}: unsupported field(s) for model_type {mt!r}: {unknown}")
+        screen_fields(cfg, _FAMILY_FIELDS[mt], source)
+        cfg = with_defaults(cfg, mt)
         if cfg.get("add_cross_attention"):
             raise ConfigError(f"{source}: add_cross_attention=true is not supported")
-        eos = cfg.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        common = dict(bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
-                      vocab_size=need(cfg, "vocab_size", source))
-        if mt == "gpt2":
-            return cls._from_gpt2(cfg, source, common)
-        return cls._from_llama(cfg, source, mt, common)
+        bos = token_ids(cfg, "bos_token_id", source)
+        if len(bos) > 1:
+            raise ConfigError(f"{source}: bos_token_id={cfg['bos_token_id']!r} must be one token id")
+        common = dict(bos_token_id=bos[0] if bos else None, eos_token_ids=token_ids(cfg, "eos_token_id", source),
+                      vocab_size=int_field(cfg, "vocab_size", source))
+        try:
+            if mt == "gpt2":
+                return cls._from_gpt2(cfg, source, common)
+            return cls._from_llama(cfg, source, mt, common)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
     @classmethod
     def _from_gpt2(cls, cfg, source, common):
         act = cfg.get("activation_function", "gelu_new")
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported activation_function {act!r}")
         if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False):
             raise ConfigError(f"{source}: scale_attn_weights=false / scale_attn_by_inverse_layer_idx=true "
                               "are not supported")
-        d = need(cfg, "n_embd", source)
-        h = need(cfg, "n_head", source)
+        d = int_field(cfg, "n_embd", source)
+        h = int_field(cfg, "n_head", source)
         if d % h:
             raise ConfigError(f"{source}: n_embd={d} is not divisible by n_head={h}")
-        return cls(n_layer=need(cfg, "n_layer", source), n_head=h, n_kv_head=h, d_model=d, head_dim=d // h,
-                   d_ff=cfg.get("n_inner") or 4 * d, max_seq_len=need(cfg, "n_positions", source),
-                   family="gpt2", norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        return cls(n_layer=int_field(cfg, "n_layer", source), n_head=h, n_kv_head=h, d_model=d, head_dim=d // h,
+                   d_ff=int_field(cfg, "n_inner", source, default=4 * d),
+                   max_seq_len=int_field(cfg, "n_positions", source), family="gpt2", norm="layernorm",
+                   norm_eps=float_field(cfg, "layer_norm_epsilon", source, default=1e-5),
                    act=ACTIVATIONS[act], gated_mlp=False, learned_pos=True, qkv_bias=True, o_bias=True,
-                   mlp_bias=True, tie_embeddings=cfg.get("tie_word_embeddings", True), **common)
+                   mlp_bias=True, tie_embeddings=bool_field(cfg, "tie_word_embeddings", source, True), **common)
 
     @classmethod
     def _from_llama(cls, cfg, source, mt, common):
         act = cfg.get("hidden_act", "silu")
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
         if cfg.get("pretraining_tp", 1) != 1:
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported (must be 1)")
-        if cfg.get("use_sliding_window") or (mt == "mistral" and cfg.get("sliding_window") is not None):
-            raise ConfigError(f"{source}: sliding-window attention is not supported")
         lt = cfg.get("layer_types")
-        if lt is not None and any(t != "full_attention" for t in lt):
-            raise ConfigError(f"{source}: layer_types other than 'full_attention' are not supported")
-        d = need(cfg, "hidden_size", source)
-        h = need(cfg, "num_attention_heads", source)
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if lt is not None and (not isinstance(lt, list)
+                               or any(t not in ("full_attention", "sliding_attention") for t in lt)):
+            raise ConfigError(f"{source}: layer_types {lt!r}: only 'full_attention' and 'sliding_attention' "
+                              "(with a window no shorter than the context) are supported")
+        context = int_field(cfg, "max_position_embeddings", source, default=2048)
+        window = _sliding_window(cfg, mt, source)
+        if window is not None and window < context:
+            raise ConfigError(f"{source}: sliding_window={window} is shorter than the context "
+                              f"max_position_embeddings={context}; sliding-window attention is not supported")
+        d = int_field(cfg, "hidden_size", source)
+        h = int_field(cfg, "num_attention_heads", source)
+        key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+        rope = cfg.get(key) or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: {key} must be an object, got {type(rope).__name__}")
+        rope = dict(rope)
+        theta = float_field(cfg, "rope_theta", source, default=10000.0, strict=True)
+        if "rope_theta" in rope:
+            theta = float_field(rope, "rope_theta", f"{source}: {key}", strict=True)
+            del rope["rope_theta"]
         rtype = rope.pop("rope_type", rope.pop("type", "default"))
         if rtype not in ("default", "linear", "llama3"):
             raise ConfigError(f"{source}: unsupported rope_type {rtype!r} (supported: default, linear, llama3)")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ConfigError(f"{source}: partial_rotary_factor is not supported")
         scaling = None if rtype == "default" else {"rope_type": rtype, **rope}
-        bias = bool(cfg.get("attention_bias", False))
-        return cls(n_layer=need(cfg, "num_hidden_layers", source), n_head=h,
-                   n_kv_head=cfg.get("num_key_value_heads") or h, d_model=d,
-                   head_dim=cfg.get("head_dim") or d // h, d_ff=need(cfg, "intermediate_size", source),
-                   max_seq_len=cfg.get("max_position_embeddings", 2048), family="llama", norm="rmsnorm",
-                   norm_eps=cfg.get("rms_norm_eps", 1e-6), act=ACTIVATIONS[act], gated_mlp=True,
-                   learned_pos=False, rope_theta=float(theta), rope_scaling=scaling,
-                   qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False), **common)
+        head_dim = int_field(cfg, "head_dim", source, default=None)
+        if head_dim is None:
+            if d % h:
+                raise ConfigError(f"{source}: hidden_size={d} is not divisible by num_attention_heads={h}")
+            head_dim = d // h
+        bias = bool_field(cfg, "attention_bias", source, False)
+        return cls(n_layer=int_field(cfg, "num_hidden_layers", source), n_head=h,
+                   n_kv_head=int_field(cfg, "num_key_value_heads", source, default=h), d_model=d,
+                   head_dim=head_dim, d_ff=int_field(cfg, "intermediate_size", source),
+                   max_seq_len=context, family="llama",
+                   norm="rmsnorm", norm_eps=float_field(cfg, "rms_norm_eps", source, default=1e-6),
+                   act=ACTIVATIONS[act], gated_mlp=True, learned_pos=False, rope_theta=theta, rope_scaling=scaling,
+                   qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool_field(cfg, "mlp_bias", source, False),
+                   tie_embeddings=bool_field(cfg, "tie_word_embeddings", source, False), **common)
+
+
+def _check_rope_scaling(scaling: dict) -> None:
+    """The fields `nn.rope.rope_inv_freq` reads, present, finite and in range."""
+    rtype = scaling.get("rope_type")
+    if rtype not in ("linear", "llama3"):
+        raise ConfigError(f"unsupported rope_type {rtype!r} (supported: default, linear, llama3)")
+    names = ("factor",) if rtype == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")
+    where = f"rope scaling {rtype!r}"
+    for name in names:
+        if scaling.get(name) is None:
+            raise ConfigError(f"{where} needs field {name!r}")
+        float_field(scaling, name, where, strict=True)
+    if rtype == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ConfigError(f"{where}: high_freq_factor={scaling['high_freq_factor']} must be greater than "
+                          f"low_freq_factor={scaling['low_freq_factor']}")
+
+
+def _sliding_window(cfg: dict, mt: str, source: str) -> Optional[int]:
+    """The attention window some layer uses, as transformers decides it, or None (all full)."""
+    lt = cfg.get("layer_types")
+    if mt == "mistral":
+        uses = cfg.get("sliding_window") is not None
+    elif lt is not None:
+        uses = "sliding_attention" in lt
+    elif mt == "qwen2":
+        uses = bool_field(cfg, "use_sliding_window", source, False) and int_field(
+            cfg, "max_window_layers", source, default=0, minimum=0) < int_field(cfg, "num_hidden_layers", source)
+    else:
+        uses = False
+    return int_field(cfg, "sliding_window", source) if uses else None
 
 
 # Built-in shapes for benchmarks and `mmfuse bench` (random weights, no download).

@@ -5,9 +5,17 @@ padded for one prefill call; each row then decodes at its own position, so every
 what it would get alone. `forward()` with k tokens and `truncate()` are the verification and
 rollback steps a speculative decoder needs. `Engine` adds tokenization, sampling, stop handling
 and streaming on top.
+
+Concurrency: a `DecodeState` belongs to one caller at a time. `Engine` is safe to share between
+threads: each `generate()` / `stream()` call decodes in a `DecodeState` of its own, taken from the
+engine's idle one when it fits and returned when the call ends (a stream: when it is exhausted or
+closed), so concurrent calls and interleaved streams never share a KV cache, none waits for
+another, and each gets exactly what it would get alone.
 """
 from __future__ import annotations
 
+import operator
+import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -17,13 +25,16 @@ import torch
 from mmfuse.kernels.cpu_linear import freeze
 
 from ..checkpoint import read_json
-from ..generation.detokenize import IncrementalDecoder, StopStringMatcher
-from ..errors import CapacityError
+from ..errors import CapacityError, PromptError, SamplingParamsError
+from ..generation.detokenize import StopStringMatcher, open_decoder
+from ..generation.sampling import ALIASES, Sampler, SamplingParams, resolve_aliases
+from ..tokenizer import check_text, load_tokenizer
 from .kv_cache import KVCache
 from .loader import load_decoder
 from .transformer import Decoder
-from ..generation.sampling import Sampler, SamplingParams
-from ..tokenizer import load_tokenizer
+
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 class DecodeState:
@@ -33,6 +44,7 @@ class DecodeState:
         p = model.lm_head.weight
         self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
         self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
+        model.ensure_positions(max_len)  # RoPE tables for what the cache holds, built here, not mid-graph
         self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # (B,) filled positions
         self._host_lengths = [0] * batch  # mirror of `lengths`, so capacity checks need no device sync
         self.cuda_graph = cuda_graph and p.is_cuda
@@ -130,6 +142,8 @@ class DecodeState:
 
     def _capture(self, tok: torch.Tensor) -> None:
         self._tok = tok.clone()
+        if self.model.pos_embed is None:  # the graph reads these tables: keep them alive if they grow
+            self._rope = (self.model.rope_cos, self.model.rope_sin)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up writes only the slot the first replay overwrites
@@ -137,7 +151,8 @@ class DecodeState:
                 self._decode_step(self._tok)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        # One capture at a time; "thread_local" lets other threads' decode calls run meanwhile.
+        with _CAPTURE_LOCK, torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._logits = self._decode_step(self._tok)
 
     @torch.inference_mode()
@@ -199,7 +214,7 @@ class RequestOutput:
 
     def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int]):
         self.params = params
-        self.detok = IncrementalDecoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
+        self.detok = open_decoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
         self.stops = StopStringMatcher(params.stop_strings) if params.stop_strings else None
         self.stop_ids = set(params.stop_token_ids)
         self.n = 0
@@ -230,51 +245,67 @@ class RequestOutput:
 
 
 class Engine:
-    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()`."""
+    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()`.
+
+    Thread-safe: every call (and every open stream) decodes in a KV cache of its own, so one
+    Engine may serve several threads, and one thread may interleave several streams. The engine
+    keeps one idle cache for reuse; concurrent calls each hold one while they run."""
 
     def __init__(self, model: Decoder, tokenizer=None, defaults: Optional[dict] = None, cuda_graph: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
         self.cuda_graph = cuda_graph
-        self._state: Optional[DecodeState] = None
+        self._idle: Optional[DecodeState] = None  # the cache (and CUDA graph) of a finished call
+        self._idle_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu", cuda_graph: bool = False) -> "Engine":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False) -> "Engine":
+        """Model, tokenizer.json and generation_config.json of a checkpoint folder; dtype "auto": the
+        checkpoint's own."""
         folder = Path(folder)
         model = load_decoder(folder, dtype=dtype, device=device)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
 
     def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
-        """Generation defaults, then `params`, then keyword overrides; the model's eos ids always stop."""
+        """Generation defaults, then `params`, then keyword overrides (SamplingParams fields or their
+        ALIASES); the model's eos ids always stop."""
         names = {f.name for f in fields(SamplingParams)}
-        unknown = sorted(set(overrides) - names)
+        unknown = sorted(set(overrides) - names - set(ALIASES))
         if unknown:
-            raise ValueError(f"unknown sampling option(s): {unknown}")
+            raise SamplingParamsError(f"unknown sampling option(s): {unknown}")
         base = params if params is not None else SamplingParams(**self.defaults)
-        p = replace(base, **overrides)
+        p = replace(base, **resolve_aliases(overrides, base.temperature))
         stops = tuple(dict.fromkeys(tuple(p.stop_token_ids) + tuple(self.model.cfg.eos_token_ids)))
         return replace(p, stop_token_ids=stops).validate()
 
-    def encode(self, prompt: Union[str, Sequence[int]]) -> list:
+    def encode(self, prompt: Union[str, Sequence[int]], where: str = "prompt") -> list:
+        """Token ids of a text prompt, or checked ids; PromptError names `where` when it is bad."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer (tokenizer.json in the checkpoint folder)")
-            return self.tokenizer.encode(prompt).ids
-        ids = [int(t) for t in prompt]
+                raise PromptError(f"{where}: a text prompt needs a tokenizer (tokenizer.json in the checkpoint folder)")
+            return self.tokenizer.encode(check_text(prompt, where)).ids
+        try:
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise PromptError(f"{where}: expected a str or a sequence of int token ids") from None
         bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.cfg.vocab_size}")
+            raise PromptError(f"{where}: token ids {bad[:5]} are outside the vocabulary of {self.model.cfg.vocab_size}")
         return ids
 
-    def _decode_state(self, batch: int, max_len: int) -> DecodeState:
-        """Reuse the last cache (and its CUDA graph) when the batch matches and it is large enough."""
-        s = self._state
-        if s is None or s.batch != batch or s.cache.max_len < max_len:
-            self._state = None  # free the old cache before allocating the new one
-            s = self._state = DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
-        return s
+    def _take_state(self, batch: int, max_len: int) -> DecodeState:
+        """The idle cache (and its CUDA graph) when the batch matches and it is large enough, else a new one."""
+        with self._idle_lock:
+            s, self._idle = self._idle, None
+        if s is not None and (s.batch != batch or s.cache.max_len < max_len):
+            s = None  # free the idle cache before allocating the new one
+        return s if s is not None else DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
+
+    def _give_back(self, state: DecodeState) -> None:
+        with self._idle_lock:
+            self._idle = state
 
     def prefill(self, state: DecodeState, prompts: list) -> torch.Tensor:
         """Run the prompts into `state` from position 0: logits (B, V). Multimodal engines override it
@@ -285,7 +316,7 @@ class Engine:
         """Raise before any allocation if prompt + new tokens (+ `extra` draft slots) exceed the context."""
         ctx = self.model.cfg.max_seq_len
         if not ids:
-            raise ValueError(f"prompt {b} is empty")
+            raise PromptError(f"prompt {b} is empty")
         if len(ids) + p.max_new_tokens + extra > ctx:
             more = f" + {extra} draft slots" if extra else ""
             raise CapacityError(f"prompt {b}: {len(ids)} prompt + {p.max_new_tokens} new tokens{more} exceed "
@@ -302,33 +333,37 @@ class Engine:
         for b, (ids, p) in enumerate(zip(prompts, params)):
             self.check_request(b, ids, p)
         B = len(prompts)
-        state = self._decode_state(B, max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
-        dev = state.lengths.device
         if ignore_eos:
             params = [self.without_eos(p) for p in params]
+        dev = self.model.lm_head.weight.device
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
         rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
         done = [False] * B
-        logits = self.prefill(state, prompts)
-        step = 0
-        while not all(done):
-            tokens, logprobs = sampler.sample(logits, step)
-            sampler.update(tokens)
-            toks = tokens.tolist()
-            lps = logprobs.tolist() if logprobs is not None else [None] * B
-            for b in range(B):
-                if not done[b]:
-                    piece, reason = rows[b].add(toks[b])
-                    done[b] = reason is not None
-                    yield b, toks[b], piece, lps[b] if params[b].logprobs else None, reason
-            step += 1
-            if not all(done):
-                active = torch.tensor([not d for d in done], device=dev)
-                logits = state.decode(tokens, active)
+        state = self._take_state(B, max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+        try:
+            logits = self.prefill(state, prompts)
+            step = 0
+            while not all(done):
+                tokens, logprobs = sampler.sample(logits, step)
+                sampler.update(tokens)
+                toks = tokens.tolist()
+                lps = logprobs.tolist() if logprobs is not None else [None] * B
+                for b in range(B):
+                    if not done[b]:
+                        piece, reason = rows[b].add(toks[b])
+                        done[b] = reason is not None
+                        yield b, toks[b], piece, lps[b] if params[b].logprobs else None, reason
+                step += 1
+                if not all(done):
+                    active = torch.tensor([not d for d in done], device=dev)
+                    logits = state.decode(tokens, active)
+        finally:
+            self._give_back(state)
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
                  **overrides) -> list:
-        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`.
+        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`, `n`
+        per prompt in prompt order (n > 1: the j-th of a prompt uses seed + j when a seed is set).
 
         `params` may also be a list with one SamplingParams per prompt."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
@@ -339,7 +374,10 @@ class Engine:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         plist = [self.params(p, **overrides) for p in plist]
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p, f"prompt {b}") for b, p in enumerate(prompts)]
+        ids = [i for i, p in zip(ids, plist) for _ in range(p.n)]
+        plist = [replace(p, n=1, seed=None if p.seed is None else (p.seed + j) % 2**64)
+                 for p in plist for j in range(p.n)]
         out = [Completion([], "" if self.tokenizer else None, [] if p.logprobs else None, "length") for p in plist]
         for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos):
             c = out[b]
@@ -356,5 +394,7 @@ class Engine:
                **overrides) -> Iterator[StreamChunk]:
         """Yield a `StreamChunk` per generated token of one prompt as soon as it is sampled."""
         p = self.params(params, **overrides)
+        if p.n != 1:
+            raise SamplingParamsError(f"SamplingParams.n={p.n}: stream() yields one sequence; use generate() for n > 1")
         for _, t, piece, lp, reason in self._run([self.encode(prompt)], [p], ignore_eos):
             yield StreamChunk(t, piece, lp, reason)

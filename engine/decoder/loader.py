@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
-from .config import DecoderConfig
+from ..device import check_device
 from ..errors import CheckpointError
+from .config import DecoderConfig
 from .transformer import Decoder
-from ..nn.rope import rope_tables
 
 
 def _gpt2_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
@@ -61,10 +61,14 @@ def _llama_tensors(ck: Checkpoint, cfg: DecoderConfig, take):
     return sd, ("lm_head.weight" if not cfg.tie_embeddings else None)
 
 
-def load_decoder(folder, dtype="fp32", device="cpu") -> Decoder:
-    """Build a `Decoder` from a checkpoint folder (config.json + safetensors)."""
+def load_decoder(folder, dtype="auto", device="cpu") -> Decoder:
+    """Build a `Decoder` from a checkpoint folder (config.json + safetensors). dtype "auto": the
+    checkpoint's own (config.json `dtype`/`torch_dtype`)."""
     folder = Path(folder)
-    cfg = DecoderConfig.from_hf(read_config(folder), source=str(folder / "config.json"))
+    device = check_device(device)
+    hf = read_config(folder)
+    cfg = DecoderConfig.from_hf(hf, source=str(folder / "config.json"))
+    dtype = resolve_dtype(dtype, hf)
     ck = Checkpoint(folder)
     model = decoder_from_checkpoint(ck, cfg, dtype=dtype, device=device)
     ck.finish(ignore=DECODER_IGNORED[cfg.family])
@@ -109,7 +113,7 @@ def decoder_from_checkpoint(ck: Checkpoint, cfg: DecoderConfig, dtype="fp32", de
         raise CheckpointError(f"{ck.folder}: internal key mapping mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    if not cfg.learned_pos:  # buffers created on meta: rebuild them for real
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if not cfg.learned_pos:  # buffers created on meta: real (empty) ones, grown on use
+        model.rope_cos = torch.zeros(0, cfg.head_dim // 2, device=device)
+        model.rope_sin = torch.zeros(0, cfg.head_dim // 2, device=device)
     return model.eval()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .generate import Completion, DecodeState, Engine, RequestOutput
-from ..generation.sampling import Sampler, SamplingParams, sample_inverse_cdf
+from ..generation.sampling import Sampler, SamplingParams, SamplingParamsError, sample_inverse_cdf
 
 
 class Drafter(Protocol):
@@ -103,6 +103,8 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
     if k < 1:
         raise ValueError(f"speculative k must be >= 1, got {k}")
     p = engine.params(params, **overrides)
+    if p.n != 1:
+        raise SamplingParamsError(f"SamplingParams.n={p.n}: speculative_generate makes one sequence")
     if ignore_eos:
         p = engine.without_eos(p)
     ids = engine.encode(prompt)

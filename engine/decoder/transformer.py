@@ -1,15 +1,17 @@
 """The Transformer decoder: one implementation whose config selects GPT-2 or Llama-family behaviour."""
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..errors import CapacityError
+from ..nn.layers import Block, init_weights, linear, make_norm
+from ..nn.rope import rope_inv_freq, rope_tables
 from .config import DecoderConfig
 from .kv_cache import KVCache
-from ..nn.layers import Block, init_weights, linear, make_norm
-from ..nn.rope import rope_tables
 
 
 class Decoder(nn.Module):
@@ -24,9 +26,12 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if not cfg.learned_pos:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (T_ctx, D/2) fp32
-            self.register_buffer("rope_sin", sin, persistent=False)
+            # RoPE tables grow on demand (`ensure_positions`) to what the KV caches in use hold:
+            # a context of 10^8 positions would otherwise cost gigabytes per table up front.
+            self.rope_inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (D/2,) CPU
+            self.register_buffer("rope_cos", torch.zeros(0, cfg.head_dim // 2), persistent=False)  # (T, D/2)
+            self.register_buffer("rope_sin", torch.zeros(0, cfg.head_dim // 2), persistent=False)
+            self._rope_lock = threading.Lock()
 
     @classmethod
     def random(cls, cfg: DecoderConfig, dtype=torch.float32, device="cpu", seed: int = 0) -> "Decoder":
@@ -35,6 +40,23 @@ class Decoder(nn.Module):
         model = cls(cfg)
         init_weights(model)
         return model.to(device=device, dtype=dtype).eval()
+
+    def ensure_positions(self, n: int) -> None:
+        """Extend the RoPE tables to cover positions [0, n) (at least doubling them, at most to the
+        context). Rows once built never change, so readers on other threads stay correct."""
+        if self.pos_embed is not None or self.rope_cos.shape[0] >= n:
+            return
+        if n > self.cfg.max_seq_len:
+            raise CapacityError(f"position {n - 1} is beyond the model's context of {self.cfg.max_seq_len} positions")
+        with self._rope_lock:
+            have = self.rope_cos.shape[0]
+            if have >= n:
+                return
+            size = min(self.cfg.max_seq_len, max(n, 2 * have, 64))
+            cos, sin = rope_tables(self.rope_inv_freq, have, size)  # (size - have, D/2) each
+            dev, dt = self.rope_cos.device, self.rope_cos.dtype
+            self.rope_cos = torch.cat([self.rope_cos, cos.to(dev, dt)])
+            self.rope_sin = torch.cat([self.rope_sin, sin.to(dev, dt)])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -57,6 +79,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(positions)
             rope = None
         else:
+            self.ensure_positions(cache.max_len if cache is not None else int(positions.max()) + 1)
             cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, D/2)
             sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
             rope = (cos, sin)

@@ -1,16 +1,20 @@
 """mmfuse.encoders: CLIP, SigLIP and BERT encoders in a joint embedding space, built from the
-decoder's layers (engine/layers.py), with preprocessing, zero-shot classification, retrieval,
-the `mmfuse embed` command and a contrastive training loop."""
-from .api import Encoder, load_encoder
-from .bert import BertEncoder, SentenceEncoder
-from .clip import ClipModel, clip_config
-from .config import TowerConfig
-from .preprocess import ImageError, ImageProcessor
-from .search import search, search_reference
-from .siglip import SiglipModel
-from .tokens import TextTokenizer
-from .zeroshot import build_zero_shot_classifier
+decoder's layers (engine/nn/layers.py), with preprocessing, zero-shot classification, retrieval,
+the `mmfuse embed` command and a contrastive training loop.
 
-__all__ = ["Encoder", "load_encoder", "BertEncoder", "SentenceEncoder", "ClipModel", "clip_config", "TowerConfig",
-           "ImageError", "ImageProcessor", "search", "search_reference", "SiglipModel", "TextTokenizer",
-           "build_zero_shot_classifier"]
+The names are loaded on first use (PEP 562), so that the CLI can register `mmfuse embed` without
+importing torch."""
+import importlib
+
+_WHERE = {"Encoder": "api", "load_encoder": "api", "BertEncoder": "bert", "SentenceEncoder": "bert",
+          "ClipModel": "clip", "clip_config": "clip", "TowerConfig": "config",
+          "ImageProcessor": "preprocess", "search": "retrieval", "search_reference": "retrieval",
+          "SiglipModel": "siglip", "TextTokenizer": "tokens", "build_zero_shot_classifier": "zeroshot"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'mmfuse.encoders' has no attribute {name!r}")

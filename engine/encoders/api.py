@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from mmfuse.kernels.cpu_linear import freeze
 
 from ..checkpoint import read_config, read_json, resolve_dtype
+from ..device import check_device
 from ..errors import ConfigError
 from ..tokenizer import load_tokenizer
 from .bert import SentenceEncoder
 from .clip import ClipModel
 from .dual import DualEncoder
 from .preprocess import ImageProcessor
-from .search import search
+from .retrieval import search
 from .siglip import SiglipModel
 from .tokens import TextTokenizer, check_texts, length_buckets
 from .zeroshot import build_zero_shot_classifier
@@ -45,9 +46,13 @@ class Encoder:
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
-        """Images (PIL, paths, uint8 arrays; one or a batch) -> embeddings (N, E) float32."""
+        """Images (PIL, paths, uint8 arrays; one or a batch) -> embeddings (N, E) float32. A float
+        tensor (B, 3, H, W) or (3, H, W) is taken as already preprocessed pixels, as OpenCLIP's
+        encode_image takes them."""
         if not self.has_images:
             raise ValueError(f"{type(self.model).__name__} has no image tower: encode_image needs a CLIP or SigLIP checkpoint")
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            return self._encode_pixel_batches(images, batch_size, normalize)
         items = ImageProcessor.as_list(images)
         if not items:
             raise ValueError("empty image batch: nothing to encode")
@@ -63,6 +68,47 @@ class Encoder:
         """Already preprocessed pixels (B, 3, H, W) -> embeddings (B, E)."""
         e = self.model.image_features(pixels.to(self.device, self.dtype)).float()
         return F.normalize(e, dim=-1) if normalize else e
+
+    def _encode_pixel_batches(self, pixels: torch.Tensor, batch_size: int, normalize: bool) -> torch.Tensor:
+        if pixels.dim() == 3:
+            pixels = pixels[None]
+        side = self.model.vision_cfg.image_size
+        channels = self.model.vision_cfg.num_channels
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (channels, side, side):
+            raise ValueError(f"pixel tensor of shape {tuple(pixels.shape)}: expected (B, {channels}, {side}, {side}) "
+                             "preprocessed pixels (or pass images: PIL, paths, uint8 arrays)")
+        if pixels.shape[0] == 0:
+            raise ValueError("empty image batch: nothing to encode")
+        return torch.cat([self.encode_pixels(pixels[s:s + batch_size], normalize)
+                          for s in range(0, pixels.shape[0], batch_size)])
+
+    def encode(self, sentences, batch_size: int = 32, show_progress_bar: bool = False, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False):
+        """sentence-transformers' `encode`: texts (or one text) -> embeddings (N, E) (or (E,)), as the
+        model outputs them (a checkpoint with a Normalize module is normalised anyway), unit
+        length with `normalize_embeddings`; a float32 numpy array unless `convert_to_tensor`."""
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        if not texts:
+            out = torch.empty(0, self.embedding_dim)
+        else:
+            from tqdm import tqdm
+
+            parts = []
+            with tqdm(total=len(texts), desc="encode", disable=not show_progress_bar, leave=False) as bar:
+                for s in range(0, len(texts), batch_size):
+                    parts.append(self.encode_text(texts[s:s + batch_size], batch_size, normalize=normalize_embeddings))
+                    bar.update(min(batch_size, len(texts) - s))
+            out = torch.cat(parts)
+        out = out[0] if single else out
+        if convert_to_tensor or not convert_to_numpy:
+            return out
+        return out.numpy()
+
+    @property
+    def embedding_dim(self) -> int:
+        """E, the width of the embeddings."""
+        return self.model.embed_dim if self.has_images else self.model.encoder.cfg.d_model
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True,
@@ -116,12 +162,14 @@ class Encoder:
         return search(query_embeddings, index, k, chunk_size)
 
 
-def load_encoder(folder, dtype="fp32", device="cpu") -> Encoder:
-    """An `Encoder` for a CLIP, SigLIP or BERT (sentence-transformers layout) checkpoint folder."""
+def load_encoder(folder, dtype="auto", device="cpu") -> Encoder:
+    """An `Encoder` for a CLIP, SigLIP or BERT (sentence-transformers layout) checkpoint folder.
+    dtype "auto": the checkpoint's own (config.json `dtype`/`torch_dtype`)."""
     folder = Path(folder)
     cfg = read_config(folder)
     mt = cfg.get("model_type")
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, cfg)
+    device = check_device(device)
     if mt in FAMILIES:
         model = FAMILIES[mt].from_pretrained(folder, dtype=dtype, device=device)
         tok = None  # an image-only use needs no tokenizer.json; encode_text then says it is missing

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint, read_config, read_json
+from ..checkpoint import Checkpoint, path_in_folder, read_config, read_json
 from ..errors import ConfigError
 from ..nn.layers import Block, make_norm
 from .config import TowerConfig, bert_tower
@@ -41,7 +41,7 @@ class BertEncoder(nn.Module):
                 *block_keys("blocks", p + "encoder.layer", cfg.n_layer, "bert")]
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "BertEncoder":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu") -> "BertEncoder":
         folder = Path(folder)
         cfg = bert_tower(read_config(folder), str(folder / "config.json"))
         prefix = "bert." if "bert.embeddings.word_embeddings.weight" in Checkpoint(folder) else ""
@@ -72,7 +72,7 @@ class SentenceEncoder(nn.Module):
         self.encoder, self.pooling, self.normalize = encoder, pooling, normalize
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "SentenceEncoder":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu") -> "SentenceEncoder":
         folder = Path(folder)
         pooling, normalize = "mean", True
         modules = folder / "modules.json"
@@ -84,6 +84,8 @@ class SentenceEncoder(nn.Module):
                 raise ConfigError(f"{modules}: not a sentence-transformers modules list ({e})") from None
             normalize = "Normalize" in types
             pool_dir = next((m.get("path", "") for m in mods if m["type"].endswith("Pooling")), None)
+            if pool_dir:
+                pool_dir = path_in_folder(folder, pool_dir, f"{modules}: Pooling module path").relative_to(folder)
             pcfg = read_json(folder / pool_dir / "config.json", required=False) if pool_dir else None
             if pcfg:
                 modes = [k[len("pooling_mode_"):] for k, v in pcfg.items() if k.startswith("pooling_mode_") and v]

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .config import check_fields, sub_config, text_tower, vision_tower
+from ..hf_config import int_field, screen_fields
+from .config import sub_config, text_tower, vision_tower
 from .dual import DualEncoder
 from .weights import module_keys
 
@@ -20,12 +21,12 @@ class ClipModel(DualEncoder):
 
     @classmethod
     def parse_config(cls, cfg, source):
-        check_fields(cfg, _TOP_FIELDS, source)
+        screen_fields(cfg, _TOP_FIELDS, source)
         vision = vision_tower(sub_config(cfg, "vision_config", source), f"{source} vision_config",
                               "quick_gelu", 1e-5, class_token=True)
         text = text_tower(sub_config(cfg, "text_config", source), f"{source} text_config",
                           "quick_gelu", 1e-5, causal=True)
-        return vision, text, cfg.get("projection_dim", 512)
+        return vision, text, int_field(cfg, "projection_dim", source, default=512)
 
     @classmethod
     def key_table(cls, vision, text):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError
-from ..hf_config import ACTIVATIONS, GENERIC_FIELDS, need
+from ..hf_config import ACTIVATIONS, check_sizes, float_field, int_field, screen_fields, with_defaults
 
 
 @dataclass
@@ -43,6 +43,10 @@ class TowerConfig:
     eos_token_id: Optional[int] = None
 
     def __post_init__(self):
+        check_sizes(self, ("d_model", "n_head", "n_kv_head", "head_dim", "d_ff", "n_layer", "max_positions",
+                           "num_channels"), "TowerConfig")
+        if self.image_size or self.patch_size:
+            check_sizes(self, ("image_size", "patch_size"), "TowerConfig")
         if self.n_head * self.head_dim != self.d_model:
             raise ConfigError(f"hidden size {self.d_model} is not divisible by {self.n_head} attention heads")
         if self.image_size and self.image_size % self.patch_size:
@@ -51,68 +55,66 @@ class TowerConfig:
             raise ConfigError(f"unsupported activation {self.act!r}")
 
 
-# Per-tower fields that describe training (dropout, init) or other heads: no effect on inference.
-_IGNORED = GENERIC_FIELDS | {
-    "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_factor",
-    "gradient_checkpointing", "classifier_dropout", "tie_encoder_decoder", "projection_dim",
-    "_attn_implementation_autoset",
-}
-_VIT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-               "image_size", "patch_size", "hidden_act", "layer_norm_eps"}
-_TEXT_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                "max_position_embeddings", "hidden_act", "layer_norm_eps"}
-_BERT_FIELDS = _TEXT_FIELDS | {"type_vocab_size", "position_embedding_type"}
-
-
-def check_fields(cfg: dict, allowed: set, source: str) -> None:
-    unknown = sorted(set(cfg) - _IGNORED - allowed)
-    if unknown:
-        raise ConfigError(f"{source}: unsupported field(s): {unknown}")
+# The fields transformers' tower classes read; all others go through hf_config.screen_fields.
+_TOWER_FIELDS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+                 "layer_norm_eps"}
+# (a CLIP tower's own projection_dim is unused: CLIPModel reads the top-level one)
+_VIT_FIELDS = _TOWER_FIELDS | {"num_channels", "image_size", "patch_size", "projection_dim"}
+_TEXT_FIELDS = _TOWER_FIELDS | {"vocab_size", "max_position_embeddings", "projection_dim"}
+_BERT_FIELDS = _TOWER_FIELDS | {"vocab_size", "max_position_embeddings", "type_vocab_size", "position_embedding_type"}
 
 
 def _act(cfg: dict, default: str, source: str) -> str:
     name = cfg.get("hidden_act", default)
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ConfigError(f"{source}: unsupported hidden_act {name!r}")
     return ACTIVATIONS[name]
 
 
 def _common(cfg: dict, source: str, default_act: str, default_eps: float) -> dict:
-    d, h = need(cfg, "hidden_size", source), need(cfg, "num_attention_heads", source)
+    d, h = int_field(cfg, "hidden_size", source), int_field(cfg, "num_attention_heads", source)
     if d % h:
         raise ConfigError(f"{source}: hidden_size={d} is not divisible by num_attention_heads={h}")
-    return dict(d_model=d, n_head=h, n_kv_head=h, head_dim=d // h, d_ff=need(cfg, "intermediate_size", source),
-                n_layer=need(cfg, "num_hidden_layers", source), act=_act(cfg, default_act, source),
-                norm_eps=cfg.get("layer_norm_eps", default_eps))
+    return dict(d_model=d, n_head=h, n_kv_head=h, head_dim=d // h, d_ff=int_field(cfg, "intermediate_size", source),
+                n_layer=int_field(cfg, "num_hidden_layers", source), act=_act(cfg, default_act, source),
+                norm_eps=float_field(cfg, "layer_norm_eps", source, default=default_eps))
 
 
 def _side(cfg: dict, key: str, source: str) -> int:
-    v = need(cfg, key, source)
+    v = cfg.get(key)
     if isinstance(v, (list, tuple)):
         if len(v) != 2 or v[0] != v[1]:
             raise ConfigError(f"{source}: non-square {key}={v} is not supported")
         v = v[0]
-    return int(v)
+    return int_field({key: v}, key, source)
 
 
 def vision_tower(cfg: dict, source: str, default_act: str, default_eps: float, class_token: bool) -> TowerConfig:
     """ViT image tower of CLIP (class token) or SigLIP (no class token)."""
-    check_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    screen_fields(cfg, _VIT_FIELDS | ({"vision_use_head"} if not class_token else set()), source)
+    cfg = with_defaults(cfg, "clip_vision_model" if class_token else "siglip_vision_model")
     if not class_token and cfg.get("vision_use_head", True) is False:
         raise ConfigError(f"{source}: vision_use_head=false (no pooled image embedding) is not supported")
     size, patch = _side(cfg, "image_size", source), _side(cfg, "patch_size", source)
     n = (size // patch) ** 2 + int(class_token)
-    return TowerConfig(image_size=size, patch_size=patch, num_channels=cfg.get("num_channels", 3),
+    if size % patch:
+        raise ConfigError(f"{source}: image_size={size} is not a multiple of patch_size={patch}")
+    channels = int_field(cfg, "num_channels", source, default=3)
+    if channels != 3:
+        raise ConfigError(f"{source}: num_channels={channels} is not supported (images are preprocessed to RGB)")
+    return TowerConfig(image_size=size, patch_size=patch, num_channels=channels,
                        max_positions=n, **_common(cfg, source, default_act, default_eps))
 
 
 def text_tower(cfg: dict, source: str, default_act: str, default_eps: float, causal: bool,
                extra: set = frozenset()) -> TowerConfig:
     """Transformer text tower of CLIP (causal, EOT pooling) or SigLIP (bidirectional, last token)."""
-    check_fields(cfg, _TEXT_FIELDS | extra, source)
-    return TowerConfig(vocab_size=need(cfg, "vocab_size", source),
-                       max_positions=need(cfg, "max_position_embeddings", source), causal=causal,
-                       pad_token_id=cfg.get("pad_token_id"), eos_token_id=cfg.get("eos_token_id"),
+    screen_fields(cfg, _TEXT_FIELDS | extra, source)
+    cfg = with_defaults(cfg, "clip_text_model" if causal else "siglip_text_model")
+    vocab = int_field(cfg, "vocab_size", source)
+    return TowerConfig(vocab_size=vocab, max_positions=int_field(cfg, "max_position_embeddings", source),
+                       causal=causal, pad_token_id=_token_id(cfg, "pad_token_id", source, vocab, None),
+                       eos_token_id=_token_id(cfg, "eos_token_id", source, vocab, None),
                        **_common(cfg, source, default_act, default_eps))
 
 
@@ -120,13 +122,20 @@ def bert_tower(cfg: dict, source: str) -> TowerConfig:
     """BERT-family text encoder: post-LN, token type embeddings, absolute positions."""
     if cfg.get("model_type") not in ("bert",):
         raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not a BERT encoder")
-    check_fields(cfg, _BERT_FIELDS, source)
+    screen_fields(cfg, _BERT_FIELDS, source)
+    cfg = with_defaults(cfg, "bert")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"{source}: position_embedding_type={cfg['position_embedding_type']!r} is not supported")
-    return TowerConfig(vocab_size=need(cfg, "vocab_size", source),
-                       max_positions=need(cfg, "max_position_embeddings", source),
-                       type_vocab_size=cfg.get("type_vocab_size", 2), prenorm=False,
-                       pad_token_id=cfg.get("pad_token_id", 0), **_common(cfg, source, "gelu", 1e-12))
+    vocab = int_field(cfg, "vocab_size", source)
+    return TowerConfig(vocab_size=vocab, max_positions=int_field(cfg, "max_position_embeddings", source),
+                       type_vocab_size=int_field(cfg, "type_vocab_size", source, default=2), prenorm=False,
+                       pad_token_id=_token_id(cfg, "pad_token_id", source, vocab, 0),
+                       **_common(cfg, source, "gelu", 1e-12))
+
+
+def _token_id(cfg: dict, key: str, source: str, vocab: int, default):
+    """A special token id of a text tower: absent/null gives `default`, else an int in [0, vocab)."""
+    return int_field(cfg, key, source, default=default, minimum=0, maximum=vocab - 1)
 
 
 def sub_config(cfg: dict, key: str, source: str) -> dict:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import read_config
 from ..errors import ConfigError
+from ..files import atomic_path
 from ..nn.layers import init_weights
 from .config import TowerConfig
 from .text import TextTower
@@ -79,7 +80,7 @@ class DualEncoder(nn.Module):
         return cls(cfg, *cls.checked_config(cfg, source))
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu") -> "DualEncoder":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu") -> "DualEncoder":
         """Load a Hugging Face checkpoint folder (config.json + safetensors)."""
         folder = Path(folder)
         cfg = read_config(folder)
@@ -115,7 +116,8 @@ class DualEncoder(nn.Module):
             for name in ASSETS:
                 src = Path(assets_from) / name
                 if src.is_file():
-                    shutil.copyfile(src, folder / name)
+                    with atomic_path(folder / name) as tmp:
+                        shutil.copyfile(src, tmp)
         return folder
 
     # ---- embedding and scoring

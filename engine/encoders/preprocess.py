@@ -6,9 +6,16 @@ truncated sizes, or to `size.height x size.width`; PIL resampling, bicubic for C
 crop (zero-padding images smaller than the crop) -> rescale (x * 1/255, in float64 then float32)
 -> normalise ((x - mean) / std). Inputs: PIL images, file paths, uint8 arrays (H, W), (H, W, C)
 with C in 1/3/4, or batches of these (lists, or one (N, H, W, C) array).
+
+Bounded work: an image of more than `max_pixels` (MAX_IMAGE_PIXELS, 2**26 = 8192 x 8192 by default)
+is refused with ImageError before it is decoded. Resizing the shortest edge of a thin image (1 x
+200,000) would make a huge intermediate; when that intermediate exceeds MAX_RESIZE_PIXELS only the
+part the center crop keeps is resampled (PIL's `box`), same filter and scale, so the work depends
+on the output size. Normal images take the plain path and equal CLIPImageProcessor's output.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,14 +25,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import read_json
-from ..errors import ConfigError, MMFuseError
+from ..errors import ConfigError, ImageError
+from ..hf_config import bool_field, float_field, int_field
 
+MAX_IMAGE_PIXELS = 2**26  # default pixel budget of an input image (8192 x 8192)
+MAX_RESIZE_PIXELS = 2**24  # larger resize intermediates are resampled only where the crop keeps them
+MAX_SIDE = 2**14  # largest size / crop side a preprocessor config may ask for
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageError(MMFuseError, ValueError):
-    """An input image cannot be read or has an unsupported layout."""
 
 
 @dataclass
@@ -40,19 +47,20 @@ class ImageProcessor:
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
     do_convert_rgb: bool = True
+    max_pixels: int = MAX_IMAGE_PIXELS           # larger inputs are refused (ImageError) before decoding
     pad_to_square: bool = False                  # LLaVA's do_pad: pad to a square in the mean colour before resizing
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "preprocessor_config.json") -> "ImageProcessor":
         def as_hw(v, name):
-            if isinstance(v, int):
-                return {"height": v, "width": v}
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = {"height": v, "width": v}
             if isinstance(v, dict) and (set(v) == {"height", "width"} or set(v) == {"shortest_edge"}):
-                return dict(v)
+                return {k: int_field(v, k, f"{source}: {name}", maximum=MAX_SIDE) for k in v}
             raise ConfigError(f"{source}: unsupported {name} {v!r}")
 
         size = cfg.get("size", {"shortest_edge": 224})
-        size = {"shortest_edge": size} if isinstance(size, int) else as_hw(size, "size")
+        size = as_hw({"shortest_edge": size} if isinstance(size, int) else size, "size")
         crop = as_hw(cfg.get("crop_size", 224), "crop_size") if cfg.get("do_center_crop", False) else None
         if crop is not None and "shortest_edge" in crop:
             raise ConfigError(f"{source}: crop_size must give height and width")
@@ -61,13 +69,18 @@ class ImageProcessor:
             if cfg.get(key):
                 raise ConfigError(f"{source}: {key}=true is not supported")
         mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"{source}: image_mean/image_std need 3 values, got {mean} / {std}")
-        return cls(size=size, crop_size=crop, resample=int(cfg.get("resample", 3)),
-                   do_resize=cfg.get("do_resize", True), do_rescale=cfg.get("do_rescale", True),
-                   rescale_factor=cfg.get("rescale_factor", 1 / 255), do_normalize=cfg.get("do_normalize", True),
-                   image_mean=tuple(mean), image_std=tuple(std), do_convert_rgb=cfg.get("do_convert_rgb", True),
-                   pad_to_square=llava and bool(cfg.get("do_pad", False)))
+        for name, v in (("image_mean", mean), ("image_std", std)):
+            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                raise ConfigError(f"{source}: {name} needs 3 finite numbers, got {v!r}")
+        if not all(x > 0 for x in std):
+            raise ConfigError(f"{source}: image_std={std!r} must be > 0")
+        return cls(size=size, crop_size=crop, resample=int_field(cfg, "resample", source, default=3, minimum=0, maximum=5),
+                   do_resize=bool_field(cfg, "do_resize", source, True), do_rescale=bool_field(cfg, "do_rescale", source, True),
+                   rescale_factor=float_field(cfg, "rescale_factor", source, default=1 / 255),
+                   do_normalize=bool_field(cfg, "do_normalize", source, True), image_mean=tuple(mean),
+                   image_std=tuple(std), do_convert_rgb=bool_field(cfg, "do_convert_rgb", source, True),
+                   pad_to_square=llava and bool_field(cfg, "do_pad", source, False))
 
     @classmethod
     def from_pretrained(cls, folder, image_size: int) -> "ImageProcessor":
@@ -86,25 +99,30 @@ class ImageProcessor:
         return s["height"], s["width"]
 
     # ---- inputs
-    @staticmethod
-    def to_pil(image, where: str = "image") -> Image.Image:
-        """One PIL image from a PIL image, a path or a uint8 array (H, W) / (H, W, C)."""
+    def to_pil(self, image, where: str = "image") -> Image.Image:
+        """One PIL image from a PIL image, a path or a uint8 array (H, W) / (H, W, C), within the pixel budget."""
         if isinstance(image, Image.Image):
-            return image
+            return self._check_pixels(image, where)
         if isinstance(image, (str, Path)):
             try:
                 with Image.open(image) as im:
+                    self._check_pixels(im, str(image))  # the header is read: refuse before decoding
                     im.load()
                     return im.copy()
             except FileNotFoundError:
                 raise ImageError(f"{image}: image file not found") from None
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            except Image.DecompressionBombError as e:
+                raise ImageError(f"{image}: refused as a decompression bomb ({e})") from None
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
                 raise ImageError(f"{image}: not a readable image ({e})") from None
         if isinstance(image, torch.Tensor):
             image = image.numpy()
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8:
                 raise ImageError(f"{where}: array of dtype {image.dtype}, expected uint8 (H, W, C) pixels")
+            if image.ndim in (2, 3) and image.shape[0] * image.shape[1] > self.max_pixels:
+                raise ImageError(f"{where}: {image.shape[1]} x {image.shape[0]} pixels exceed the budget of "
+                                 f"{self.max_pixels} (ImageProcessor.max_pixels)")
             if image.ndim == 3 and image.shape[2] == 1:
                 image = image[:, :, 0]
             if image.ndim == 2:
@@ -115,6 +133,12 @@ class ImageProcessor:
             return Image.fromarray(image, mode="RGB" if image.shape[2] == 3 else "RGBA")
         raise ImageError(f"{where}: unsupported image type {type(image).__name__} "
                          "(expected a PIL image, a path or a uint8 array)")
+
+    def _check_pixels(self, im: Image.Image, where: str) -> Image.Image:
+        if im.width * im.height > self.max_pixels:
+            raise ImageError(f"{where}: {im.width} x {im.height} pixels exceed the budget of {self.max_pixels} "
+                             "(ImageProcessor.max_pixels)")
+        return im
 
     @staticmethod
     def as_list(images) -> list:
@@ -134,6 +158,25 @@ class ImageProcessor:
         new_short, new_long = s, int(s * long / short)
         return (new_long, new_short) if w <= h else (new_short, new_long)
 
+    def _resize(self, im: Image.Image, where: str) -> Image.Image:
+        """The resize step. A resized image over MAX_RESIZE_PIXELS (a thin image resized by its
+        shortest edge) is resampled only over the rows and columns the center crop keeps."""
+        H, W = im.height, im.width
+        h, w = self.resize_size(H, W)
+        if (h, w) == (H, W):
+            return im
+        if h * w <= MAX_RESIZE_PIXELS:
+            return im.resize((w, h), resample=self.resample)
+        if self.crop_size is None:
+            raise ImageError(f"{where}: resizing {W} x {H} pixels to {w} x {h} exceeds {MAX_RESIZE_PIXELS} pixels "
+                             "(aspect ratio too extreme for a preprocessor without a center crop)")
+        ch, cw = self.crop_size["height"], self.crop_size["width"]
+        top, rows = ((h - ch) // 2, ch) if h >= ch else (0, h)  # what center_crop keeps (it pads the rest)
+        left, cols = ((w - cw) // 2, cw) if w >= cw else (0, w)
+        sy, sx = H / h, W / w  # source pixels per resized pixel, as in the full resize
+        box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
+        return im.resize((cols, rows), resample=self.resample, box=box)
+
     def process_one(self, image, where: str = "image") -> torch.Tensor:
         """One image -> float32 (3, H, W)."""
         im = self.to_pil(image, where)
@@ -144,9 +187,7 @@ class ImageProcessor:
         if self.pad_to_square and im.width != im.height:
             im = Image.fromarray(pad_square(np.array(im), tuple(int(m * 255) for m in self.image_mean)))
         if self.do_resize:
-            h, w = self.resize_size(im.height, im.width)
-            if (h, w) != (im.height, im.width):
-                im = im.resize((w, h), resample=self.resample)
+            im = self._resize(im, where)
         x = np.array(im)  # (H, W, 3) uint8, a writable copy
         if self.crop_size is not None:
             x = center_crop(x, self.crop_size["height"], self.crop_size["width"])

@@ -4,7 +4,8 @@ biased `head`; independent sigmoid scores from exp(logit_scale) * cos + logit_bi
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .config import check_fields, sub_config, text_tower, vision_tower
+from ..hf_config import int_field, screen_fields
+from .config import sub_config, text_tower, vision_tower
 from .dual import DualEncoder
 from .weights import module_keys
 
@@ -20,13 +21,13 @@ class SiglipModel(DualEncoder):
 
     @classmethod
     def parse_config(cls, cfg, source):
-        check_fields(cfg, _TOP_FIELDS, source)
+        screen_fields(cfg, _TOP_FIELDS, source)
         vision = vision_tower(sub_config(cfg, "vision_config", source), f"{source} vision_config",
                               "gelu_pytorch_tanh", 1e-6, class_token=False)
         tcfg = sub_config(cfg, "text_config", source)
         text = text_tower(tcfg, f"{source} text_config", "gelu_pytorch_tanh", 1e-6, causal=False,
                           extra={"projection_size"})
-        dim = tcfg.get("projection_size") or text.d_model
+        dim = int_field(tcfg, "projection_size", f"{source} text_config", default=text.d_model)
         if dim != vision.d_model:
             raise ConfigError(f"{source}: text projection_size={dim} differs from the image width {vision.d_model} "
                               "(SigLIP compares the pooled image features with the projected text directly)")

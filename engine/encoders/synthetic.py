@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from ..files import atomic_open, atomic_path
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "<pad>"
@@ -55,7 +57,8 @@ def write_word_tokenizer(folder, words, context_length: int) -> int:
                                                        special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    with open(folder / "special_tokens_map.json", "w") as f:
+    with atomic_path(folder / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    with atomic_open(folder / "special_tokens_map.json", "w") as f:
         json.dump({"pad_token": PAD, "bos_token": BOS, "eos_token": EOS}, f)
     return len(vocab)

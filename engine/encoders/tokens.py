@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import read_json
-from ..tokenizer import load_tokenizer
+from ..errors import PromptError
+from ..tokenizer import check_text, load_tokenizer
 
 
 class TextTokenizer:
@@ -74,13 +75,14 @@ def length_buckets(lengths: Sequence[int], max_rows: int, max_padding: float = 0
 
 
 def check_texts(texts) -> list:
-    """A non-empty list of str (one str is a list of one); anything else is a ValueError."""
+    """A non-empty list of str (one str is a list of one) of valid Unicode; anything else is a PromptError."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
     if not texts:
-        raise ValueError("empty text list: nothing to encode")
+        raise PromptError("empty text list: nothing to encode")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(f"text {i} is a {type(t).__name__}, expected str")
+            raise PromptError(f"text {i} is a {type(t).__name__}, expected str")
+        check_text(t, f"text {i}")
     return texts

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..checkpoint import Checkpoint, resolve_dtype
-from ..errors import CheckpointError
+from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..device import check_device
+from ..errors import CheckpointError, OutputError
+from ..files import atomic_open, atomic_path
 
 KeyTable = list  # list[tuple[str, list[str]]]
 
@@ -46,10 +48,11 @@ def module_keys(ours: str, theirs: str, params=("weight", "bias")) -> KeyTable:
     return [(f"{ours}.{p}", [f"{theirs}.{p}"]) for p in params]
 
 
-def load_weights(build: Callable[[], nn.Module], folder, table: KeyTable, dtype="fp32", device="cpu",
+def load_weights(build: Callable[[], nn.Module], folder, table: KeyTable, dtype="auto", device="cpu",
                  ignore=()) -> nn.Module:
     """Build `build()` on the meta device and fill it from the checkpoint folder through `table`."""
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, read_config(folder) if dtype == "auto" else None)
+    device = check_device(device)
     with torch.device("meta"):
         model = build()
     expected = dict(model.state_dict())
@@ -72,16 +75,21 @@ def load_weights(build: Callable[[], nn.Module], folder, table: KeyTable, dtype=
 
 
 def save_weights(model: nn.Module, folder, table: KeyTable, config: dict) -> Path:
-    """Write config.json and model.safetensors with Hugging Face key names (fp32 or the model dtype)."""
+    """Write config.json and model.safetensors with Hugging Face key names (fp32 or the model dtype),
+    each atomically: a crash or a full disk leaves the previous file in place."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot create the checkpoint folder ({e.strerror or e})") from None
     state = model.state_dict()
     out = {}
     for ours, theirs in table:
         t = state[ours].detach()
         for name, part in zip(theirs, t.chunk(len(theirs)) if len(theirs) > 1 else [t]):
             out[name] = part.contiguous().cpu()
-    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with open(folder / "config.json", "w", encoding="utf-8") as f:
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(out, str(tmp), metadata={"format": "pt"})
+    with atomic_open(folder / "config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return folder

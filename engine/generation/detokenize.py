@@ -7,6 +7,12 @@ the window no longer ends in an incomplete UTF-8 character ("\\ufffd"). Decoding
 than each token alone keeps decoders that look at neighbouring tokens (SentencePiece's leading
 space, byte fallback, byte-level BPE splitting a character over tokens) right.
 
+`open_decoder` picks the implementation: tokenizers' own `decoders.DecodeStream` (Rust) for
+tokenizers whose decoder is plain Metaspace (SentencePiece without byte fallback), where it gives
+the same text as this one on every sequence tested (tests/test_decode_stream.py); ours for
+byte-level BPE and byte fallback, where DecodeStream drops trailing incomplete bytes (it has no
+flush) and raises on invalid byte-fallback sequences a model can generate.
+
 `StopStringMatcher` sits after it: it holds back text that could be the start of a stop string
 and cuts the stream just before the first stop string that appears (the stop string itself is
 not part of the output, as in OpenAI and vLLM).
@@ -16,6 +22,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream, Metaspace
 
 INCOMPLETE = "\ufffd"  # what a decoder yields for bytes that do not (yet) form a character
 PROMPT_CONTEXT = 5  # prompt tokens decoded in front of the first generated ones (as vLLM)
@@ -91,6 +98,42 @@ class IncrementalDecoder:
     def text(self) -> str:
         """All text emitted so far."""
         return "".join(self._pieces)
+
+
+class LibraryDecoder:
+    """`IncrementalDecoder`'s interface over tokenizers' `DecodeStream`."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Sequence[int]] = None,
+                 skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for i in list(prompt_ids or ())[-PROMPT_CONTEXT:]:  # context for the first piece's leading space
+            self.stream.step(tokenizer, int(i))
+        self._pieces: list[str] = []
+
+    def push(self, token_id: int) -> str:
+        piece = self.stream.step(self.tokenizer, int(token_id)) or ""
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    def flush(self) -> str:
+        return ""  # a Metaspace decoder never holds text back
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+
+def library_decodes_alike(tokenizer: Tokenizer) -> bool:
+    """True where DecodeStream gives the same text as IncrementalDecoder: a plain Metaspace decoder."""
+    return isinstance(tokenizer.decoder, Metaspace)
+
+
+def open_decoder(tokenizer: Tokenizer, prompt_ids: Optional[Sequence[int]] = None, skip_special_tokens: bool = True):
+    """The incremental decoder for `tokenizer`: the library's where it decodes alike, else ours."""
+    cls = LibraryDecoder if library_decodes_alike(tokenizer) else IncrementalDecoder
+    return cls(tokenizer, prompt_ids, skip_special_tokens)
 
 
 class StopStringMatcher:

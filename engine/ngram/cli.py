@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .model import BuildConfig, NGramModel, _text_batches, build_arpa
+from ..cli_options import check_output, emit_json
+from . import model_module
 
 _UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
@@ -45,28 +46,34 @@ def register(subparsers) -> None:
     q.add_argument("text", nargs="?", default="-", help="text file (default: stdin)")
     q.add_argument("--no-sentence-context", action="store_true", help="no <s> and </s> around lines")
     q.add_argument("--summary-only", action="store_true", help="only the perplexity summary")
+    q.add_argument("--json", action="store_true", help="JSON lines: one per sentence, then the summary")
     q.set_defaults(func=_query)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text, with and without OOVs")
     pp.add_argument("model")
     pp.add_argument("text")
     pp.add_argument("--no-sentence-context", action="store_true")
+    pp.add_argument("--json", action="store_true", help="the summary as one JSON line")
     pp.set_defaults(func=_perplexity)
 
 
 def _build(args) -> int:
     if not args.arpa and not args.binary:
         raise ValueError("give --arpa and/or --binary for the output")
+    for option, path in (("--arpa", args.arpa), ("--binary", args.binary)):
+        if path:
+            check_output(path, option)  # before the counting, not after
+    m = model_module()
     fallback = None if args.discount_fallback is None else (args.discount_fallback or [0.5, 1.0, 1.5])
-    cfg = BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
+    cfg = m.BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
                       prune=args.prune, interpolate_unigrams=not args.no_interpolate_unigrams,
                       discount_fallback=fallback, skip_symbols=args.skip_symbols, progress=not args.quiet)
     if args.binary:
-        model = NGramModel.build(args.corpus, config=cfg, arpa_path=args.arpa)
+        model = m.NGramModel.build(args.corpus, config=cfg, arpa_path=args.arpa)
         model.save(args.binary, "binary")
         s = model.summary
     else:  # ARPA only: no query structures needed
-        s = build_arpa(args.corpus, args.arpa, config=cfg)
+        s = m.build_arpa(args.corpus, args.arpa, config=cfg)
     err = sys.stderr
     print(f"tokens {s['tokens']:,}  lines {s['lines']:,}  types {s['types']:,} (incl. <unk>, <s>, </s>)", file=err)
     for n, (count, d) in enumerate(zip(s["ngrams"], s["discounts"]), 1):
@@ -79,28 +86,38 @@ def _build(args) -> int:
 
 
 def _query(args) -> int:
-    model = NGramModel.load(args.model)
+    m = model_module()
+    model = m.NGramModel.load(args.model)
     context = not args.no_sentence_context
     lines = list(sys.stdin) if args.text == "-" else args.text
     if not args.summary_only:
         out = sys.stdout
-        for chunk in _text_batches(lines):
+        for chunk in m._text_batches(lines):
             for line in chunk.split("\n")[:-1]:
                 scores = model.full_scores(line, bos=context, eos=context)
+                if args.json:
+                    emit_json({"words": [{"word": t.word, "index": model.index(t.word), "ngram_length": t.ngram_length,
+                                          "log10": t.log10, "oov": bool(t.oov)} for t in scores],
+                               "total": model.score(line, context, context), "oovs": sum(bool(t.oov) for t in scores)})
+                    continue
                 words = "\t".join(f"{t.word}={model.index(t.word)} {t.ngram_length} {t.log10:.7g}" for t in scores)
                 out.write(f"{words}\tTotal: {model.score(line, context, context):.7g} OOV: {sum(t.oov for t in scores)}\n")
-    _print_perplexity(model.corpus_perplexity(lines, bos=context, eos=context))
+    _print_perplexity(model.corpus_perplexity(lines, bos=context, eos=context), args.json)
     return 0
 
 
 def _perplexity(args) -> int:
-    model = NGramModel.load(args.model)
+    model = model_module().NGramModel.load(args.model)
     context = not args.no_sentence_context
-    _print_perplexity(model.corpus_perplexity(args.text, bos=context, eos=context))
+    _print_perplexity(model.corpus_perplexity(args.text, bos=context, eos=context), args.json)
     return 0
 
 
-def _print_perplexity(p) -> None:
+def _print_perplexity(p, as_json: bool = False) -> None:
+    if as_json:
+        emit_json({"perplexity_including_oovs": p.including_oovs, "perplexity_excluding_oovs": p.excluding_oovs,
+                   "oovs": p.oovs, "tokens": p.tokens})
+        return
     print(f"Perplexity including OOVs:\t{p.including_oovs:.10g}")
     print(f"Perplexity excluding OOVs:\t{p.excluding_oovs:.10g}")
     print(f"OOVs:\t{p.oovs}")

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from mmfuse.kernels import attention
-from mmfuse.kernels.cpu_linear import activation, linear
+from mmfuse.kernels.activations import activation
+from mmfuse.kernels.cpu_linear import linear
 
 from .rope import apply_rope
 

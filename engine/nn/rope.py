@@ -6,23 +6,18 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
     """(head_dim/2,) fp32 inverse frequencies, as transformers computes them."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # on the CPU even under a meta-device context
     if scaling is None:
         return inv_freq
-    rtype = scaling["rope_type"]
-    try:
-        factor = float(scaling["factor"])
-        if rtype == "linear":
-            return inv_freq / factor
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_ctx = float(scaling["original_max_position_embeddings"])
-    except KeyError as e:
-        raise ConfigError(f"rope scaling {rtype!r} needs field {e.args[0]!r}") from None
+    factor = float(scaling["factor"])  # fields checked by DecoderConfig
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
     # llama3: keep high frequencies, divide low ones by factor, interpolate in between.
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
@@ -32,10 +27,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> torch
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, scaling: Optional[dict]):
-    """cos, sin tables of shape (max_len, head_dim/2), fp32."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
-    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+def rope_tables(inv_freq: torch.Tensor, start: int, end: int):
+    """cos, sin tables of positions [start, end), each (end - start, head_dim/2) fp32 on inv_freq's device."""
+    pos = torch.arange(start, end, dtype=torch.float32, device=inv_freq.device)
+    freqs = pos[:, None] * inv_freq[None, :]  # (T, D/2)
     return freqs.cos(), freqs.sin()
 
 

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import sys
 
+from ..cli_options import add_model_options, prepare_model_args
 from ..decoder.cli import sampling_options
 
 
 def register(sub) -> None:
     c = sub.add_parser("chat", help="ask a vision-language model about an image (interactive without --prompt)")
-    c.add_argument("--model", required=True, help="Hugging Face LLaVA checkpoint folder")
+    add_model_options(c)
     c.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     c.add_argument("--prompt", help="the question; without it, an interactive multi-turn chat on stdin")
     c.add_argument("--stream", action="store_true", help="print text as it is generated")
-    c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    c.add_argument("--device", default="cpu")
     for name, kw in SAMPLING_FLAGS:
         c.add_argument(name, **kw)
     c.set_defaults(func=cmd_chat)
@@ -47,6 +46,7 @@ def _turn(vlm, messages: list, images: list, stream: bool, opts: dict) -> str:
 def cmd_chat(args) -> int:
     from .engine import VisionLanguageModel
 
+    prepare_model_args(args)
     vlm = VisionLanguageModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     opts = sampling_options(args)
     images = list(args.image)

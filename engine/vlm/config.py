@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..decoder.config import DecoderConfig
 from ..encoders.config import TowerConfig, sub_config, vision_tower
 from ..errors import ConfigError
-from ..hf_config import ACTIVATIONS, GENERIC_FIELDS
+from ..hf_config import ACTIVATIONS, screen_fields
 
 _LLAVA_FIELDS = {"vision_config", "text_config", "image_token_index", "image_token_id", "image_seq_length",
                  "projector_hidden_act", "vision_feature_select_strategy", "vision_feature_layer",
@@ -41,9 +41,7 @@ class VlmConfig:
         if cfg.get("model_type") != "llava":
             raise ConfigError(f"{source}: model_type {cfg.get('model_type')!r} is not a supported vision-language "
                               "model (supported: 'llava')")
-        unknown = sorted(set(cfg) - GENERIC_FIELDS - _LLAVA_FIELDS)
-        if unknown:
-            raise ConfigError(f"{source}: unsupported field(s) for model_type 'llava': {unknown}")
+        screen_fields(cfg, _LLAVA_FIELDS, source)
         vcfg = dict(sub_config(cfg, "vision_config", f"{source}"))
         vtype = vcfg.get("model_type", "clip_vision_model")
         if vtype not in _TOWERS:

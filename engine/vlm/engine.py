@@ -109,12 +109,13 @@ class VisionLanguageModel(Engine):
         return self.generate(messages, images=[image], **overrides)[0].text
 
     # ---- the model side
-    def _decode_state(self, batch: int, max_len: int) -> DecodeState:
-        """Batch 1 keeps one cache across requests (for prefix reuse), growing it with its contents."""
-        old = self._state
-        if batch == 1 and old is not None and old.batch == 1 and old.cache.max_len < max_len:
-            old.grow(min(self.model.cfg.max_seq_len, max(max_len, 2 * old.cache.max_len)))
-        return super()._decode_state(batch, max_len)
+    def _take_state(self, batch: int, max_len: int) -> DecodeState:
+        """Batch 1 keeps its cache across requests (for prefix reuse), growing it with its contents."""
+        with self._idle_lock:
+            s = self._idle
+            if batch == 1 and s is not None and s.batch == 1 and s.cache.max_len < max_len:
+                s.grow(min(self.model.cfg.max_seq_len, max(max_len, 2 * s.cache.max_len)))
+        return super()._take_state(batch, max_len)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (N, 3, H, W) -> projected features (N, tokens_per_image, d)."""
