@@ -44,7 +44,7 @@ class VisionLanguageModel(Engine):
         self.reused_positions = 0         # positions the last prefill kept from the cache (for tests, benchmarks)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="fp32", device="cpu", prefix_reuse: bool = True) -> "VisionLanguageModel":
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", prefix_reuse: bool = True) -> "VisionLanguageModel":
         folder = Path(folder)
         model = load_llava(folder, dtype=dtype, device=device)
         return cls(model, VlmProcessor.from_pretrained(folder, model.cfg), defaults_from_generation_config(folder),
@@ -57,12 +57,12 @@ class VisionLanguageModel(Engine):
             return prompt
         return self.processor(prompt, images)
 
-    def encode(self, prompt) -> list:
+    def encode(self, prompt, where: str = "prompt") -> list:
         if isinstance(prompt, MultimodalPrompt):
             return prompt
         if isinstance(prompt, (str, list)) and (isinstance(prompt, str) or not prompt or isinstance(prompt[0], dict)):
             return self.processor(prompt)
-        return super().encode(prompt)
+        return super().encode(prompt, where)
 
     def _batch(self, prompts, images) -> tuple:
         """(list of MultimodalPrompt, single?) from one request or a batch of them."""
@@ -87,7 +87,7 @@ class VisionLanguageModel(Engine):
         if not batch:
             raise ValueError("generate() got no prompts")
         out = super().generate(batch, params, ignore_eos=ignore_eos, **overrides)
-        if len(batch) == 1:
+        if len(out) == 1:
             self._cached_keys += out[0].token_ids
         return out
 

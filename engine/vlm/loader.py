@@ -53,11 +53,13 @@ def tower_key_table(cfg: VlmConfig, depth: int, v: str) -> list:
     return table
 
 
-def load_llava(folder, dtype="fp32", device="cpu") -> LlavaModel:
-    """Build a `LlavaModel` from a checkpoint folder (config.json + safetensors)."""
+def load_llava(folder, dtype="auto", device="cpu") -> LlavaModel:
+    """Build a `LlavaModel` from a checkpoint folder (config.json + safetensors). dtype "auto": the
+    checkpoint's own."""
     folder = Path(folder)
-    cfg = VlmConfig.from_hf(read_config(folder), source=str(folder / "config.json"))
-    dtype = resolve_dtype(dtype)
+    hf = read_config(folder)
+    cfg = VlmConfig.from_hf(hf, source=str(folder / "config.json"))
+    dtype = resolve_dtype(dtype, hf)
     ck = Checkpoint(folder)
     _, body, head, proj, v = detect_layout(ck)
     with torch.device("meta"):
