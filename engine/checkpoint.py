@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, ConfigError
+from .jsonfile import read_json  # noqa: F401  (re-exported: checkpoint readers use it from here)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -41,23 +42,6 @@ def resolve_dtype(dtype, config: Optional[dict] = None) -> torch.dtype:
         return DTYPES[str(dtype)]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES) + ['auto']}") from None
-
-
-def read_json(path: Path, required: bool = True) -> Optional[dict]:
-    """Parse a JSON file of a checkpoint folder; a missing optional file gives None."""
-    path = Path(path)
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path}: file not found")
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def path_in_folder(folder, entry, source) -> Path:

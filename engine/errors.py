@@ -24,6 +24,18 @@ class OutputError(MMFuseError, OSError):
     """An output file or folder cannot be written (unwritable place, full disk); the old file is kept."""
 
 
+class ExportFolderError(MMFuseError, ValueError):
+    """An ONNX export folder is missing a file, or a file does not match what the export recorded."""
+
+
+class ProviderError(MMFuseError, ValueError):
+    """An onnxruntime execution provider or session option is unknown or unavailable here."""
+
+
+class ExportCheckError(MMFuseError, RuntimeError):
+    """An exported graph fails onnx.checker, or its outputs differ from the PyTorch engine's beyond tolerance."""
+
+
 class DeviceError(MMFuseError, ValueError):
     """A requested device does not exist in this torch build or on this machine."""
 
@@ -48,6 +60,14 @@ class ImageError(MMFuseError, ValueError):
 class NumericalError(MMFuseError, ValueError):
     """A model produced NaN or infinite values (broken weights or a degenerate config): its output
     would be meaningless, so generation stops instead of emitting garbage tokens."""
+
+
+class NGramError(MMFuseError, ValueError):
+    """An n-gram corpus, ARPA or binary model file, build option or query is malformed."""
+
+
+class ResourceError(MMFuseError, RuntimeError):
+    """The machine refused what the work needs (a thread, memory); the message names the option to lower."""
 
 
 class SettingError(MMFuseError, ValueError):

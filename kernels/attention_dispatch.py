@@ -11,7 +11,9 @@ kernels for every device and dtype they support, CPU tensors included under TRIT
 for tests). Select with `set_backend()` or the environment variable MMFUSE_ATTENTION (read at each
 call until `set_backend` is used). The kernels are flash_prefill.py (Tq > 16) and flash_decode.py
 (split-KV, Tq <= 16); inputs they do not support (gradients needed, head dim > 256, mixed dtypes,
-empty tensors) go to SDPA, never to a wrong result.
+empty tensors) go to SDPA, never to a wrong result. While tracing or compiling (ONNX export) every
+backend records one masked SDPA, whose shapes stay symbolic (the CPU SDPA path reads lengths on the
+host, which a trace would freeze).
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from mmfuse import envs
 from mmfuse.errors import SettingError
 
 from .attention_sdpa import sdpa_attention
-from .attention_semantics import attention_reference, check_positions, check_shapes
+from .attention_semantics import attention_reference, check_positions, check_shapes, visibility_mask
 from .backends import require_triton, triton_installed
 
 BACKENDS = envs.choices("MMFUSE_ATTENTION")
@@ -84,6 +87,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     (B, Hkv, Tk, D), q_start / kv_len integer (B,) -> (B, Hq, Tq, D)."""
     check_shapes(q, k, v)
     check_positions(q.shape[0], q_start, kv_len)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports record one shape-generic SDPA
+        mask = visibility_mask(q.shape[0], q.shape[2], k.shape[2], causal, q_start, kv_len, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=bool(k.shape[1] != q.shape[1]))
     backend = get_backend()
     if backend == "reference":
         return attention_reference(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len, scale=scale)

@@ -48,14 +48,14 @@ def visibility_mask(B: int, Tq: int, Tk: int, causal: bool, q_start: Optional[to
     j = torch.arange(Tk, device=device)  # (Tk,)
     mask = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=device)
     if kv_len is not None:
-        mask &= (j < kv_len.to(device).view(B, 1, 1, 1))
+        mask = mask & (j < kv_len.to(device).view(B, 1, 1, 1))
     if causal:
         if q_start is None:
             pos = torch.full((B,), Tk - Tq, device=device)
         else:
             pos = q_start.to(device)
         qpos = pos.view(B, 1, 1, 1) + torch.arange(Tq, device=device).view(1, 1, Tq, 1)  # (B, 1, Tq, 1)
-        mask &= (j.view(1, 1, 1, Tk) <= qpos)
+        mask = mask & (j.view(1, 1, 1, Tk) <= qpos)
     return mask
 
 

@@ -44,11 +44,12 @@ def make_tokenizer(vocab_size: int = VOCAB):
     return tok
 
 
-def build_hf_decoder(kind: str, folder, tokenizer=None):
-    """Save a random-init transformers model of `kind` as a checkpoint folder; return the HF model."""
+def build_hf_decoder(kind: str, folder, tokenizer=None, spec=None):
+    """Save a random-init transformers model of `kind` (or of `spec`, a (model_type, kwargs) pair
+    like DECODER_SPECS' entries) as a checkpoint folder; return the HF model."""
     import transformers
 
-    model_type, kw = DECODER_SPECS[kind]
+    model_type, kw = DECODER_SPECS[kind] if spec is None else spec
     cls_cfg = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
                "qwen2": transformers.Qwen2Config}[model_type]
     cls_lm = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <thread>
 
 #include "model.hh"
@@ -60,11 +62,42 @@ bool parse_float(std::string_view s, float& v) {
     throw InputError("ARPA line " + std::to_string(line) + ": " + why);
 }
 
+// Formats like lmplz (KenLM's util::ToString: double-conversion's ToShortestSingle with decimal
+// notation for exponents in [-6, 21), else "<digits>e<exp>"): the shortest digits that read back
+// as the same float, so -7.328936e-05 is written -0.00007328936 and 1e-07 is written 1e-7.
 void append_float(std::string& out, float v) {
-    char buf[32];
-    if (v == 0.0f) v = 0.0f;  // no "-0"
-    auto r = std::to_chars(buf, buf + sizeof buf, v);
-    out.append(buf, r.ptr);
+    if (v == 0.0f) { out += '0'; return; }  // no "-0"
+    if (std::isinf(v)) { out += v < 0 ? "-inf" : "inf"; return; }
+    char buf[48];
+    auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);  // shortest, "-d.ddde-XX"
+    std::string_view sci(buf, size_t(r.ptr - buf));
+    const bool negative = sci[0] == '-';
+    if (negative) sci.remove_prefix(1);
+    const size_t e_at = sci.find('e');
+    std::string digits(sci.substr(0, e_at));
+    if (digits.size() > 1) digits.erase(1, 1);  // drop the '.'
+    int exponent = 0;
+    std::from_chars(sci.data() + e_at + 1 + (sci[e_at + 1] == '+'), sci.data() + sci.size(), exponent);
+    if (negative) out += '-';
+    if (exponent >= -6 && exponent < 21) {
+        if (exponent < 0) {
+            out += "0.";
+            out.append(size_t(-exponent - 1), '0');
+            out += digits;
+        } else if (size_t(exponent) + 1 >= digits.size()) {
+            out += digits;
+            out.append(size_t(exponent) + 1 - digits.size(), '0');
+        } else {
+            out.append(digits, 0, size_t(exponent) + 1);
+            out += '.';
+            out.append(digits, size_t(exponent) + 1, std::string::npos);
+        }
+    } else {
+        out += digits[0];
+        if (digits.size() > 1) { out += '.'; out.append(digits, 1, std::string::npos); }
+        out += 'e';
+        out += std::to_string(exponent);
+    }
 }
 
 }  // namespace
@@ -88,6 +121,9 @@ std::unique_ptr<Model> Model::read_arpa(const char* data, size_t len, std::vecto
             !parse_uint(trim(t.substr(eq + 1)), c))
             fail(in.line_no(), "expected 'ngram N=count', found '" + std::string(line.substr(0, 60)) + "'");
         if (n != counts.size() + 1) fail(in.line_no(), "ngram orders must be listed as 1, 2, 3, ...");
+        if (c > len / 4)  // every n-gram line takes at least 4 bytes ("0\ta\n")
+            fail(in.line_no(), "'ngram " + std::to_string(n) + "=" + std::to_string(c) + "' counts more n-grams than a file of " +
+                                   std::to_string(len) + " bytes can hold");
         counts.push_back(c);
     }
     if (counts.empty()) fail(in.line_no(), "the \\data\\ section lists no n-gram counts");
@@ -125,8 +161,13 @@ std::unique_ptr<Model> Model::read_arpa(const char* data, size_t len, std::vecto
                                        std::to_string(nf) + " fields");
             float prob, bo = 0.0f;
             if (!parse_float(fields[0], prob)) fail(in.line_no(), "bad probability '" + std::string(fields[0]) + "'");
+            // Like KenLM: a log10 probability above 0 (a probability above 1, or +inf) is refused;
+            // -inf (probability 0) is allowed. Backoffs may be positive but not +inf.
+            if (prob > 0.0f)
+                fail(in.line_no(), "positive log10 probability " + std::string(fields[0]) + " (a probability above 1)");
             if (nf == size_t(n) + 2 && !parse_float(fields[n + 1], bo))
                 fail(in.line_no(), "bad backoff '" + std::string(fields[n + 1]) + "'");
+            if (bo == std::numeric_limits<float>::infinity()) fail(in.line_no(), "infinite backoff '" + std::string(fields[n + 1]) + "'");
             for (int j = 1; j <= n; ++j) {
                 WordId id;
                 if (n == 1) {
@@ -175,35 +216,36 @@ void append_line(std::string& o, float prob, const WordId* w, int n, const Vocab
 // [begin, end) of order n; two threads format alternate blocks, written in order.
 template <class Format>
 void write_arpa_file(const std::string& path, const std::vector<uint64_t>& counts, Format&& format) {
-    FILE* f = std::fopen(path.c_str(), "wb");
-    if (!f) throw InputError("cannot open " + path + " for writing");
-    bool ok = true;
-    auto put = [&](const std::string& s) { ok &= std::fwrite(s.data(), 1, s.size(), f) == s.size(); };
+    std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path.c_str(), "wb"), &std::fclose);
+    if (!file) throw OutputFailure("cannot open " + path + " for writing: " + errno_text(errno));
+    FILE* f = file.get();
+    auto put = [&](const std::string& s) {
+        if (std::fwrite(s.data(), 1, s.size(), f) != s.size()) throw OutputFailure("cannot write " + path + ": " + errno_text(errno));
+    };
     std::string head = "\\data\\\n";
     for (size_t n = 1; n <= counts.size(); ++n) head += "ngram " + std::to_string(n) + "=" + std::to_string(counts[n - 1]) + "\n";
     put(head);
     constexpr size_t kBlock = 1 << 17;
     std::string bufs[2];
-    std::exception_ptr err;
+    std::exception_ptr fmt_err;
     for (int n = 1; n <= int(counts.size()); ++n) {
         put("\n\\" + std::to_string(n) + "-grams:\n");
         const size_t total = counts[n - 1];
         for (size_t at = 0; at < total; at += 2 * kBlock) {
             size_t mid = std::min(total, at + kBlock), end = std::min(total, at + 2 * kBlock);
             std::thread helper([&] {
-                try { bufs[1].clear(); format(n, mid, end, bufs[1]); } catch (...) { err = std::current_exception(); }
+                try { bufs[1].clear(); format(n, mid, end, bufs[1]); } catch (...) { fmt_err = std::current_exception(); }
             });
             std::exception_ptr main_err;
             try { bufs[0].clear(); format(n, at, mid, bufs[0]); } catch (...) { main_err = std::current_exception(); }
             helper.join();
-            if (main_err || err) { std::fclose(f); std::rethrow_exception(main_err ? main_err : err); }
+            if (main_err || fmt_err) std::rethrow_exception(main_err ? main_err : fmt_err);
             put(bufs[0]);
             put(bufs[1]);
         }
     }
     put("\n\\end\\\n");
-    ok &= std::fclose(f) == 0;
-    if (!ok) throw std::runtime_error("cannot write " + path + " (disk full?)");
+    if (std::fclose(file.release()) != 0) throw OutputFailure("cannot write " + path + ": " + errno_text(errno));
 }
 
 }  // namespace

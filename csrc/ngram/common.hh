@@ -2,7 +2,10 @@
 #pragma once
 #include <sys/mman.h>
 
+#include <atomic>
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -16,9 +19,44 @@ constexpr WordId kBOS = 1;  // <s>
 constexpr WordId kEOS = 2;  // </s>
 constexpr int kMaxOrder = 8;
 
-// Bad input (malformed ARPA, bad corpus, bad argument): pybind11 turns it into ValueError.
+constexpr int kMaxThreads = 256;  // bound on worker threads (--threads): the machine refuses thousands
+
+// Bad input (malformed ARPA, bad corpus, bad argument): Python's mmfuse.errors.NGramError.
 struct InputError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
+};
+
+// An output or spill file cannot be written (unwritable place, full disk): mmfuse.errors.OutputError.
+struct OutputFailure : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// The machine refused a resource (a thread): mmfuse.errors.ResourceError.
+struct ResourceFailure : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Text of the last C library error (ENOSPC: "No space left on device").
+inline std::string errno_text(int err) { return std::strerror(err); }
+
+// KenLM's word delimiters (util::kSpaces, C-locale isspace): ' ', \t, \n, \v, \f, \r. Lines end at
+// '\n' only, so a lone '\r' separates words, never lines.
+inline bool is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
+// Refuses a second thread entering an object (a Builder) that is not safe to share, instead of
+// letting the two corrupt each other's buffers.
+class ExclusiveUse {
+  public:
+    ExclusiveUse(std::atomic<bool>& busy, const char* what) : busy_(busy) {
+        if (busy_.exchange(true))
+            throw InputError(std::string(what) + " is in use by another thread; use one per thread (or a lock)");
+    }
+    ~ExclusiveUse() { busy_.store(false); }
+    ExclusiveUse(const ExclusiveUse&) = delete;
+    ExclusiveUse& operator=(const ExclusiveUse&) = delete;
+
+  private:
+    std::atomic<bool>& busy_;
 };
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser

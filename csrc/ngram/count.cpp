@@ -11,6 +11,7 @@
 #include <deque>
 #include <mutex>
 #include <queue>
+#include <system_error>
 #include <thread>
 
 namespace ngram {
@@ -47,7 +48,7 @@ template <int N> class Cursor {
   public:
     Cursor(const Rec<N>* b, const Rec<N>* e) : p_(b), end_(e) {}
     explicit Cursor(const std::string& path) : file_(std::fopen(path.c_str(), "rb")) {
-        if (!file_) throw std::runtime_error("cannot reopen spill file " + path);
+        if (!file_) throw OutputFailure("cannot reopen spill file " + path + ": " + errno_text(errno));
         refill();
     }
     Cursor(Cursor&& o) noexcept : p_(o.p_), end_(o.end_), file_(o.file_), buf_(std::move(o.buf_)) { o.file_ = nullptr; }
@@ -94,7 +95,14 @@ template <int N> class CounterImpl final : public Counter {
         // quarter of the budget, the rest holds the sorted runs.
         uint64_t per_block = opt.memory_bytes / 4 / uint64_t(workers + 1) / sizeof(Rec<N>);
         block_tokens_ = size_t(std::max<uint64_t>(1 << 14, std::min<uint64_t>(per_block, 1 << 22)));
-        for (int i = 0; i < workers; ++i) workers_.emplace_back([this] { work(); });
+        try {
+            for (int i = 0; i < workers; ++i) workers_.emplace_back([this] { work(); });
+        } catch (const std::system_error& e) {  // the machine refused a thread: stop those started
+            const size_t started = workers_.size();
+            stop_workers();
+            throw ResourceFailure("cannot start " + std::to_string(workers) + " counting threads (--threads): only " +
+                                  std::to_string(started) + " could be created (" + e.what() + "); use fewer");
+        }
     }
     ~CounterImpl() override {
         stop_workers();
@@ -202,15 +210,18 @@ template <int N> class CounterImpl final : public Counter {
     void spill(std::vector<std::vector<Rec<N>>>& runs) {
         std::string path = opt_.tmp_dir + "/mmfuse-ngram-XXXXXX";
         int fd = ::mkstemp(&path[0]);
-        if (fd < 0) throw std::runtime_error("cannot create a spill file in " + opt_.tmp_dir);
+        if (fd < 0)
+            throw OutputFailure("cannot create a spill file in the temp directory " + opt_.tmp_dir + " (-T): " + errno_text(errno));
         FILE* f = ::fdopen(fd, "wb");
+        if (!f) { ::close(fd); ::unlink(path.c_str()); throw OutputFailure("cannot write spill file " + path + ": " + errno_text(errno)); }
         { std::lock_guard<std::mutex> lk(mu_); files_.push_back(path); ++spilled_runs; }
         std::vector<Cursor<N>> cur;
         for (auto& r : runs) cur.emplace_back(r.data(), r.data() + r.size());
-        bool ok = true;
-        merge_runs<N>(cur, [&](const Rec<N>& r) { ok &= std::fwrite(&r, sizeof r, 1, f) == 1; });
-        ok &= std::fclose(f) == 0;
-        if (!ok) throw std::runtime_error("cannot write spill file " + path + " (disk full?)");
+        int err = 0;
+        merge_runs<N>(cur, [&](const Rec<N>& r) { if (!err && std::fwrite(&r, sizeof r, 1, f) != 1) err = errno; });
+        if (std::fclose(f) != 0 && !err) err = errno;
+        if (err)
+            throw OutputFailure("cannot write spill file " + path + " in the temp directory (-T): " + errno_text(err));
         runs.clear();
     }
 
@@ -256,13 +267,13 @@ template <int N> class CounterImpl final : public Counter {
     std::exception_ptr error_;
 };
 
-inline bool is_space(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f'; }
-
 }  // namespace
 
 std::unique_ptr<Counter> Counter::make(const CountOptions& opt) {
     if (opt.order < 1 || opt.order > kMaxOrder)
         throw InputError("order must be between 1 and " + std::to_string(kMaxOrder) + ", got " + std::to_string(opt.order));
+    if (opt.threads < 1 || opt.threads > kMaxThreads)
+        throw InputError("threads (--threads) must be between 1 and " + std::to_string(kMaxThreads) + ", got " + std::to_string(opt.threads));
     std::unique_ptr<Counter> c;
     switch (opt.order) {
         case 1: c.reset(new CounterImpl<1>(opt)); break;
@@ -364,15 +375,29 @@ void Counter::add_file(const std::string& path) {
     std::fclose(f);
 }
 
+WordId Counter::token_word(int64_t t) {
+    // Dense cache for ids up to a bound that grows with the vocabulary (ids of real tokenizers);
+    // a hash map beyond, so one huge id costs one entry, not an array up to it.
+    const size_t dense_limit = std::max<size_t>(size_t(1) << 16, 4 * vocab.size());
+    if (size_t(t) < dense_limit) {
+        if (size_t(t) >= token_cache_.size())
+            token_cache_.resize(std::min(dense_limit, std::max<size_t>(size_t(t) + 1, token_cache_.size() * 2)), 0);
+        if (!token_cache_[t]) token_cache_[t] = int64_t(vocab.add(std::to_string(t))) + 1;
+        return WordId(token_cache_[t] - 1);
+    }
+    auto it = token_sparse_.find(t);
+    if (it != token_sparse_.end()) return it->second;
+    WordId w = vocab.add(std::to_string(t));
+    token_sparse_.emplace(t, w);
+    return w;
+}
+
 void Counter::add_token_ids(const int64_t* ids, size_t n) {
     check_open();
     for (size_t i = 0; i < n; ++i) {
         int64_t t = ids[i];
         if (t < 0) throw InputError("token ids must be non-negative, got " + std::to_string(t));
-        if (size_t(t) >= token_cache_.size())
-            token_cache_.resize(std::max<size_t>(size_t(t) + 1, token_cache_.size() * 2), 0);
-        if (!token_cache_[t]) token_cache_[t] = int64_t(vocab.add(std::to_string(t))) + 1;
-        block_.push_back(WordId(token_cache_[t] - 1));
+        block_.push_back(token_word(t));
     }
     tokens += n;
     bytes += n * sizeof(int32_t);

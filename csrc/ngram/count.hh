@@ -4,6 +4,7 @@
 #pragma once
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common.hh"
@@ -48,6 +49,7 @@ class Counter {
 
     Vocab vocab;
     uint64_t tokens = 0, lines = 0, spilled_runs = 0, bytes = 0;
+    std::atomic<bool> busy{false};  // held by the caller (ExclusiveUse) around each feed and finish
 
   protected:
     explicit Counter(const CountOptions& opt) : opt_(opt) {}
@@ -59,7 +61,9 @@ class Counter {
 
     CountOptions opt_;
     std::vector<WordId> block_;
-    std::vector<int64_t> token_cache_;  // token id -> vocab id + 1 (0: not seen yet)
+    WordId token_word(int64_t token);
+    std::vector<int64_t> token_cache_;  // token id -> vocab id + 1 (0: not seen yet), small ids
+    std::unordered_map<int64_t, WordId> token_sparse_;  // token id -> vocab id, ids past the dense cache
     size_t block_tokens_ = 1 << 20;
     double start_time_ = 0, last_report_ = 0;
 };

@@ -56,6 +56,14 @@ bool compute_discount(const uint64_t* n, Discount& d) {
 
 }  // namespace
 
+void check_fallback(const float fallback[3]) {
+    static const char* names[3] = {"D1", "D2", "D3+"};
+    for (int j = 0; j < 3; ++j)
+        if (!(fallback[j] >= 0.0f && fallback[j] <= float(j + 1)))  // NaN fails both
+            throw InputError(std::string("discount_fallback (--discount-fallback): ") + names[j] + " must be a number in [0, " +
+                             std::to_string(j + 1) + "], got " + std::to_string(fallback[j]));
+}
+
 std::vector<uint64_t> normalise_prune(std::vector<uint64_t> prune, int order) {
     if (prune.empty()) prune.push_back(0);
     if (prune.size() > size_t(order))

@@ -42,6 +42,10 @@ struct EstimateResult {
 // Consumes the counted highest-order n-grams.
 EstimateResult estimate(CountedGrams&& grams, size_t vocab_size, const EstimateOptions& opt);
 
+// Refuses fallback discounts that are not numbers in [0, j] for D_j (D3+ in [0, 3]): outside, some
+// probabilities would be negative or above 1.
+void check_fallback(const float fallback[3]);
+
 // Checks per-order pruning thresholds the way lmplz does and pads them to `order` values.
 std::vector<uint64_t> normalise_prune(std::vector<uint64_t> prune, int order);
 

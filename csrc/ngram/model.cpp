@@ -316,7 +316,7 @@ size_t padded(size_t n) { return (n + 7) & ~size_t(7); }
 class Writer {
   public:
     explicit Writer(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "wb")) {
-        if (!f_) throw InputError("cannot open " + path + " for writing");
+        if (!f_) throw OutputFailure("cannot open " + path + " for writing: " + errno_text(errno));
     }
     ~Writer() { if (f_) std::fclose(f_); }
     void put(const void* p, size_t n) {
@@ -325,10 +325,14 @@ class Writer {
         size_t pad = padded(n) - n;
         if (pad && std::fwrite(zeros, 1, pad, f_) != pad) fail();
     }
-    void close() { if (std::fclose(f_) != 0) { f_ = nullptr; fail(); } f_ = nullptr; }
+    void close() {
+        FILE* f = f_;
+        f_ = nullptr;
+        if (std::fclose(f) != 0) fail();
+    }
 
   private:
-    [[noreturn]] void fail() { throw std::runtime_error("cannot write " + path_ + " (disk full?)"); }
+    [[noreturn]] void fail() { throw OutputFailure("cannot write " + path_ + ": " + errno_text(errno)); }
     std::string path_;
     FILE* f_;
 };

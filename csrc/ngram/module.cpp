@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <unordered_map>
 
 #include "count.hh"
 #include "estimate.hh"
@@ -68,7 +69,9 @@ class PyModel {
     int32_t token_to_word(int64_t t) {
         build_token_maps();
         if (t < 0) throw InputError("token ids must be non-negative, got " + std::to_string(t));
-        return size_t(t) < token_to_word_.size() ? token_to_word_[t] : int32_t(kUNK);
+        if (size_t(t) < token_to_word_.size()) return token_to_word_[t];
+        auto it = token_sparse_.find(t);
+        return it == token_sparse_.end() ? int32_t(kUNK) : it->second;
     }
 
   private:
@@ -90,14 +93,23 @@ class PyModel {
             word_to_token_[w] = t;
             max_tok = std::max(max_tok, t);
         }
-        token_to_word_.assign(size_t(max_tok + 1), int32_t(kUNK));
-        for (WordId w = 3; w < V; ++w)
-            if (word_to_token_[w] >= 0) token_to_word_[word_to_token_[w]] = int32_t(w);
+        // Dense below a bound set by the vocabulary size, a hash map above: a numeric word such as
+        // 9223372036854775807 costs one entry, not an array up to it.
+        const int64_t cap = int64_t(4 * V + 1024);
+        const int64_t dense = max_tok < cap ? max_tok + 1 : cap;  // max_tok + 1 may overflow
+        token_to_word_.assign(size_t(std::max<int64_t>(dense, 0)), int32_t(kUNK));
+        for (WordId w = 3; w < V; ++w) {
+            const int64_t t = word_to_token_[w];
+            if (t < 0) continue;
+            if (t < dense) token_to_word_[size_t(t)] = int32_t(w);
+            else token_sparse_.emplace(t, int32_t(w));
+        }
     }
     std::unique_ptr<Model> m_;
     bool maps_built_ = false, token_model_ = false;
     std::vector<int64_t> word_to_token_;
     std::vector<int32_t> token_to_word_;
+    std::unordered_map<int64_t, int32_t> token_sparse_;
 };
 
 // Words are bytes; ones that are not UTF-8 (a Latin-1 corpus) come back with surrogate escapes,
@@ -114,15 +126,13 @@ template <class T> py::array_t<T> to_numpy(const std::vector<T>& v) {
     return a;
 }
 
-inline bool is_blank(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\v' || c == '\f'; }
-
-// Splits a sentence on whitespace into word ids (appended to ids).
+// Splits a sentence on KenLM's whitespace (is_space) into word ids (appended to ids).
 void encode_into(const Model& m, std::string_view s, std::vector<int32_t>& ids) {
     size_t p = 0;
     while (p < s.size()) {
-        while (p < s.size() && is_blank(s[p])) ++p;
+        while (p < s.size() && is_space(s[p])) ++p;
         size_t b = p;
-        while (p < s.size() && !is_blank(s[p])) ++p;
+        while (p < s.size() && !is_space(s[p])) ++p;
         if (p > b) ids.push_back(int32_t(m.index(s.substr(b, p - b))));
     }
 }
@@ -159,7 +169,26 @@ py::tuple top_k_py(PyModel& pm, const State& st, int k) {
 PYBIND11_MODULE(_ngram, mod) {
     mod.doc() = "mmfuse n-gram language model core (C++): counting, modified Kneser-Ney, queries";
     mod.attr("MAX_ORDER") = kMaxOrder;
-    py::register_exception<InputError>(mod, "InputError", PyExc_ValueError);
+    mod.attr("MAX_THREADS") = kMaxThreads;
+    // C++ failures become mmfuse's typed errors (all MMFuseError): bad input NGramError, a failed
+    // write OutputError, a refused thread ResourceError.
+    static PyObject* input_error = py::object(py::module_::import("mmfuse.errors").attr("NGramError")).release().ptr();
+    static PyObject* output_error = py::object(py::module_::import("mmfuse.errors").attr("OutputError")).release().ptr();
+    static PyObject* resource_error = py::object(py::module_::import("mmfuse.errors").attr("ResourceError")).release().ptr();
+    mod.attr("InputError") = py::handle(input_error);
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const InputError& e) {
+            PyErr_SetString(input_error, e.what());
+        } catch (const OutputFailure& e) {
+            PyErr_SetString(output_error, e.what());
+        } catch (const ResourceFailure& e) {
+            PyErr_SetString(resource_error, e.what());
+        } catch (const std::system_error& e) {  // a thread the machine refused (query helpers)
+            PyErr_SetString(resource_error, e.what());
+        }
+    });
 
     py::class_<State>(mod, "State")
         .def_property_readonly("length", [](const State& s) { return s.length; })
@@ -180,18 +209,25 @@ PYBIND11_MODULE(_ngram, mod) {
         .def(py::init([](int order, uint64_t memory_bytes, std::string tmp_dir, int threads, bool skip_symbols, bool progress) {
                  CountOptions o;
                  o.order = order; o.memory_bytes = memory_bytes; o.tmp_dir = tmp_dir;
-                 o.threads = std::max(1, threads); o.skip_symbols = skip_symbols; o.progress = progress;
+                 o.threads = threads; o.skip_symbols = skip_symbols; o.progress = progress;
                  return Counter::make(o);
              }),
              py::arg("order"), py::arg("memory_bytes"), py::arg("tmp_dir"), py::arg("threads"),
              py::arg("skip_symbols"), py::arg("progress"))
-        .def("add_file", &Counter::add_file, py::call_guard<py::gil_scoped_release>())
+        // A Builder is fed from one thread at a time: a second one entering is refused (NGramError).
+        .def("add_file", [](Counter& c, const std::string& path) {
+            ExclusiveUse use(c.busy, "this Builder");
+            py::gil_scoped_release nogil;
+            c.add_file(path);
+        })
         .def("add_text", [](Counter& c, const std::string& text) {
+            ExclusiveUse use(c.busy, "this Builder");
             py::gil_scoped_release nogil;
             c.add_text(text.data(), text.size());
         })
         .def("add_token_ids", [](Counter& c, TokArray ids) {
             if (ids.ndim() != 1) throw InputError("token ids must be a 1-D array, got shape with " + std::to_string(ids.ndim()) + " dims");
+            ExclusiveUse use(c.busy, "this Builder");
             c.add_token_ids(ids.data(), size_t(ids.size()));
         })
         .def_readonly("tokens", &Counter::tokens)
@@ -202,14 +238,16 @@ PYBIND11_MODULE(_ngram, mod) {
         .def("finish", [](Counter& c, std::vector<uint64_t> prune, bool interpolate_unigrams,
                           std::optional<std::vector<float>> fallback, bool progress, std::string arpa_path,
                           bool build_model) -> py::object {
+            ExclusiveUse use(c.busy, "this Builder");
             EstimateOptions eo;
             eo.prune = prune;
             eo.interpolate_unigrams = interpolate_unigrams;
             eo.progress = progress;
             if (fallback) {
-                if (fallback->empty() || fallback->size() > 3) throw InputError("discount_fallback takes 1 to 3 discounts");
+                if (fallback->empty() || fallback->size() > 3) throw InputError("discount_fallback (--discount-fallback) takes 1 to 3 discounts");
                 eo.discount_fallback = true;
                 for (size_t j = 0; j < 3; ++j) eo.fallback[j] = (*fallback)[std::min(j, fallback->size() - 1)];
+                check_fallback(eo.fallback);
             }
             std::unique_ptr<Model> model;
             EstimateResult res;
@@ -375,11 +413,18 @@ PYBIND11_MODULE(_ngram, mod) {
                 // Rows are independent: split them over the threads (the model is read-only).
                 uint64_t total = 0;  // a thread pays off from some 10^5 tokens on
                 for (size_t b = 0; b < B; ++b) total += uint64_t(len[b]);
-                const size_t workers = std::max<size_t>(1, std::min<size_t>({size_t(threads), B, size_t(total / 100000) + 1}));
+                const size_t workers = std::max<size_t>(1, std::min<size_t>({size_t(threads), size_t(kMaxThreads), B, size_t(total / 100000) + 1}));
                 std::vector<std::thread> pool;
-                for (size_t t = 1; t < workers; ++t) pool.emplace_back(rows, B * t / workers, B * (t + 1) / workers);
-                rows(0, B / workers);
+                std::string refused;
+                try {
+                    for (size_t t = 1; t < workers; ++t) pool.emplace_back(rows, B * t / workers, B * (t + 1) / workers);
+                } catch (const std::system_error& e) {  // the machine refused a thread: finish and report
+                    refused = e.what();
+                }
+                if (refused.empty()) rows(0, B / workers);
                 for (auto& th : pool) th.join();
+                if (!refused.empty())
+                    throw ResourceFailure("cannot start " + std::to_string(workers) + " scoring threads (threads): " + refused);
             }
             return totals;
         }, py::arg("ids"), py::arg("lengths"), py::arg("bos"), py::arg("eos"), py::arg("threads") = 2)

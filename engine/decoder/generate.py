@@ -14,21 +14,20 @@ another, and each gets exactly what it would get alone.
 """
 from __future__ import annotations
 
-import operator
 import threading
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
 from mmfuse.kernels.cpu_linear import freeze
 
-from ..checkpoint import read_json
-from ..errors import CapacityError, PromptError, SamplingParamsError
-from ..generation.detokenize import StopStringMatcher, open_decoder
-from ..generation.sampling import ALIASES, Sampler, SamplingParams, resolve_aliases
-from ..tokenizer import check_text, load_tokenizer
+from ..errors import CapacityError
+from ..generation.frontend import Generation, GenerationFrontend
+from ..generation.requests import (Completion, RequestOutput, StreamChunk,  # noqa: F401  (re-exported)
+                                   defaults_from_generation_config)
+from ..generation.sampling import Sampler
+from ..tokenizer import load_tokenizer
 from .kv_cache import KVCache
 from .loader import load_decoder
 from .transformer import Decoder
@@ -177,75 +176,9 @@ class DecodeState:
         return logits
 
 
-@dataclass
-class Completion:
-    token_ids: list            # generated ids (a final stop id included, as transformers does)
-    text: Optional[str]        # decoded text, stop strings and stop ids excluded (None without a tokenizer)
-    logprobs: Optional[list]   # log p of each generated token under the raw model logits
-    finish_reason: str         # "stop" (stop id or stop string) or "length"
-
-
-@dataclass
-class StreamChunk:
-    token_id: int
-    text: str                  # newly completed text ("" while it may still be part of a stop string)
-    logprob: Optional[float]
-    finish_reason: Optional[str]  # set on the last chunk
-
-
-_GEN_CONFIG_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
-                      "repetition_penalty")
-
-
-def defaults_from_generation_config(folder) -> dict:
-    """SamplingParams defaults from generation_config.json (do_sample=false means greedy)."""
-    gc = read_json(Path(folder) / "generation_config.json", required=False) or {}
-    out = {k: gc[k] for k in _GEN_CONFIG_FIELDS if gc.get(k) is not None}
-    if not gc.get("do_sample", False) and gc:
-        out["temperature"] = 0.0
-    eos = gc.get("eos_token_id")
-    if eos is not None:
-        out["stop_token_ids"] = tuple(eos) if isinstance(eos, list) else (eos,)
-    return out
-
-
-class RequestOutput:
-    """Bookkeeping of one generated sequence: incremental text, stop ids, stop strings, length."""
-
-    def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int]):
-        self.params = params
-        self.detok = open_decoder(tokenizer, prompt_ids=prompt_ids) if tokenizer is not None else None
-        self.stops = StopStringMatcher(params.stop_strings) if params.stop_strings else None
-        self.stop_ids = set(params.stop_token_ids)
-        self.n = 0
-
-    def add(self, token: int) -> tuple:
-        """Record one generated token: (newly released text, finish reason or None)."""
-        self.n += 1
-        stop_id = token in self.stop_ids
-        piece = self.detok.push(token) if self.detok is not None and not stop_id else ""
-        if self.stops is not None:
-            piece = self.stops.push(piece)
-        reason = "stop" if stop_id or (self.stops is not None and self.stops.stopped) else None
-        if reason is None and self.n >= self.params.max_new_tokens:
-            reason = "length"
-        if reason is not None:
-            piece += self._final_text()
-        return piece, reason
-
-    def _final_text(self) -> str:
-        """Text still held back when the row ends (partial characters, a possible stop-string start)."""
-        if self.stops is not None and self.stops.stopped:
-            return ""
-        tail = self.detok.flush() if self.detok is not None else ""
-        if self.stops is not None:
-            tail = self.stops.push(tail)
-            tail += "" if self.stops.stopped else self.stops.flush()
-        return tail
-
-
-class Engine:
-    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()`.
+class Engine(GenerationFrontend):
+    """A decoder with its tokenizer and generation defaults: `generate()` and `stream()` (the
+    request side is `GenerationFrontend`, shared with the ONNX Runtime engine).
 
     Thread-safe: every call (and every open stream) decodes in a KV cache of its own, so one
     Engine may serve several threads, and one thread may interleave several streams. The engine
@@ -259,6 +192,10 @@ class Engine:
         self._idle: Optional[DecodeState] = None  # the cache (and CUDA graph) of a finished call
         self._idle_lock = threading.Lock()
 
+    @property
+    def cfg(self):
+        return self.model.cfg
+
     @classmethod
     def from_pretrained(cls, folder, dtype="auto", device="cpu", cuda_graph: bool = False) -> "Engine":
         """Model, tokenizer.json and generation_config.json of a checkpoint folder; dtype "auto": the
@@ -267,33 +204,6 @@ class Engine:
         model = load_decoder(folder, dtype=dtype, device=device)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(model, tok, defaults_from_generation_config(folder), cuda_graph=cuda_graph)
-
-    def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
-        """Generation defaults, then `params`, then keyword overrides (SamplingParams fields or their
-        ALIASES); the model's eos ids always stop."""
-        names = {f.name for f in fields(SamplingParams)}
-        unknown = sorted(set(overrides) - names - set(ALIASES))
-        if unknown:
-            raise SamplingParamsError(f"unknown sampling option(s): {unknown}")
-        base = params if params is not None else SamplingParams(**self.defaults)
-        p = replace(base, **resolve_aliases(overrides, base.temperature))
-        stops = tuple(dict.fromkeys(tuple(p.stop_token_ids) + tuple(self.model.cfg.eos_token_ids)))
-        return replace(p, stop_token_ids=stops).validate()
-
-    def encode(self, prompt: Union[str, Sequence[int]], where: str = "prompt") -> list:
-        """Token ids of a text prompt, or checked ids; PromptError names `where` when it is bad."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise PromptError(f"{where}: a text prompt needs a tokenizer (tokenizer.json in the checkpoint folder)")
-            return self.tokenizer.encode(check_text(prompt, where)).ids
-        try:
-            ids = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise PromptError(f"{where}: expected a str or a sequence of int token ids") from None
-        bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
-        if bad:
-            raise PromptError(f"{where}: token ids {bad[:5]} are outside the vocabulary of {self.model.cfg.vocab_size}")
-        return ids
 
     def _take_state(self, batch: int, max_len: int) -> DecodeState:
         """The idle cache (and its CUDA graph) when the batch matches and it is large enough, else a new one."""
@@ -312,89 +222,17 @@ class Engine:
         to splice image features into the embeddings; decoding after it is the same for all."""
         return state.prefill(prompts)
 
-    def check_request(self, b: int, ids: list, p: SamplingParams, extra: int = 0) -> None:
-        """Raise before any allocation if prompt + new tokens (+ `extra` draft slots) exceed the context."""
-        ctx = self.model.cfg.max_seq_len
-        if not ids:
-            raise PromptError(f"prompt {b} is empty")
-        if len(ids) + p.max_new_tokens + extra > ctx:
-            more = f" + {extra} draft slots" if extra else ""
-            raise CapacityError(f"prompt {b}: {len(ids)} prompt + {p.max_new_tokens} new tokens{more} exceed "
-                                f"the model's context of {ctx} positions")
-        if p.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-
-    def without_eos(self, p: SamplingParams) -> SamplingParams:
-        eos = set(self.model.cfg.eos_token_ids)
-        return replace(p, stop_token_ids=tuple(t for t in p.stop_token_ids if t not in eos))
-
-    def _run(self, prompts: list, params: list, ignore_eos: bool = False) -> Iterator[tuple]:
-        """Yield (row, token_id, text_piece, logprob, finish_reason) for every generated token."""
-        for b, (ids, p) in enumerate(zip(prompts, params)):
-            self.check_request(b, ids, p)
-        B = len(prompts)
-        if ignore_eos:
-            params = [self.without_eos(p) for p in params]
+    def _start(self, prompts: list, params: list) -> Generation:
         dev = self.model.lm_head.weight.device
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
-        rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
-        done = [False] * B
-        state = self._take_state(B, max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+        state = self._take_state(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
         try:
             logits = self.prefill(state, prompts)
-            step = 0
-            while not all(done):
-                tokens, logprobs = sampler.sample(logits, step)
-                sampler.update(tokens)
-                toks = tokens.tolist()
-                lps = logprobs.tolist() if logprobs is not None else [None] * B
-                for b in range(B):
-                    if not done[b]:
-                        piece, reason = rows[b].add(toks[b])
-                        done[b] = reason is not None
-                        yield b, toks[b], piece, lps[b] if params[b].logprobs else None, reason
-                step += 1
-                if not all(done):
-                    active = torch.tensor([not d for d in done], device=dev)
-                    logits = state.decode(tokens, active)
-        finally:
+        except BaseException:
             self._give_back(state)
+            raise
 
-    def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
-                 **overrides) -> list:
-        """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`, `n`
-        per prompt in prompt order (n > 1: the j-th of a prompt uses seed + j when a seed is set).
+        def step(tokens, active):
+            return state.decode(tokens, torch.tensor(active, device=dev))
 
-        `params` may also be a list with one SamplingParams per prompt."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
-        if not prompts:
-            raise ValueError("generate() got no prompts")
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        plist = [self.params(p, **overrides) for p in plist]
-        ids = [self.encode(p, f"prompt {b}") for b, p in enumerate(prompts)]
-        ids = [i for i, p in zip(ids, plist) for _ in range(p.n)]
-        plist = [replace(p, n=1, seed=None if p.seed is None else (p.seed + j) % 2**64)
-                 for p in plist for j in range(p.n)]
-        out = [Completion([], "" if self.tokenizer else None, [] if p.logprobs else None, "length") for p in plist]
-        for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos):
-            c = out[b]
-            c.token_ids.append(t)
-            if c.text is not None:
-                c.text += piece
-            if c.logprobs is not None:
-                c.logprobs.append(lp)
-            if reason is not None:
-                c.finish_reason = reason
-        return out
-
-    def stream(self, prompt, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
-               **overrides) -> Iterator[StreamChunk]:
-        """Yield a `StreamChunk` per generated token of one prompt as soon as it is sampled."""
-        p = self.params(params, **overrides)
-        if p.n != 1:
-            raise SamplingParamsError(f"SamplingParams.n={p.n}: stream() yields one sequence; use generate() for n > 1")
-        for _, t, piece, lp, reason in self._run([self.encode(prompt)], [p], ignore_eos):
-            yield StreamChunk(t, piece, lp, reason)
+        return Generation(sampler, logits, step, close=lambda: self._give_back(state))

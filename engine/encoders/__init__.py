@@ -3,7 +3,8 @@ decoder's layers (engine/nn/layers.py), with preprocessing, zero-shot classifica
 the `mmfuse embed` command and a contrastive training loop.
 
 The names are loaded on first use (PEP 562), so that the CLI can register `mmfuse embed` without
-importing torch."""
+importing torch, and the torch-free modules (preprocess, tokens, zeroshot) serve the ONNX Runtime
+encoder (mmfuse.ort) too."""
 import importlib
 
 _WHERE = {"Encoder": "api", "load_encoder": "api", "BertEncoder": "bert", "SentenceEncoder": "bert",

@@ -27,7 +27,7 @@ from .dual import DualEncoder
 from .preprocess import ImageProcessor
 from .retrieval import search
 from .siglip import SiglipModel
-from .tokens import TextTokenizer, check_texts, length_buckets
+from .tokens import TextTokenizer, check_texts, text_batches
 from .zeroshot import build_zero_shot_classifier
 
 FAMILIES = {"clip": ClipModel, "siglip": SiglipModel}
@@ -58,7 +58,7 @@ class Encoder:
             raise ValueError("empty image batch: nothing to encode")
         out = []
         for s in range(0, len(items), batch_size):
-            px = self.processor(items[s:s + batch_size]).to(self.device, self.dtype)
+            px = torch.from_numpy(self.processor.pixels(items[s:s + batch_size])).to(self.device, self.dtype)
             out.append(self.model.image_features(px).float())
         e = torch.cat(out)
         return F.normalize(e, dim=-1) if normalize else e
@@ -120,16 +120,10 @@ class Encoder:
         if self.tokenizer is None:
             load_tokenizer(self.folder)  # raises CheckpointError naming the missing tokenizer.json
         seqs = self.tokenizer.encode(texts)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        if self.tokenizer.pad_to_context or not bucket:  # (SigLIP: every batch has the same length anyway)
-            groups = [range(s, min(s + batch_size, len(seqs))) for s in range(0, len(seqs), batch_size)]
-        else:
-            groups = length_buckets([len(seqs[i]) for i in order], batch_size)
-        out = None
-        for g in groups:
-            idx = [order[i] for i in g]
+        out = None  # (SigLIP pads every batch to the context: bucketing would only shrink batches)
+        for idx in text_batches(seqs, batch_size, bucket and not self.tokenizer.pad_to_context):
             ids, lengths = self.tokenizer.pad([seqs[i] for i in idx])
-            ids, lengths = ids.to(self.device), lengths.to(self.device)
+            ids, lengths = torch.from_numpy(ids).to(self.device), torch.from_numpy(lengths).to(self.device)
             e = self.model.text_features(ids) if self.has_images else self.model(ids, lengths)
             if out is None:
                 out = torch.empty(len(seqs), e.shape[1])
@@ -138,7 +132,7 @@ class Encoder:
 
     def zero_shot_classifier(self, classnames: Sequence[str], templates=("a photo of a {}.",)) -> torch.Tensor:
         """(E, C) class embeddings: templates filled with each class name, averaged and normalised."""
-        return build_zero_shot_classifier(self.encode_text, classnames, templates)
+        return torch.from_numpy(build_zero_shot_classifier(self.encode_text, classnames, templates))
 
     @torch.no_grad()
     def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

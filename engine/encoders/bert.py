@@ -56,9 +56,8 @@ class BertEncoder(nn.Module):
             raise ValueError(f"text of {T} tokens exceeds the context length {self.cfg.max_positions}")
         type_ids = torch.zeros_like(ids) if type_ids is None else type_ids
         x = self.norm_embed(self.tok_embed(ids) + self.type_embed(type_ids) + self.pos_embed[:T])  # (B, T, C)
-        kv_len = None if bool((lengths == T).all()) else lengths
-        for block in self.blocks:
-            x = block(x, causal=False, kv_len=kv_len)
+        for block in self.blocks:  # (attention drops the mask itself when no row is padded)
+            x = block(x, causal=False, kv_len=lengths)
         return x
 
 
@@ -95,9 +94,9 @@ class SentenceEncoder(nn.Module):
                 pooling = "mean" if modes == ["mean_tokens"] else "cls"
         return cls(BertEncoder.from_pretrained(folder, dtype, device), pooling, normalize)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T), lengths (B,) -> sentence embeddings (B, C)."""
-        h = self.encoder(ids, lengths)  # (B, T, C)
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, type_ids=None) -> torch.Tensor:
+        """ids (B, T), lengths (B,) [, token types (B, T)] -> sentence embeddings (B, C)."""
+        h = self.encoder(ids, lengths, type_ids)  # (B, T, C)
         if self.pooling == "cls":
             e = h[:, 0]
         else:

@@ -12,21 +12,25 @@ is refused with ImageError before it is decoded. Resizing the shortest edge of a
 200,000) would make a huge intermediate; when that intermediate exceeds MAX_RESIZE_PIXELS only the
 part the center crop keeps is resampled (PIL's `box`), same filter and scale, so the work depends
 on the output size. Normal images take the plain path and equal CLIPImageProcessor's output.
+
+The pipeline is numpy and PIL only (`pixels`), so the torch-free ONNX Runtime encoder (mmfuse.ort)
+runs the same code; calling the processor gives the same batch as a torch tensor.
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..checkpoint import read_json
 from ..errors import ConfigError, ImageError
 from ..hf_config import bool_field, float_field, int_field
+from ..jsonfile import read_json
+
 
 MAX_IMAGE_PIXELS = 2**26  # default pixel budget of an input image (8192 x 8192)
 MAX_RESIZE_PIXELS = 2**24  # larger resize intermediates are resampled only where the crop keeps them
@@ -91,6 +95,17 @@ class ImageProcessor:
             cfg = {"size": {"shortest_edge": image_size}, "do_center_crop": True, "crop_size": image_size}
         return cls.from_config(cfg, str(path))
 
+    def to_config(self) -> dict:
+        """The preprocessor_config.json (CLIPImageProcessor fields) that `from_config` reads back as self."""
+        cfg = {"image_processor_type": "CLIPImageProcessor", "do_resize": self.do_resize, "size": dict(self.size),
+               "resample": self.resample, "do_center_crop": self.crop_size is not None, "do_rescale": self.do_rescale,
+               "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
+               "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+               "do_convert_rgb": self.do_convert_rgb}
+        if self.crop_size is not None:
+            cfg["crop_size"] = dict(self.crop_size)
+        return cfg
+
     @property
     def output_size(self) -> tuple[int, int]:
         s = self.crop_size or self.size
@@ -115,7 +130,7 @@ class ImageProcessor:
                 raise ImageError(f"{image}: refused as a decompression bomb ({e})") from None
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
                 raise ImageError(f"{image}: not a readable image ({e})") from None
-        if isinstance(image, torch.Tensor):
+        if is_torch_tensor(image):
             image = image.numpy()
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8:
@@ -145,7 +160,7 @@ class ImageProcessor:
         """A batch as a list: lists/tuples as given, a 4-D array split, anything else a batch of one."""
         if isinstance(images, (list, tuple)):
             return list(images)
-        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        if (isinstance(images, np.ndarray) or is_torch_tensor(images)) and images.ndim == 4:
             return list(images)
         return [images]
 
@@ -177,7 +192,7 @@ class ImageProcessor:
         box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
         return im.resize((cols, rows), resample=self.resample, box=box)
 
-    def process_one(self, image, where: str = "image") -> torch.Tensor:
+    def process_one(self, image, where: str = "image") -> np.ndarray:
         """One image -> float32 (3, H, W)."""
         im = self.to_pil(image, where)
         if self.do_convert_rgb and im.mode != "RGB":
@@ -191,16 +206,16 @@ class ImageProcessor:
         x = np.array(im)  # (H, W, 3) uint8, a writable copy
         if self.crop_size is not None:
             x = center_crop(x, self.crop_size["height"], self.crop_size["width"])
-        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)  # (3, H, W)
-        t = (t.double() * self.rescale_factor).float() if self.do_rescale else t.float()
+        t = x.transpose(2, 0, 1)  # (3, H, W)
+        t = (t * np.float64(self.rescale_factor)).astype(np.float32) if self.do_rescale else t.astype(np.float32)
         if self.do_normalize:
-            mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-            std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+            mean = np.asarray(self.image_mean, dtype=np.float32).reshape(3, 1, 1)
+            std = np.asarray(self.image_std, dtype=np.float32).reshape(3, 1, 1)
             t = (t - mean) / std
-        return t
+        return np.ascontiguousarray(t)
 
-    def __call__(self, images) -> torch.Tensor:
-        """Images (one or a batch) -> pixel batch (N, 3, H, W) float32."""
+    def pixels(self, images) -> np.ndarray:
+        """Images (one or a batch) -> pixel batch (N, 3, H, W) float32, as a numpy array."""
         items = self.as_list(images)
         if not items:
             raise ImageError("empty image batch")
@@ -209,7 +224,18 @@ class ImageProcessor:
         if len(shapes) > 1:
             raise ImageError(f"images of different sizes after preprocessing {sorted(shapes)}: "
                              "the preprocessor config has no fixed output size")
-        return torch.stack(out)
+        return np.stack(out)
+
+    def __call__(self, images):
+        """Images (one or a batch) -> pixel batch (N, 3, H, W) float32, as a torch tensor."""
+        import torch  # the numpy pipeline above is all the torch-free runtime uses
+        return torch.from_numpy(self.pixels(images))
+
+
+def is_torch_tensor(x) -> bool:
+    """Whether x is a torch tensor, without importing torch (a tensor exists only if torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

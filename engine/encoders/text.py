@@ -29,9 +29,7 @@ class TextTower(nn.Module):
         self.norm_final = make_norm(cfg)
 
     def pool_index(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B,) index of the pooled token of each row."""
-        if not self.cfg.causal:
-            return torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+        """(B,) index of the pooled token of each row (CLIP; SigLIP pools the last position)."""
         if self.cfg.eos_token_id == 2 or self.cfg.eos_token_id is None:
             return ids.argmax(dim=-1)
         return (ids == self.cfg.eos_token_id).int().argmax(dim=-1)
@@ -44,5 +42,5 @@ class TextTower(nn.Module):
         x = self.tok_embed(ids) + self.pos_embed[:T]  # (B, T, C)
         for block in self.blocks:
             x = block(x, causal=self.cfg.causal)
-        x = x[torch.arange(B, device=ids.device), self.pool_index(ids)]  # (B, C)
+        x = x[torch.arange(B, device=ids.device), self.pool_index(ids)] if self.cfg.causal else x[:, -1]  # (B, C)
         return self.norm_final(x)

@@ -3,7 +3,8 @@
 Truncation to the model's context length keeps the special tokens the post-processor adds
 (CLIP's end-of-text, BERT's [SEP]). Padding is on the right, to the longest text of the batch,
 or to the full context for models trained that way (SigLIP pools the last position).
-`length_buckets` groups texts of similar length so that batches carry little padding.
+`length_buckets` groups texts of similar length so that batches carry little padding, and
+`text_batches` is the batching both encoders (PyTorch and ONNX Runtime) use. Torch-free.
 """
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
-from ..checkpoint import read_json
 from ..errors import PromptError
+from ..jsonfile import read_json
 from ..tokenizer import check_text, load_tokenizer
 
 
@@ -44,18 +44,20 @@ class TextTokenizer:
         """Token ids per text, truncated to the context length (special tokens kept)."""
         return [e.ids for e in self.tok.encode_batch(check_texts(texts))]
 
-    def pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids (B, T) int64 right-padded (T = longest, or the context), lengths (B,)."""
+    def pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """-> ids (B, T) int64 right-padded (T = longest, or the context), lengths (B,) int64."""
         lengths = [len(s) for s in seqs]
         T = self.context_length if self.pad_to_context else max(lengths)
         ids = np.full((len(seqs), T), self.pad_id, dtype=np.int64)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = s
-        return torch.from_numpy(ids), torch.tensor(lengths, dtype=torch.long)
+        return ids, np.asarray(lengths, dtype=np.int64)
 
-    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> ids (B, T) int64 right-padded, lengths (B,) real tokens per text."""
-        return self.pad(self.encode(texts))
+    def __call__(self, texts: Sequence[str]):
+        """Texts -> ids (B, T) int64 right-padded, lengths (B,) real tokens per text, as torch tensors."""
+        import torch  # encode and pad above are all the torch-free runtime uses
+        ids, lengths = self.pad(self.encode(texts))
+        return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 def length_buckets(lengths: Sequence[int], max_rows: int, max_padding: float = 0.25, min_rows: int = 4) -> list:
@@ -72,6 +74,17 @@ def length_buckets(lengths: Sequence[int], max_rows: int, max_padding: float = 0
         total += n
     groups.append(range(start, len(lengths)))
     return groups
+
+
+def text_batches(seqs: Sequence[Sequence[int]], batch_size: int, bucket: bool) -> list[list[int]]:
+    """Batches of indices into `seqs` (token id lists): sorted longest first, at most `batch_size`
+    each, and with `bucket` further split where that saves padding (`length_buckets`)."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    if bucket:
+        groups = length_buckets([len(seqs[i]) for i in order], batch_size)
+    else:
+        groups = [range(s, min(s + batch_size, len(seqs))) for s in range(0, len(seqs), batch_size)]
+    return [[order[i] for i in g] for g in groups]
 
 
 def check_texts(texts) -> list:

@@ -4,23 +4,38 @@ Building follows KenLM's lmplz (interpolated modified Kneser-Ney, `<s>`/`</s>` p
 a zeroton); the heavy lifting is the C++ extension `mmfuse._ngram`. Word ids are the model's
 vocabulary ids (`index()`), except for models built from integer token arrays ("token models"),
 whose id arguments and results are the original token ids, with `</s>` as EOS_TOKEN (-1).
+
+Text follows KenLM's rules everywhere (corpus files, compressed or not, lists of lines, queries):
+lines end at '\n' only; words are separated by ASCII whitespace (space, \t, \n, \v, \f, \r: KenLM's
+`util::kSpaces`), so a lone '\r' or '\r\n' never starts a line and Unicode spaces (U+00A0,
+U+2003, \x1c) are parts of words. Every file is written to a temporary name beside it and renamed
+into place when complete (`mmfuse.files.atomic_path`): a reader that has the old file mapped keeps
+it, and a crash or a full disk leaves the old file.
 """
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
+import math
+import numbers
 import os
 import resource
+import stat
+import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .. import _ngram
+from ..errors import NGramError, OutputError
+from ..files import atomic_path
 
 MAX_ORDER = _ngram.MAX_ORDER
 EOS_TOKEN = -1  # </s> in the token-id space of token models
@@ -28,15 +43,21 @@ UNK_TOKEN = -2  # <unk> in the token-id space of token models
 _BINARY_MAGIC = b"MMFNGRM1"
 _COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
 _TEXT_BATCH = 1 << 20  # characters of lines handed to C++ at once
+MAX_THREADS = _ngram.MAX_THREADS
+_MAX_MEMORY_MB = float(1 << 40)  # -S beyond this (an exabyte) is a typo
+# What a truncated or corrupt .gz/.xz/.bz2 file raises while it is read (BadGzipFile is an OSError).
+_DECOMPRESS_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
 
 @dataclass
 class BuildConfig:
     """Options of `NGramModel.build`, named after lmplz's."""
     order: int = 3                    # highest n-gram order (1..MAX_ORDER), lmplz -o
-    memory_mb: float = 1024           # counting memory budget; past it sorted runs spill to disk (-S)
+    memory_mb: float = 1024           # budget of the counting stage only (-S): past it sorted runs
+                                      # spill to tmp_dir; estimation and the query tables then take
+                                      # memory in proportion to the number of n-grams, unbounded by it
     tmp_dir: str | None = None        # where spilled runs go (-T); default: the system temp dir
-    threads: int = 2                  # counting/sorting threads
+    threads: int = 2                  # counting/sorting threads (1..MAX_THREADS)
     prune: Sequence[int] = ()         # per-order count thresholds, e.g. (0, 0, 1) (--prune)
     interpolate_unigrams: bool = True  # False: give the unigram interpolation mass to <unk> (SRILM)
     discount_fallback: Sequence[float] | None = None  # e.g. (0.5, 1.0, 1.5) (--discount_fallback)
@@ -44,25 +65,53 @@ class BuildConfig:
     progress: bool = False            # progress lines on stderr
 
     def validate(self) -> None:
-        if not isinstance(self.order, int) or not 1 <= self.order <= MAX_ORDER:
-            raise ValueError(f"order must be an integer between 1 and {MAX_ORDER}, got {self.order!r}")
-        if self.memory_mb < 1:
-            raise ValueError(f"memory_mb must be at least 1, got {self.memory_mb}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if any(int(t) < 0 for t in self.prune):
-            raise ValueError(f"pruning thresholds must be >= 0, got {list(self.prune)}")
-        if self.discount_fallback is not None and not 1 <= len(self.discount_fallback) <= 3:
-            raise ValueError("discount_fallback takes 1 to 3 discounts (for counts 1, 2, 3+)")
+        """Raises NGramError naming the field (and lmplz's flag) of the first bad option."""
+        if not _is_int(self.order) or not 1 <= self.order <= MAX_ORDER:
+            raise NGramError(f"order (-o) must be an integer between 1 and {MAX_ORDER}, got {self.order!r}")
+        if not _is_real(self.memory_mb) or not 1 <= self.memory_mb <= _MAX_MEMORY_MB:
+            raise NGramError(f"memory_mb (-S) must be a number of megabytes between 1 and {_MAX_MEMORY_MB:.0f}, got {self.memory_mb!r}")
+        if not _is_int(self.threads) or not 1 <= self.threads <= MAX_THREADS:
+            raise NGramError(f"threads (--threads) must be an integer between 1 and {MAX_THREADS}, got {self.threads!r}")
+        if isinstance(self.prune, (str, bytes)) or not all(_is_int(t) and t >= 0 for t in self.prune):
+            raise NGramError(f"pruning thresholds (--prune) must be integers >= 0, got {self.prune!r}")
+        if self.discount_fallback is not None:
+            d = self.discount_fallback
+            if isinstance(d, (str, bytes)) or not 1 <= len(d) <= 3:
+                raise NGramError(f"discount_fallback (--discount-fallback) takes 1 to 3 discounts (for counts 1, 2, 3+), got {d!r}")
+            for j, v in enumerate(d, 1):  # D_j in [0, j] (the last value also stands for the D's after it)
+                if not _is_real(v) or not 0 <= v <= j:
+                    raise NGramError(f"discount_fallback (--discount-fallback): discount {j} must be a number in [0, {j}] "
+                                     f"(outside, probabilities would fall below 0 or rise above 1), got {v!r}")
+        if self.tmp_dir is not None:
+            tmp = os.fspath(self.tmp_dir)
+            if not os.path.isdir(tmp) or not os.access(tmp, os.W_OK | os.X_OK):
+                raise OutputError(f"{tmp}: the temp directory (tmp_dir, -T) is not a writable directory")
 
 
-@dataclass
-class TokenScore:
-    """The score of one token: log10 probability, length of the n-gram used, out of vocabulary."""
-    word: str
-    log10: float
-    ngram_length: int
-    oov: bool
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class TokenScore(tuple):
+    """The score of one token: the tuple (log10 probability, length of the n-gram used, out of
+    vocabulary), as the kenlm module's `full_scores` yields it (`for p, n, oov in ...` unpacks),
+    with the token as `.word` and the fields by name."""
+
+    def __new__(cls, word: str, log10: float, ngram_length: int, oov: bool) -> "TokenScore":
+        self = super().__new__(cls, (log10, ngram_length, oov))
+        self.word = word
+        return self
+
+    log10 = property(lambda self: self[0])
+    ngram_length = property(lambda self: self[1])
+    oov = property(lambda self: self[2])
+
+    def __repr__(self) -> str:
+        return f"TokenScore(word={self.word!r}, log10={self[0]!r}, ngram_length={self[1]!r}, oov={self[2]!r})"
 
 
 @dataclass
@@ -102,26 +151,28 @@ class NGramModel:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such model file: {path}")
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if head == _BINARY_MAGIC:
+        if is_binary_model(path):
             return cls(_ngram.Model.load_binary(path))
         opener = _COMPRESSED.get(os.path.splitext(path)[1], open)
-        with opener(path, "rb") as f:
-            data = f.read()
+        try:
+            with opener(path, "rb") as f:
+                data = f.read()
+        except _DECOMPRESS_ERRORS as e:
+            raise NGramError(f"{path}: cannot read the model: {e or type(e).__name__} (truncated or corrupt file?)") from None
         try:
             return cls(_ngram.Model.read_arpa_bytes(data))
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise NGramError(f"{path}: {e}") from None
 
     def save(self, path: str | os.PathLike, format: str = "binary") -> None:
-        """Writes the model as 'binary' (memory-mapped on load) or 'arpa' (lmplz's layout)."""
-        if format == "binary":
-            self._core.save_binary(os.fspath(path))
-        elif format == "arpa":
-            self._core.write_arpa(os.fspath(path))
-        else:
-            raise ValueError(f"format must be 'binary' or 'arpa', got {format!r}")
+        """Writes the model as 'binary' (memory-mapped on load) or 'arpa' (lmplz's layout), to a
+        temporary name renamed onto `path` when complete: saving over the file this model was
+        loaded from is safe (the mapping keeps the old file)."""
+        if format not in ("binary", "arpa"):
+            raise NGramError(f"format must be 'binary' or 'arpa', got {format!r}")
+        write = self._core.save_binary if format == "binary" else self._core.write_arpa
+        with output_path(path) as tmp:
+            write(tmp)
 
     # ---- properties ----
     @property
@@ -172,7 +223,7 @@ class NGramModel:
         """Model word ids (int32) from ids in this model's id space (token ids for token models)."""
         arr = np.asarray(ids)
         if arr.dtype.kind not in "iu" and arr.size:
-            raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+            raise NGramError(f"ids must be integers, got dtype {arr.dtype}")
         arr = arr.astype(np.int64, copy=False).reshape(-1)
         if self.is_token_model:
             special = (arr == EOS_TOKEN) | (arr == UNK_TOKEN)
@@ -181,7 +232,7 @@ class NGramModel:
             out[arr == UNK_TOKEN] = 0
             return out
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise ValueError(f"word ids must be in [0, {self.vocab_size}), got range [{arr.min()}, {arr.max()}]")
+            raise NGramError(f"word ids must be in [0, {self.vocab_size}), got range [{arr.min()}, {arr.max()}]")
         return arr.astype(np.int32)
 
     def _out_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -201,7 +252,7 @@ class NGramModel:
 
     def full_scores(self, sentence: str, bos: bool = True, eos: bool = True) -> list[TokenScore]:
         """Per-token scores (</s> last when eos), with the length of the n-gram used."""
-        words = sentence.split()
+        words = split_words(sentence)
         ids = self._core.encode(_utf8(sentence))
         probs, lens = self._core.score_ids(ids, bos, eos)
         words = words + ["</s>"] * eos
@@ -210,7 +261,7 @@ class NGramModel:
 
     def perplexity(self, sentence: str) -> float:
         """10^(-log10 p / (words + 1)), like the kenlm module's `perplexity`."""
-        return 10.0 ** (-self.score(sentence) / (len(sentence.split()) + 1))
+        return 10.0 ** (-self.score(sentence) / (len(split_words(sentence)) + 1))
 
     def corpus_perplexity(self, lines: Iterable[str] | str | os.PathLike, bos: bool = True,
                           eos: bool = True) -> Perplexity:
@@ -221,7 +272,7 @@ class NGramModel:
             t, o, n, k, s = self._core.corpus_stats(_utf8(chunk), bos, eos)
             total, oov_total, tokens, oovs, sentences = total + t, oov_total + o, tokens + n, oovs + k, sentences + s
         if tokens == 0:
-            raise ValueError("the corpus is empty (nothing to score)")
+            raise NGramError("the corpus is empty (nothing to score)")
         incl = 10.0 ** (-total / tokens)
         excl = 10.0 ** (-(total - oov_total) / (tokens - oovs)) if tokens > oovs else float("nan")
         return Perplexity(incl, excl, total, tokens, oovs, sentences)
@@ -245,14 +296,14 @@ class NGramModel:
                 rows[i, : len(s)] = s
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.shape != (rows.shape[0],):
-            raise ValueError(f"lengths must have shape ({rows.shape[0]},), got {lengths.shape}")
+            raise NGramError(f"lengths must have shape ({rows.shape[0]},), got {lengths.shape}")
         if lengths.size and (lengths.min() < 0 or lengths.max() > rows.shape[1]):
-            raise ValueError(f"lengths must lie in [0, {rows.shape[1]}]")
+            raise NGramError(f"lengths must lie in [0, {rows.shape[1]}]")
         mask = np.arange(rows.shape[1])[None, :] < lengths[:, None]
         ids = np.zeros(rows.shape, dtype=np.int32)
         ids[mask] = self._ids(np.asarray(rows)[mask])
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if not _is_int(threads) or not 1 <= threads <= MAX_THREADS:
+            raise NGramError(f"threads must be an integer between 1 and {MAX_THREADS}, got {threads!r}")
         return self._core.score_batch(ids, lengths, bos, eos, int(threads))
 
     # ---- incremental state API ----
@@ -299,17 +350,20 @@ class NGramModel:
 
 
 def _estimate(source, cfg: BuildConfig, arpa_path, build_model: bool):
-    """Runs the C++ builder: (core model or None, summary dict)."""
+    """Runs the C++ builder: (core model or None, summary dict). The ARPA output's temporary file
+    is made before counting, so an unwritable place fails before the work."""
     cfg.validate()
     start = time.perf_counter()
-    builder = _ngram.Builder(cfg.order, int(cfg.memory_mb * (1 << 20)), cfg.tmp_dir or tempfile.gettempdir(),
-                             cfg.threads, cfg.skip_symbols, cfg.progress)
-    _feed(builder, source)
-    if builder.tokens == 0:
-        raise ValueError("the corpus is empty (no tokens)")
-    fallback = None if cfg.discount_fallback is None else [float(d) for d in cfg.discount_fallback]
-    out = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.progress,
-                         "" if arpa_path is None else os.fspath(arpa_path), build_model)
+    with contextlib.ExitStack() as stack:
+        arpa_tmp = "" if arpa_path is None else stack.enter_context(output_path(arpa_path))
+        builder = _ngram.Builder(cfg.order, int(cfg.memory_mb * (1 << 20)), os.fspath(cfg.tmp_dir or tempfile.gettempdir()),
+                                 int(cfg.threads), cfg.skip_symbols, cfg.progress)
+        _feed(builder, source)
+        if builder.tokens == 0:
+            raise NGramError("the corpus is empty (no tokens)")
+        fallback = None if cfg.discount_fallback is None else [float(d) for d in cfg.discount_fallback]
+        out = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.progress,
+                             arpa_tmp, build_model)
     stats = out.stats if build_model else out
     summary = {
         "order": cfg.order,
@@ -343,9 +397,63 @@ def load(path: str | os.PathLike) -> NGramModel:
     return NGramModel.load(path)
 
 
+def is_binary_model(path: str | os.PathLike) -> bool:
+    """True when the file starts like a binary model written by `save` (else: ARPA)."""
+    with open(path, "rb") as f:
+        return f.read(len(_BINARY_MAGIC)) == _BINARY_MAGIC
+
+
+def _copy_to_stdout(path: str) -> None:
+    try:
+        out = sys.stdout.buffer
+        out.flush()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"standard output: write failed ({e.strerror or e})") from None
+
+
 def _utf8(text: str) -> bytes:
     """UTF-8 bytes of text read with surrogate escapes (bytes of a non-UTF-8 file pass through)."""
     return text.encode("utf-8", "surrogateescape")
+
+
+def split_words(sentence: str) -> list[str]:
+    """The words of a sentence by KenLM's rule, the one the C++ side applies: split on ASCII
+    whitespace (`bytes.split()` splits on exactly KenLM's `util::kSpaces`), never on Unicode spaces."""
+    return [w.decode("utf-8", "surrogateescape") for w in _utf8(sentence).split()]
+
+
+@contextlib.contextmanager
+def output_path(path: str | os.PathLike) -> Iterator[str]:
+    """The path to hand the C++ writer for `path`: a temporary file renamed onto it when complete
+    (`atomic_path`), except for "-" (standard output) and existing non-regular files (a FIFO,
+    /dev/null, /dev/full), which are written in place as streams."""
+    path = os.fspath(path)
+    if path == "-":  # through a temporary file: the C++ writer cannot share Python's stdout
+        fd, tmp = tempfile.mkstemp(prefix="mmfuse-ngram-", suffix=".out")
+        os.close(fd)
+        try:
+            yield tmp
+            _copy_to_stdout(tmp)
+        finally:
+            os.unlink(tmp)
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        yield path
+        return
+    if mode is not None and stat.S_ISDIR(mode):
+        raise OutputError(f"{path}: is a directory, not an output file")
+    with atomic_path(path) as tmp:
+        yield os.fspath(tmp)
 
 
 def _text_batches(lines) -> Iterable[str]:
@@ -355,13 +463,17 @@ def _text_batches(lines) -> Iterable[str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such corpus file: {path}")
         opener = _COMPRESSED.get(os.path.splitext(path)[1], open)
-        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
-            yield from _text_batches(f)
+        # newline="\n": lines end at '\n' only (KenLM's rule; '\r' stays in the line as a space).
+        with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            try:
+                yield from _text_batches(f)
+            except _DECOMPRESS_ERRORS as e:
+                raise NGramError(f"{path}: cannot read the corpus: {e or type(e).__name__} (truncated or corrupt file?)") from None
         return
     batch, size = [], 0
     for line in lines:
         if not isinstance(line, str):
-            raise ValueError(f"expected lines of text (str), got {type(line).__name__}")
+            raise NGramError(f"expected lines of text (str), got {type(line).__name__}")
         line = line[:-1] if line.endswith("\n") else line
         batch.append(line)
         size += len(line) + 1
@@ -383,20 +495,20 @@ def _feed(builder: "_ngram.Builder", source) -> None:
             return
     if isinstance(source, np.ndarray):
         if source.dtype.kind not in "iu":
-            raise ValueError(f"token arrays must hold integers, got dtype {source.dtype}")
+            raise NGramError(f"token arrays must hold integers, got dtype {source.dtype}")
         rows = [source] if source.ndim == 1 else list(source) if source.ndim == 2 else None
         if rows is None:
-            raise ValueError(f"token arrays must be 1-D or 2-D, got shape {source.shape}")
+            raise NGramError(f"token arrays must be 1-D or 2-D, got shape {source.shape}")
         for row in rows:
             builder.add_token_ids(row.astype(np.int64))
         return
     if isinstance(source, (bytes, bytearray, io.IOBase)) and not isinstance(source, io.TextIOBase):
-        raise ValueError("pass text as str lines or a file path, not bytes")
+        raise NGramError("pass text as str lines or a file path, not bytes")
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], np.ndarray):
         for row in source:
             row = np.asarray(row)
             if row.ndim != 1 or row.dtype.kind not in "iu":
-                raise ValueError(f"each token array must be 1-D integers, got shape {row.shape} dtype {row.dtype}")
+                raise NGramError(f"each token array must be 1-D integers, got shape {row.shape} dtype {row.dtype}")
             builder.add_token_ids(row.astype(np.int64))
         return
     for chunk in _text_batches(source):

@@ -1,0 +1,154 @@
+"""ONNX decoders: the PyTorch engine vs OrtEngine (portable and optimised export) vs onnxruntime-genai
+on our export and on its own model builder's export; export time vs the model builder.
+
+    python bench/bench_onnx.py                                  # GPT-2-124M and SmolLM2-135M shapes, batch 1 and 8
+    python bench/bench_onnx.py --models smollm2-135m --batch 1 --repeats 3
+
+Random-init checkpoints (transformers, saved as folders with a small BPE tokenizer, eos id 0 so the
+model builder accepts them). Every engine generates greedily from the same random prompts (128
+tokens) with eos ignored (genai: min_length = max_length); prefill = median time of a run with 1
+new token ("time to first token"), decode = (median run with N new tokens - prefill) / (N - 1),
+the method of mmfuse.decoder.benchmark, applied to every engine. Exports run as subprocesses of
+their command lines (`mmfuse export onnx`, `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`),
+so both include interpreter start-up and checkpoint loading; ours includes its check.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfuse.decoder.benchmark import random_prompts, time_generation
+from mmfuse.decoder.generate import Engine
+
+SHAPES = {
+    "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=2048,
+                                   tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)),
+}
+
+
+def build_checkpoint(shape: str, folder: Path) -> None:
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    family, kw = SHAPES[shape]
+    cls_cfg, cls_lm = ((transformers.GPT2Config, transformers.GPT2LMHeadModel) if family == "gpt2"
+                       else (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    torch.manual_seed(0)
+    cls_lm(cls_cfg(bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)).eval().save_pretrained(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def timed_subprocess(cmd: list) -> float:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def _s(seconds) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
+def genai_runner(folder: Path, prompts: list):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    ids = np.array(prompts, dtype=np.int32)
+
+    def run(n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+
+    return run
+
+
+def engine_runner(engine, prompts: list):
+    def run(n):
+        engine.generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True)
+
+    return run
+
+
+def main(argv=None) -> None:
+    from mmfuse.ort.engine import OrtEngine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=sorted(SHAPES), choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--workdir", default=None, help="keep checkpoints and exports here (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir (no export timing)")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_onnx_"))
+    rows, exports = [], []
+    for shape in args.models:
+        ckpt, ours_p, ours_o, theirs = (work / f"{shape}-{s}" for s in ("hf", "portable", "optimized", "builder"))
+        if not (ckpt / "config.json").exists():
+            ckpt.mkdir(parents=True, exist_ok=True)
+            build_checkpoint(shape, ckpt)
+        mmfuse = [sys.executable, "-m", "mmfuse.cli", "export", "onnx", "--model", str(ckpt)]
+        done = lambda folder, name: (folder / name).exists() and args.reuse  # noqa: E731
+        t_p = None if done(ours_p, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_p)])
+        t_o = None if done(ours_o, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_o), "--optimize"])
+        t_b = None
+        if not done(theirs, "genai_config.json"):
+            try:
+                t_b = timed_subprocess([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
+                                        "-o", str(theirs), "-p", "fp32", "-e", "cpu"])
+            except RuntimeError as e:
+                print(f"{shape}: the model builder failed: {str(e).splitlines()[-1]}")
+        has_builder = (theirs / "genai_config.json").exists()
+        exports.append((shape, t_p, t_o, t_b))
+        print(f"{shape}: export s: mmfuse portable {_s(t_p)}, optimised {_s(t_o)}, builder {_s(t_b)}", flush=True)
+        torch_engine = Engine.from_pretrained(ckpt)
+        vocab = torch_engine.cfg.vocab_size
+        engines = [("PyTorch Engine", lambda p: engine_runner(torch_engine, p)),
+                   ("OrtEngine portable", lambda p: engine_runner(OrtEngine.from_pretrained(ours_p), p)),
+                   ("OrtEngine optimised", lambda p: engine_runner(OrtEngine.from_pretrained(ours_o), p)),
+                   ("genai on our optimised export", lambda p: genai_runner(ours_o, p))]
+        if has_builder:
+            engines.append(("genai on builder export", lambda p: genai_runner(theirs, p)))
+        for batch in args.batch:
+            prompts = random_prompts(vocab, batch, args.prompt_len)
+            for name, make in engines:
+                with torch.inference_mode():
+                    r = time_generation(make(prompts), batch, args.prompt_len, args.new_tokens, args.repeats)
+                rows.append((shape, batch, name, r))
+                print(f"{shape} b{batch} {name}: decode {r['decode_tok_s']:.1f} tok/s, "
+                      f"TTFT {1000 * r['prefill_s']:.0f} ms", flush=True)
+    print("\n| model | batch | engine | decode tok/s | time to first token ms | decode vs genai/builder |")
+    print("|---|---|---|---|---|---|")
+    for shape, batch, name, r in rows:
+        peer = [x for s, b, n, x in rows if s == shape and b == batch and n == "genai on builder export"]
+        ratio = f"{r['decode_tok_s'] / peer[0]['decode_tok_s']:.2f}x" if peer else "-"
+        print(f"| {shape} | {batch} | {name} | {r['decode_tok_s']:.1f} | {1000 * r['prefill_s']:.0f} | {ratio} |")
+    print("\n| model | mmfuse export portable s | mmfuse export optimised s | model builder s |")
+    print("|---|---|---|---|")
+    for shape, t_p, t_o, t_b in exports:
+        print(f"| {shape} | {_s(t_p)} | {_s(t_o)} | {_s(t_b)} |")
+
+
+if __name__ == "__main__":
+    main()

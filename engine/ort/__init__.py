@@ -1,0 +1,1 @@
+"""mmfuse.ort: a torch-free runtime for mmfuse ONNX exports (numpy, onnxruntime, tokenizers, pillow only)."""

@@ -1,0 +1,154 @@
+"""Running an exported decoder graph over a batch with its KV cache, through onnxruntime's IO binding.
+
+Rows are right-padded for the prefill call; each row then continues at its own position, exactly as
+the PyTorch `DecodeState` does, so a row gets what it would get alone.
+
+portable   past_key_values.* are bound to the previous call's present.* OrtValues (no copy through
+           numpy); the new column of attention_mask is 0 for padding gaps and finished rows.
+optimised  one (B, H_kv, max_len, D) OrtValue per layer and K/V, allocated once and bound as both
+           past and present (GroupQueryAttention writes the new positions in place); the decode
+           logits (B, 1, V) are a preallocated OrtValue too, so decoding allocates no cache or
+           logits memory. attention_mask only carries each row's filled length (row sums).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import CapacityError
+
+NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+class DecoderSession:
+    """One decoder graph and the KV cache of the batch it is running."""
+
+    def __init__(self, session: ort.InferenceSession, manifest: dict):
+        self.session = session
+        cfg = manifest["config"]
+        self.n_layer, self.n_kv_head, self.head_dim = cfg["n_layer"], cfg["n_kv_head"], cfg["head_dim"]
+        self.vocab_size, self.context = cfg["vocab_size"], cfg["max_seq_len"]
+        self.dtype = NP_DTYPES[manifest["dtype"]]
+        self.shared = manifest["variant"] == "optimized"
+        self.inputs_embeds = bool(manifest.get("inputs_embeds"))
+        self.batch = 0
+        self.max_len = 0
+
+    # -- cache -----------------------------------------------------------------------------
+
+    def allocate(self, batch: int, max_len: int) -> None:
+        """A cache for `batch` rows of up to `max_len` positions each (kept when it already fits)."""
+        if max_len > self.context:
+            raise CapacityError(f"a cache of {max_len} positions exceed the model's context of {self.context} positions")
+        if self.shared and (batch != self.batch or max_len > self.max_len):
+            shape = (batch, self.n_kv_head, max_len, self.head_dim)
+            self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in range(2 * self.n_layer)]
+            self._logits1 = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab_size), self.dtype)
+            self._tok = np.zeros((batch, 1), np.int64)  # decode inputs, refilled in place
+            self._pos = np.zeros((batch, 1), np.int64)
+            self.max_len = max_len
+        elif not self.shared:
+            self.max_len = max_len
+        self.batch = batch
+        self.lengths = np.zeros(batch, np.int64)  # (B,) filled positions per row
+        if not self.shared:
+            empty = np.zeros((batch, self.n_kv_head, 0, self.head_dim), self.dtype)
+            self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.n_layer)]
+            self._mask = np.zeros((batch, 0), np.int64)  # (B, T) which cache columns hold a row's tokens
+
+    def _check_room(self, extra: Sequence[int]) -> None:
+        for b, (n, k) in enumerate(zip(self.lengths.tolist(), extra)):
+            if n + k > self.max_len:
+                raise CapacityError(f"row {b}: {n} cached + {k} new positions exceed the KV cache of "
+                                    f"{self.max_len} positions")
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _kv_names(self):
+        for i in range(self.n_layer):
+            for kv in ("key", "value"):
+                yield f"past_key_values.{i}.{kv}", f"present.{i}.{kv}"
+
+    def _run(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, logits_out=None) -> np.ndarray:
+        """One graph call; x is input_ids (B, S) or inputs_embeds (B, S, C). Logits (B, S, V)."""
+        io = self.session.io_binding()
+        io.bind_cpu_input("inputs_embeds" if self.inputs_embeds else "input_ids", x)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", pos)
+        if logits_out is None:
+            io.bind_output("logits", "cpu")
+        else:
+            io.bind_ortvalue_output("logits", logits_out)
+        if self.shared:
+            for (past, present), buf in zip(self._kv_names(), self._kv):
+                io.bind_ortvalue_input(past, buf)
+                io.bind_ortvalue_output(present, buf)
+        else:
+            for (past, present), buf in zip(self._kv_names(), self._past):
+                io.bind_ortvalue_input(past, buf)
+                io.bind_output(present, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        if not self.shared:
+            self._past = outs[1:]
+        return outs[0].numpy() if logits_out is None else logits_out.numpy().copy()  # the buffer is reused
+
+    def prefill(self, prompts: Sequence, all_logits: bool = False) -> np.ndarray:
+        """Run each row's prompt from position 0 (token ids, or (L, C) embeddings with
+        inputs_embeds); logits (B, V) at each row's last prompt position (all: (B, S, V))."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"prefill got {len(prompts)} prompts for a batch of {self.batch}")
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1:
+            raise ValueError(f"prompt {lens.index(min(lens))} is empty")
+        self.lengths[:] = 0
+        self._check_room(lens)
+        S = max(lens)
+        if self.inputs_embeds:
+            x = np.zeros((self.batch, S, prompts[0].shape[-1]), self.dtype)
+        else:
+            x = np.zeros((self.batch, S), np.int64)
+        mask = np.zeros((self.batch, S), np.int64)
+        for b, p in enumerate(prompts):
+            x[b, : lens[b]] = p
+            mask[b, : lens[b]] = 1
+        pos = np.broadcast_to(np.arange(S, dtype=np.int64), (self.batch, S)).copy()
+        if not self.shared:
+            self.allocate(self.batch, self.max_len)  # fresh, empty past
+        logits = self._run(x, mask, pos)
+        if not self.shared:
+            self._mask = mask
+        self.lengths[:] = lens
+        if all_logits:
+            return logits
+        return logits[np.arange(self.batch), np.asarray(lens) - 1]
+
+    def extend(self, tokens: np.ndarray, active=None) -> np.ndarray:
+        """Append tokens (B, k) (or embeddings (B, k, C)) after each row's cached positions; rows
+        where `active` is False do not advance. Logits (B, k, V)."""
+        B, k = tokens.shape[:2]
+        active = np.ones(B, bool) if active is None else np.asarray(active, bool)
+        self._check_room([k] * B)
+        pos = self.lengths[:, None] + np.arange(k, dtype=np.int64)  # (B, k)
+        if self.shared:
+            if k != 1:
+                raise ValueError("the optimised graph continues one token per call (GroupQueryAttention on CPU)")
+            total = self.lengths + 1
+            mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)  # (B, W): row sums
+            self._pos[:] = pos
+            x = tokens.reshape(B, 1, *tokens.shape[2:])
+            if not self.inputs_embeds:
+                self._tok[:] = x
+                x = self._tok
+            logits = self._run(x, mask, self._pos, self._logits1)
+        else:
+            self._mask = np.concatenate([self._mask, np.repeat(active[:, None], k, 1).astype(np.int64)], axis=1)
+            logits = self._run(np.ascontiguousarray(tokens), self._mask, pos)
+        self.lengths += k * active
+        return logits
+
+    def decode(self, tokens: np.ndarray, active=None) -> np.ndarray:
+        """One token per row (B,) -> logits (B, V)."""
+        return self.extend(np.asarray(tokens, np.int64).reshape(-1, 1), active)[:, 0]

@@ -1,0 +1,71 @@
+"""`OrtEngine`: generation on an mmfuse ONNX decoder export with onnxruntime, without torch.
+
+The request side (sampling parameters, stop ids and strings, incremental text, capacity checks,
+`generate` / `stream` and their output objects) is `GenerationFrontend`, the same code as the
+PyTorch `Engine`; sampling is `NumpySampler`, the numpy twin of its torch sampler; the graph runs
+through `DecoderSession` (IO binding, KV cache reused step to step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..generation.frontend import Generation, GenerationFrontend
+from ..generation.requests import defaults_from_generation_config
+from ..generation.sampling_np import NumpySampler
+from ..tokenizer import load_tokenizer
+from .decoder_session import DecoderSession
+from .manifest import read_manifest
+from .session import make_session
+
+GRAPH_FILE = "model.onnx"
+
+
+@dataclass
+class OrtModelConfig:
+    """What the front end needs to know about an exported decoder (from mmfuse_export.json)."""
+
+    vocab_size: int
+    max_seq_len: int  # the model's context
+    eos_token_ids: tuple = field(default_factory=tuple)
+
+
+class OrtEngine(GenerationFrontend):
+    """An exported decoder with its tokenizer and generation defaults: `generate()` and `stream()`."""
+
+    def __init__(self, session: DecoderSession, config: OrtModelConfig, tokenizer=None, defaults: Optional[dict] = None,
+                 manifest: Optional[dict] = None):
+        self.session = session
+        self.config = config
+        self.tokenizer = tokenizer
+        self.defaults = dict(defaults or {})
+        self.manifest = manifest or {}
+
+    @property
+    def cfg(self) -> OrtModelConfig:
+        return self.config
+
+    @classmethod
+    def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                        graph_optimization_level: str = "all") -> "OrtEngine":
+        """Open an export folder of `mmfuse export onnx`; options are checked before anything is read."""
+        make_session(None, threads, providers, graph_optimization_level)  # options only: errors before any reading
+        folder = Path(onnx_dir)
+        manifest = read_manifest(folder, "decoder")
+        if manifest.get("inputs_embeds"):
+            from ..errors import ExportFolderError
+
+            raise ExportFolderError(f"{folder}: an inputs_embeds export (a vision-language decoder) takes embeddings, "
+                                    "not token ids; OrtEngine generates from token ids")
+        c = manifest["config"]
+        config = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
+        sess = make_session(folder / GRAPH_FILE, threads, providers, graph_optimization_level)
+        tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+        return cls(DecoderSession(sess, manifest), config, tok, defaults_from_generation_config(folder), manifest)
+
+    def _start(self, prompts: list, params: list) -> Generation:
+        s = self.session
+        s.allocate(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+        sampler = NumpySampler(params, self.config.vocab_size, prompts)
+        return Generation(sampler, s.prefill(prompts), s.decode)

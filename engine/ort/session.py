@@ -1,0 +1,37 @@
+"""onnxruntime sessions with the options mmfuse exposes (threads, execution providers, graph
+optimisation level), every option checked before a graph is loaded."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import ProviderError
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def make_session(path: Optional[Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                 optimization: str = "all"):
+    """An InferenceSession for the graph at `path`; with path=None only the options are checked."""
+    import onnxruntime as ort
+
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    for p in providers:
+        if p not in available:
+            raise ProviderError(f"execution provider {p!r} is not available in this onnxruntime "
+                                f"(available: {', '.join(available)})")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ProviderError(f"threads={threads!r}: expected a positive integer or None")
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ProviderError(f"graph optimisation level {optimization!r}: expected one of {OPTIMIZATION_LEVELS}")
+    if path is None:
+        return None
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
