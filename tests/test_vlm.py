@@ -153,7 +153,7 @@ def test_preprocessing_matches_transformers_image_processors(kind, tmp_path):
     for i, (h, w, mode) in enumerate([(37, 23, "RGB"), (19, 44, "RGBA"), (101, 7, "L"), (12, 13, "RGB"), (64, 64, "RGB")]):
         im = random_image(h, w, 20 + i, mode)
         want = torch.as_tensor(np.asarray(ref(images=[im], return_tensors="np")["pixel_values"][0]))
-        torch.testing.assert_close(ours.process_one(im), want.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.as_tensor(ours.process_one(im)), want.float(), atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- bad input

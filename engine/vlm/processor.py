@@ -136,7 +136,7 @@ class VlmProcessor:
             out.extend([t] * k if t == self.cfg.image_token_id else [t])
         if not images:
             return MultimodalPrompt(out, None, [], self.cfg.image_token_id, k)
-        pixels = torch.stack([self.images.process_one(im, f"image {i}") for i, im in enumerate(images)])
+        pixels = torch.stack([torch.as_tensor(self.images.process_one(im, f"image {i}")) for i, im in enumerate(images)])
         digests = [hashlib.sha1(p.numpy().tobytes()).hexdigest() for p in pixels]
         return MultimodalPrompt(out, pixels, digests, self.cfg.image_token_id, k)
 
