@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "mmfuse.ngram.cli",
     "mmfuse.decoder.cli",
     "mmfuse.encoders.cli",
+    "mmfuse.vlm.cli",
     "mmfuse.export.cli",
 ]
 TRACEBACK_ENV = "MMFUSE_TRACEBACK"  # set to 1 to print tracebacks of internal errors

@@ -84,13 +84,7 @@ def cmd_generate(args) -> int:
     from .generate import Engine
 
     prepare_model_args(args)
-    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
-                                          "min_p", "repetition_penalty", "presence_penalty",
-                                          "frequency_penalty", "seed") if getattr(args, k) is not None}
-    if args.stop:
-        opts["stop_strings"] = tuple(args.stop)
-    if args.stop_id:
-        opts["stop_token_ids"] = tuple(args.stop_id)
+    opts = sampling_options(args)
     opts["logprobs"] = args.logprobs
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=_quant_config(args))
     try:
@@ -122,6 +116,18 @@ def cmd_generate(args) -> int:
         if args.logprobs:
             print("logprobs:", " ".join(f"{x:.4f}" for x in c.logprobs))
     return 0
+
+
+def sampling_options(args) -> dict:
+    """SamplingParams overrides from the sampling flags that were given."""
+    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
+                                          "min_p", "repetition_penalty", "presence_penalty",
+                                          "frequency_penalty", "seed") if getattr(args, k, None) is not None}
+    if args.stop:
+        opts["stop_strings"] = tuple(args.stop)
+    if args.stop_id:
+        opts["stop_token_ids"] = tuple(args.stop_id)
+    return opts
 
 
 def cmd_info(args) -> int:

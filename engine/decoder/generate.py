@@ -59,31 +59,60 @@ class DecodeState:
                 raise CapacityError(f"row {b}: {n} cached + {k} new positions exceed the KV cache of "
                                     f"{self.cache.max_len} positions")
 
+    @property
+    def filled(self) -> list:
+        """Positions each row holds."""
+        return list(self._host_lengths)
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate the cache to `max_len` positions, keeping what every row holds."""
+        if max_len <= self.cache.max_len:
+            return
+        old, n = self.cache, max(self._host_lengths)
+        self.cache = KVCache.allocate(self.model.cfg, self.batch, max_len, old.k.dtype, old.k.device)
+        self.cache.k[..., :n, :] = old.k[..., :n, :]
+        self.cache.v[..., :n, :] = old.v[..., :n, :]
+        self._graph = None  # captured on the old buffers
+
     def reset(self) -> None:
         self.lengths.zero_()
         self._host_lengths = [0] * self.batch
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run the prompts (one per row, any lengths >= 1) from position 0; logits (B, V) at each last token."""
+    def prefill(self, prompts: Sequence[Sequence[int]], embeds: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                start: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Run the prompts (one per row, any lengths >= 1); logits (B, V) at each last token.
+
+        From position 0, or after the first `start[b]` cached positions of each row (a reused
+        prefix: those stay, the rest is overwritten). `embeds[b]` (T_b, C), where given, replaces
+        row b's token embeddings (multimodal prompts); the ids then only fill the bookkeeping."""
         if len(prompts) != self.batch:
             raise ValueError(f"prefill got {len(prompts)} prompts for a batch of {self.batch}")
         lens = [len(p) for p in prompts]
         if min(lens) < 1:
             raise ValueError(f"prompt {lens.index(min(lens))} is empty")
-        self.reset()
-        self._check_room(lens)
+        start = [0] * self.batch if start is None else [int(s) for s in start]
+        self.truncate(start)
         T, dev = max(lens), self.lengths.device
+        self._check_room([T] * self.batch)  # padded rows write (and later overwrite) up to T positions
         ids = torch.zeros(self.batch, T, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         ids = ids.to(dev)
-        positions = torch.arange(T, device=dev).expand(self.batch, T)
+        x = None
+        if embeds is not None and any(e is not None for e in embeds):
+            x = self.model.embed(ids)  # (B, T, C)
+            for b, e in enumerate(embeds):
+                if e is not None:
+                    if e.shape != (lens[b], x.shape[-1]):
+                        raise ValueError(f"row {b}: embeddings of shape {tuple(e.shape)}, expected ({lens[b]}, {x.shape[-1]})")
+                    x[b, : lens[b]] = e.to(x.dtype)
+        first = torch.as_tensor(start, device=dev)
+        positions = first[:, None] + torch.arange(T, device=dev)  # (B, T)
         last = torch.as_tensor(lens, device=dev) - 1
-        logits = self.model(ids, positions, self.cache, kv_len=torch.full((self.batch,), T, device=dev),
-                            logits_index=last)[:, 0]  # (B, V)
-        self.lengths.copy_(last + 1)
-        self._host_lengths = lens
+        logits = self.model(ids, positions, self.cache, kv_len=first + T, logits_index=last, embeds=x)[:, 0]  # (B, V)
+        self.lengths.copy_(first + last + 1)
+        self._host_lengths = [s + n for s, n in zip(start, lens)]
         return logits
 
     @torch.inference_mode()
@@ -190,12 +219,17 @@ class Engine(GenerationFrontend):
         with self._idle_lock:
             self._idle = state
 
+    def prefill(self, state: DecodeState, prompts: list) -> torch.Tensor:
+        """Run the prompts into `state` from position 0: logits (B, V). Multimodal engines override it
+        to splice image features into the embeddings; decoding after it is the same for all."""
+        return state.prefill(prompts)
+
     def _start(self, prompts: list, params: list) -> Generation:
         dev = self.model.norm_f.weight.device  # float in quantized models too
         sampler = Sampler(params, self.model.cfg.vocab_size, dev, prompts)
         state = self._take_state(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
         try:
-            logits = state.prefill(prompts)
+            logits = self.prefill(state, prompts)
         except BaseException:
             self._give_back(state)
             raise

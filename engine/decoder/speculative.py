@@ -129,7 +129,7 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
             comp.finish_reason = reason
         return reason is not None
 
-    logits = state.prefill([ids])  # (1, V)
+    logits = engine.prefill(state, [ids])  # (1, V)
     tok, _ = sampler.sample(logits, 0)
     if emit(int(tok), logits[0]):
         return comp, stats

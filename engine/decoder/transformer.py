@@ -62,16 +62,19 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Optional[KVCache] = None,
-                kv_len: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_len: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None,
+                embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for token ids (B, T) at absolute positions (B, T).
 
         With a cache, this call's keys/values are written at `positions` and attention covers the
         cache up to `kv_len` (B,); positions[:, 0] is each row's first query position. Prefill,
         decode and multi-token verification are the same call. `logits_index` (B,) picks one
-        position per row for the LM head (e.g. the last prompt token), giving (B, 1, V).
+        position per row for the LM head (e.g. the last prompt token), giving (B, 1, V). `embeds`
+        (B, T, C), when given, replaces the token embeddings (e.g. image features spliced into a
+        multimodal prompt); `ids` may then be None.
         """
-        B, T = ids.shape
-        x = self.embed(ids)  # (B, T, C)
+        x = self.embed(ids) if embeds is None else embeds.to(self.embed.weight.dtype)  # (B, T, C)
+        B, T = x.shape[:2]
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
             rope = None

@@ -1,7 +1,7 @@
 """Image preprocessing with the semantics of a checkpoint's preprocessor_config.json.
 
 The steps of transformers' CLIPImageProcessor / SiglipImageProcessor (PIL backend), in order:
-convert to RGB (transparency composited onto white) -> resize (shortest side to `size.shortest_edge` keeping the aspect ratio with
+convert to RGB (transparency composited onto white) -> [pad to a square, LLaVA's do_pad] -> resize (shortest side to `size.shortest_edge` keeping the aspect ratio with
 truncated sizes, or to `size.height x size.width`; PIL resampling, bicubic for CLIP) -> center
 crop (zero-padding images smaller than the crop) -> rescale (x * 1/255, in float64 then float32)
 -> normalise ((x - mean) / std). Inputs: PIL images, file paths, uint8 arrays (H, W), (H, W, C)
@@ -52,6 +52,7 @@ class ImageProcessor:
     image_std: tuple = CLIP_STD
     do_convert_rgb: bool = True
     max_pixels: int = MAX_IMAGE_PIXELS           # larger inputs are refused (ImageError) before decoding
+    pad_to_square: bool = False                  # LLaVA's do_pad: pad to a square in the mean colour before resizing
 
     @classmethod
     def from_config(cls, cfg: dict, source: str = "preprocessor_config.json") -> "ImageProcessor":
@@ -67,7 +68,8 @@ class ImageProcessor:
         crop = as_hw(cfg.get("crop_size", 224), "crop_size") if cfg.get("do_center_crop", False) else None
         if crop is not None and "shortest_edge" in crop:
             raise ConfigError(f"{source}: crop_size must give height and width")
-        for key in ("do_pad", "do_reduce_labels"):
+        llava = str(cfg.get("image_processor_type", "")).startswith("LlavaImageProcessor")
+        for key in ("do_reduce_labels",) + (() if llava else ("do_pad",)):
             if cfg.get(key):
                 raise ConfigError(f"{source}: {key}=true is not supported")
         mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
@@ -81,7 +83,8 @@ class ImageProcessor:
                    do_resize=bool_field(cfg, "do_resize", source, True), do_rescale=bool_field(cfg, "do_rescale", source, True),
                    rescale_factor=float_field(cfg, "rescale_factor", source, default=1 / 255),
                    do_normalize=bool_field(cfg, "do_normalize", source, True), image_mean=tuple(mean),
-                   image_std=tuple(std), do_convert_rgb=bool_field(cfg, "do_convert_rgb", source, True))
+                   image_std=tuple(std), do_convert_rgb=bool_field(cfg, "do_convert_rgb", source, True),
+                   pad_to_square=llava and bool_field(cfg, "do_pad", source, False))
 
     @classmethod
     def from_pretrained(cls, folder, image_size: int) -> "ImageProcessor":
@@ -196,6 +199,8 @@ class ImageProcessor:
             im = to_rgb(im)
         if im.mode != "RGB":
             raise ImageError(f"{where}: image mode {im.mode!r} has {len(im.getbands())} channels, expected RGB")
+        if self.pad_to_square and im.width != im.height:
+            im = Image.fromarray(pad_square(np.array(im), tuple(int(m * 255) for m in self.image_mean)))
         if self.do_resize:
             im = self._resize(im, where)
         x = np.array(im)  # (H, W, 3) uint8, a writable copy
@@ -239,6 +244,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
     return im.convert("RGB")
+
+
+def pad_square(x: np.ndarray, color: tuple) -> np.ndarray:
+    """(H, W, C) -> (S, S, C) with S = max(H, W), the image centred (offset rounded down) on `color`."""
+    h, w = x.shape[:2]
+    s = max(h, w)
+    canvas = np.empty((s, s) + x.shape[2:], dtype=x.dtype)
+    canvas[...] = np.asarray(color, dtype=x.dtype)
+    top, left = (s - h) // 2, (s - w) // 2
+    canvas[top:top + h, left:left + w] = x
+    return canvas
 
 
 def center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:

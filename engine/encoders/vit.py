@@ -70,8 +70,8 @@ class VisionTower(nn.Module):
         patches = pixels[:, :, :h * p, :w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
         return linear(patches.reshape(B, h * w, C * p * p), conv.weight.view(conv.out_channels, -1), conv.bias)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, C, H, W), already preprocessed -> pooled features (B, d_model)."""
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, C, H, W), already preprocessed -> the first layer's input (B, [1 +] N, C)."""
         cfg = self.cfg
         if pixels.dim() != 4 or pixels.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"pixel batch has shape {tuple(pixels.shape)}, expected "
@@ -80,8 +80,25 @@ class VisionTower(nn.Module):
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, C)
         x = x + self.pos_embed
-        if self.norm_pre is not None:
-            x = self.norm_pre(x)
+        return self.norm_pre(x) if self.norm_pre is not None else x
+
+    def hidden_states(self, pixels: torch.Tensor, layers) -> list:
+        """The hidden states (B, T, C) at `layers`, numbered as transformers' `hidden_states` (0: the
+        embeddings, i: after block i; negative from the end), running only the blocks needed."""
+        n = self.cfg.n_layer
+        idx = [i + n + 1 if i < 0 else i for i in layers]
+        if any(not 0 <= i <= n for i in idx):
+            raise ValueError(f"vision feature layers {list(layers)} are outside 0..{n} (or -{n + 1}..-1)")
+        x, states = self.embed(pixels), {}
+        states[0] = x
+        for i in range(max(idx)):
+            x = self.blocks[i](x, causal=False)
+            states[i + 1] = x
+        return [states[i] for i in idx]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, C, H, W), already preprocessed -> pooled features (B, d_model)."""
+        x = self.embed(pixels)
         for block in self.blocks:
             x = block(x, causal=False)
         if self.pool is None:

@@ -1,0 +1,154 @@
+"""VisionLanguageModel: generation from images and text on the decoder's `Engine`.
+
+A request is prepared (template, tokens, placeholder expansion, image preprocessing, every
+check) before any model work. Prefill runs the tower once per distinct image of the call, splices
+the projected features into the prompt's embeddings and writes them into the static KV cache
+through the decoder's own forward; decoding, sampling, streaming, stop strings and speculative
+decoding are the `Engine`'s, unchanged. Prefix reuse: a batch-1 request whose leading tokens and
+images match what the cache already holds (a follow-up question in the same conversation) keeps
+those positions and prefills only the rest.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from mmfuse.kernels.cpu_linear import freeze
+
+from ..decoder.generate import DecodeState, Engine, defaults_from_generation_config
+from ..generation.sampling import SamplingParams
+from .llava import LlavaModel
+from .loader import load_llava
+from .processor import MultimodalPrompt, VlmProcessor
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class VisionLanguageModel(Engine):
+    def __init__(self, model: LlavaModel, processor: VlmProcessor, defaults: Optional[dict] = None,
+                 prefix_reuse: bool = True):
+        super().__init__(model.decoder, processor.tokenizer, defaults)
+        self.vlm, self.processor = freeze(model), processor  # weights are constants: the CPU may pack them
+        self.prefix_reuse = prefix_reuse
+        self._cached_keys: list = []      # what the batch-1 cache holds, position by position
+        self._cached_state: Optional[DecodeState] = None
+        self.reused_positions = 0         # positions the last prefill kept from the cache (for tests, benchmarks)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="auto", device="cpu", prefix_reuse: bool = True) -> "VisionLanguageModel":
+        folder = Path(folder)
+        model = load_llava(folder, dtype=dtype, device=device)
+        return cls(model, VlmProcessor.from_pretrained(folder, model.cfg), defaults_from_generation_config(folder),
+                   prefix_reuse=prefix_reuse)
+
+    # ---- requests
+    def prepare(self, prompt, images=None) -> MultimodalPrompt:
+        """Template, tokenize, expand placeholders and preprocess images; raises on bad input."""
+        if isinstance(prompt, MultimodalPrompt):
+            return prompt
+        return self.processor(prompt, images)
+
+    def encode(self, prompt, where: str = "prompt") -> list:
+        if isinstance(prompt, MultimodalPrompt):
+            return prompt
+        if isinstance(prompt, (str, list)) and (isinstance(prompt, str) or not prompt or isinstance(prompt[0], dict)):
+            return self.processor(prompt)
+        return super().encode(prompt, where)
+
+    def _batch(self, prompts, images) -> tuple:
+        """(list of MultimodalPrompt, single?) from one request or a batch of them."""
+        single = isinstance(prompts, (str, MultimodalPrompt)) or (
+            isinstance(prompts, list) and (not prompts or isinstance(prompts[0], dict)))
+        if single:
+            return [self.prepare(prompts, images)], True
+        prompts = list(prompts)
+        if images is None:
+            images = [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+        return [self.prepare(p, im) for p, im in zip(prompts, images)], False
+
+    # ---- generation
+    def generate(self, prompts, images=None, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
+                 **overrides) -> list:
+        """Complete one request (a prompt string with image placeholders, or a list of chat messages)
+        with `images` (one image or a list), or a batch: a list of requests with `images` a list of
+        per-request image lists. Returns a list of `Completion`."""
+        batch, _ = self._batch(prompts, images)
+        if not batch:
+            raise ValueError("generate() got no prompts")
+        out = super().generate(batch, params, ignore_eos=ignore_eos, **overrides)
+        if len(out) == 1:
+            self._cached_keys += out[0].token_ids
+        return out
+
+    def stream(self, prompt, images=None, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
+               **overrides) -> Iterator:
+        """Yield a `StreamChunk` per generated token of one request."""
+        (req,), _ = self._batch(prompt, images)
+        for chunk in super().stream(req, params, ignore_eos=ignore_eos, **overrides):
+            self._cached_keys.append(chunk.token_id)
+            yield chunk
+
+    def caption(self, image, prompt: str = "Describe this image.", **overrides) -> str:
+        """A description of one image (the folder's chat template around `prompt`)."""
+        return self.ask(image, prompt, **overrides)
+
+    def ask(self, image, question: str, **overrides) -> str:
+        """The answer to a question about one image."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.generate(messages, images=[image], **overrides)[0].text
+
+    # ---- the model side
+    def _take_state(self, batch: int, max_len: int) -> DecodeState:
+        """Batch 1 keeps its cache across requests (for prefix reuse), growing it with its contents."""
+        with self._idle_lock:
+            s = self._idle
+            if batch == 1 and s is not None and s.batch == 1 and s.cache.max_len < max_len:
+                s.grow(min(self.model.cfg.max_seq_len, max(max_len, 2 * s.cache.max_len)))
+        return super()._take_state(batch, max_len)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, 3, H, W) -> projected features (N, tokens_per_image, d)."""
+        return self.vlm.image_features(pixels.to(device=self.model.lm_head.weight.device))
+
+    @torch.inference_mode()
+    def prefill(self, state: DecodeState, prompts: list) -> torch.Tensor:
+        single = len(prompts) == 1 and isinstance(prompts[0], MultimodalPrompt)
+        keys = prompts[0].keys() if single else None
+        start = [0] * len(prompts)
+        if single and self.prefix_reuse and state is self._cached_state:
+            held = self._cached_keys[: state.filled[0]]
+            start = [min(common_prefix(held, keys), len(keys) - 1)]
+        self.reused_positions = start[0] if single else 0
+        # The tower runs once per distinct image that the prefill still needs.
+        need = {}
+        for p, s in zip(prompts, start):
+            if isinstance(p, MultimodalPrompt):
+                for i in p.images_from(s):
+                    need.setdefault(p.digests[i], p.pixels[i])
+        feats = dict(zip(need, self.image_features(torch.stack(list(need.values()))))) if need else {}
+        embeds = [self._row_embeddings(p, s, feats) if isinstance(p, MultimodalPrompt) else None
+                  for p, s in zip(prompts, start)]
+        logits = state.prefill([list(p[s:]) for p, s in zip(prompts, start)], embeds, start=start)
+        self._cached_state, self._cached_keys = (state, keys) if single else (None, [])
+        return logits
+
+    def _row_embeddings(self, p: MultimodalPrompt, start: int, feats: dict) -> Optional[torch.Tensor]:
+        """Input embeddings (T - start, d) of positions >= start, or None when they hold no image token."""
+        first = p.images_from(start)
+        if not first:
+            return None
+        skip = sum(1 for t in p[:start] if t == p.image_token_id) % p.tokens_per_image  # a cut first image
+        f = torch.cat([feats[p.digests[i]] for i in first])[skip:]  # (n_image_tokens_after_start, d)
+        ids = torch.as_tensor(p[start:], device=self.model.lm_head.weight.device)
+        return self.vlm.embed_prompt(ids, f)

@@ -1,0 +1,249 @@
+"""Vision-language models (LLaVA) against transformers on tiny random-init checkpoints (fp32):
+CLIP and SigLIP towers, Llama and Qwen2 text models, the current, old and transformers-saved
+weight layouts, single and list-valued vision_feature_layer, LLaVA's pad-to-square preprocessing."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmfuse.decoder.speculative import PromptLookupDrafter, speculative_generate
+from mmfuse.encoders.preprocess import ImageError
+from mmfuse.errors import CapacityError, CheckpointError, ConfigError, MMFuseError, PromptError
+from mmfuse.vlm.engine import VisionLanguageModel
+from mmfuse.vlm.loader import detect_layout
+from mmfuse.checkpoint import Checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vlm_models import SPECS, build_llava, image_processor, random_image  # noqa: E402
+
+TOL = 1e-4
+
+
+def _ask(text, n_images=1):
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def llava(request, tmp_path_factory):
+    """(name, folder, transformers model, transformers processor, our engine)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf, proc = build_llava(request.param, folder)
+    return request.param, folder, hf, proc, VisionLanguageModel.from_pretrained(folder)
+
+
+def test_layouts_are_the_ones_asked_for(llava):
+    name, folder, *_ = llava
+    want = {"current": "current", "old": "old", "transformers": "old"}[SPECS[name][-1]]
+    assert detect_layout(Checkpoint(folder))[0] == want
+
+
+@torch.no_grad()
+def test_full_multimodal_prompt_logits_match_transformers(llava):
+    name, folder, hf, proc, vlm = llava
+    images = [random_image(37, 23, 1), random_image(19, 44, 2, "RGBA")]
+    msgs = _ask("what is in the image", 2)
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    assert vlm.processor.render(msgs)[0] == text
+    inputs = proc(images=images, text=text, return_tensors="pt")
+    req = vlm.prepare(msgs, images)
+    assert list(req) == inputs["input_ids"][0].tolist()
+    torch.testing.assert_close(req.pixels, inputs["pixel_values"], atol=1e-5, rtol=0)
+    ref = hf(**inputs).logits[0]  # (T, V)
+    feats = vlm.image_features(req.pixels)
+    x = vlm.vlm.embed_prompt(torch.tensor(req), feats.flatten(0, 1))
+    ours = vlm.model(None, torch.arange(len(req))[None], embeds=x[None])[0]
+    torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_transformers_generate(llava):
+    name, folder, hf, proc, vlm = llava
+    image = random_image(33, 51, 3)
+    msgs = _ask("describe a red photo")
+    inputs = proc(images=[image], text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    ref = hf.generate(**inputs, max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, n:].tolist()
+    ours = vlm.generate(msgs, images=image, temperature=0.0, max_new_tokens=40)[0]
+    assert ours.token_ids == ref
+    assert ours.finish_reason == "length"
+
+
+def test_batch_of_different_image_counts_equals_one_by_one(llava):
+    name, folder, hf, proc, vlm = llava
+    a, b, c = random_image(30, 30, 4), random_image(17, 40, 5, "L"), random_image(52, 26, 6)
+    reqs = [_ask("what is in the image", 2), "USER: a cat ASSISTANT:", _ask("describe the blue dog picture it"),
+            "<image>USER: <image> photo of <image> ASSISTANT:"]
+    imgs = [[a, b], None, [c], [c, a, c]]
+    batched = vlm.generate(reqs, images=imgs, temperature=0.0, max_new_tokens=12, logprobs=True)
+    single = VisionLanguageModel.from_pretrained(folder, prefix_reuse=False)
+    for r, im, got in zip(reqs, imgs, batched):
+        alone = single.generate(r, images=im, temperature=0.0, max_new_tokens=12, logprobs=True)[0]
+        assert got.token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+
+
+def test_follow_up_reuses_the_prefix_and_gives_cold_start_tokens(llava):
+    name, folder, hf, proc, vlm = llava
+    warm = VisionLanguageModel.from_pretrained(folder)
+    cold = VisionLanguageModel.from_pretrained(folder, prefix_reuse=False)
+    image = random_image(41, 29, 7)
+    msgs = _ask("what is in the image")
+    first = warm.generate(msgs, images=image, temperature=0.0, max_new_tokens=10)[0]
+    k = warm.vlm.cfg.tokens_per_image
+    msgs = msgs + [{"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+                   {"role": "user", "content": [{"type": "text", "text": "and the dog"}]}]
+    for step in range(2):  # a follow-up, then the same follow-up again (everything but the last token cached)
+        got = warm.generate(msgs, images=image, temperature=0.0, max_new_tokens=16)[0]
+        assert warm.reused_positions > k  # the image and the text before it were not recomputed
+        ref = cold.generate(msgs, images=image, temperature=0.0, max_new_tokens=16)[0]
+        assert cold.reused_positions == 0
+        assert got.token_ids == ref.token_ids
+    req = warm.prepare(msgs, image)
+    assert warm.reused_positions == len(req) - 1
+    # A different image invalidates the cached image positions: nothing after the first image token is reused.
+    other = random_image(41, 29, 8)
+    got = warm.generate(msgs, images=other, temperature=0.0, max_new_tokens=16)[0]
+    assert warm.reused_positions <= list(req).index(warm.vlm.cfg.image_token_id)
+    assert got.token_ids == cold.generate(msgs, images=other, temperature=0.0, max_new_tokens=16)[0].token_ids
+    assert first.token_ids  # the first turn ran
+
+
+def test_stream_stop_strings_and_speculative_decoding_work_for_images(llava):
+    name, folder, hf, proc, vlm = llava
+    image = random_image(26, 38, 9)
+    msgs = _ask("picture it")
+    full = vlm.generate(msgs, images=image, temperature=0.0, max_new_tokens=24)[0]
+    chunks = list(vlm.stream(msgs, images=image, temperature=0.0, max_new_tokens=24))
+    assert [c.token_id for c in chunks] == full.token_ids
+    assert "".join(c.text for c in chunks) == full.text
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    if stop:
+        cut = vlm.generate(msgs, images=image, temperature=0.0, max_new_tokens=24, stop_strings=(stop,))[0]
+        assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    spec, stats = speculative_generate(vlm, vlm.prepare(msgs, image), PromptLookupDrafter(), k=3,
+                                       temperature=0.0, max_new_tokens=24)
+    assert spec.token_ids == full.token_ids and stats.forwards > 0
+    sampled = [vlm.generate(msgs, images=image, temperature=0.9, top_p=0.9, seed=5, max_new_tokens=12)[0].token_ids
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_caption_and_ask(llava):
+    name, folder, hf, proc, vlm = llava
+    image = random_image(20, 20, 10)
+    assert vlm.ask(image, "what is in the image", temperature=0.0, max_new_tokens=6) == \
+        vlm.generate(_ask("what is in the image"), images=[image], temperature=0.0, max_new_tokens=6)[0].text
+    assert isinstance(vlm.caption(image, temperature=0.0, max_new_tokens=6), str)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+@pytest.mark.parametrize("kind", ["clip", "siglip", "llava"])
+def test_preprocessing_matches_transformers_image_processors(kind, tmp_path):
+    from mmfuse.encoders.preprocess import ImageProcessor
+
+    kw = {"clip": dict(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}),
+          "siglip": dict(size={"height": 28, "width": 28}, resample=2),
+          "llava": dict(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, do_pad=True)}[kind]
+    ref = image_processor(kind, kw)
+    ref.save_pretrained(tmp_path)
+    ours = ImageProcessor.from_config(json.loads((tmp_path / "preprocessor_config.json").read_text()))
+    for i, (h, w, mode) in enumerate([(37, 23, "RGB"), (19, 44, "RGBA"), (101, 7, "L"), (12, 13, "RGB"), (64, 64, "RGB")]):
+        im = random_image(h, w, 20 + i, mode)
+        want = torch.as_tensor(np.asarray(ref(images=[im], return_tensors="np")["pixel_values"][0]))
+        torch.testing.assert_close(torch.as_tensor(ours.process_one(im)), want.float(), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_raises_typed_errors_before_model_work(llava, tmp_path, monkeypatch):
+    name, folder, hf, proc, vlm = llava
+    calls = []
+    monkeypatch.setattr(vlm, "image_features", lambda px: calls.append(px) or 1 / 0)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageError, match="bad.png"):
+        vlm.generate(_ask("what"), images=[bad])
+    with pytest.raises(ImageError, match="not-there"):
+        vlm.generate(_ask("what"), images=[tmp_path / "not-there.jpg"])
+    with pytest.raises(ImageError, match="unsupported image type"):
+        vlm.generate(_ask("what"), images=[{"x": 1}])
+    with pytest.raises(PromptError, match="2 image placeholder"):
+        vlm.generate(_ask("what", 2), images=[random_image(9, 9, 0)])
+    with pytest.raises(PromptError, match="0 image placeholder"):
+        vlm.generate("USER: no image here ASSISTANT:", images=[random_image(9, 9, 0)])
+    k = vlm.vlm.cfg.tokens_per_image
+    n = vlm.model.cfg.max_seq_len // k + 1
+    with pytest.raises(CapacityError, match="context"):
+        vlm.generate(_ask("what", n), images=[random_image(9, 9, 0)] * n, max_new_tokens=1)
+    assert not calls
+
+
+def test_chat_template_runs_sandboxed_with_transformers_globals():
+    from mmfuse.chat_template import ChatTemplate
+
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(PromptError, match="rejected"):
+        ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}").render(msgs)
+    with pytest.raises(PromptError, match="only user turns"):
+        ChatTemplate("{{ raise_exception('only user turns') }}").render(msgs)
+    t = ChatTemplate("{% for m in messages %}{{ m | tojson }}{% if loop.first %}{% break %}{% endif %}{% endfor %}"
+                     "{{ strftime_now('%Y')|length }}", special_tokens={"bos_token": "<s>"})
+    assert t.render(msgs + msgs) == '{"role": "user", "content": "x"}4'
+    with pytest.raises(CheckpointError, match="line 1"):
+        ChatTemplate("{% for %}")
+
+
+def test_unsupported_settings_are_errors_naming_them(tmp_path):
+    hf, proc = build_llava("clip_llama", tmp_path)
+    pc = json.loads((tmp_path / "processor_config.json").read_text())
+    pc["image_processor"]["do_something_new"] = True
+    (tmp_path / "processor_config.json").write_text(json.dumps(pc))
+    with pytest.raises(ConfigError, match="do_something_new"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+    del pc["image_processor"]["do_something_new"]
+    pc["image_processor"]["crop_size"] = {"height": 24, "width": 24}
+    (tmp_path / "processor_config.json").write_text(json.dumps(pc))
+    with pytest.raises(ConfigError, match="vision tower takes 30x30"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "cls_only"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="cls_only"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+
+
+def test_cli_chat_one_question_and_interactive(tmp_path, capsys, monkeypatch):
+    import io
+
+    from mmfuse.cli import main
+
+    folder = tmp_path / "m"
+    build_llava("siglip_qwen2", folder)
+    img = tmp_path / "img.png"
+    random_image(23, 31, 11).save(img)
+    vlm = VisionLanguageModel.from_pretrained(folder)
+    want = vlm.ask(img, "what is in the image", temperature=0.0, max_new_tokens=8)
+    follow = vlm.generate(_ask("what is in the image") + [
+        {"role": "assistant", "content": [{"type": "text", "text": want}]},
+        {"role": "user", "content": [{"type": "text", "text": "and the dog"}]}], images=[img], temperature=0.0,
+        max_new_tokens=8)[0].text
+    cmd = ["chat", "--model", str(folder), "--image", str(img), "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(cmd + ["--prompt", "what is in the image"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what is in the image\n\nand the dog\n"))
+    assert main(cmd + ["--stream"]) == 0
+    assert capsys.readouterr().out == want + "\n" + follow + "\n"
+    assert main(["chat", "--model", str(folder), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_real_llava_1_5_config_reads_at_full_size():
+    from mmfuse.vlm.config import VlmConfig
+
+    cfg = json.loads((Path(__file__).parent / "data" / "configs" / "llava-1.5-7b-hf.json").read_text())
+    with pytest.warns(UserWarning):  # the tower's stray vocab_size is ignored with a warning
+        vc = VlmConfig.from_hf(cfg, "llava-1.5")
+    assert (vc.tokens_per_image, vc.image_token_id, vc.feature_layers, vc.text.vocab_size, vc.text.d_model,
+            vc.vision.d_model, vc.vision.n_layer) == (576, 32000, (-2,), 32064, 4096, 1024, 24)
