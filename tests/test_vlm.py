@@ -247,3 +247,45 @@ def test_real_llava_1_5_config_reads_at_full_size():
         vc = VlmConfig.from_hf(cfg, "llava-1.5")
     assert (vc.tokens_per_image, vc.image_token_id, vc.feature_layers, vc.text.vocab_size, vc.text.d_model,
             vc.vision.d_model, vc.vision.n_layer) == (576, 32000, (-2,), 32064, 4096, 1024, 24)
+
+
+def test_prefix_record_lives_on_the_cache_threads_and_rollback(llava):
+    """The positions a cache holds are recorded on the cache itself (decode, forward and truncate keep
+    the record exact), so threads sharing one engine and speculative rollbacks never reuse a prefix
+    the cache does not hold."""
+    name, folder, hf, proc, vlm = llava
+    warm = VisionLanguageModel.from_pretrained(folder)
+    cold = VisionLanguageModel.from_pretrained(folder, prefix_reuse=False)
+    images = [random_image(33, 27, s) for s in (11, 12, 13)]
+    chats = [_ask(q) for q in ("what is it", "what colour", "how many")]
+    want = [cold.generate(m, images=im, temperature=0.0, max_new_tokens=12)[0].token_ids
+            for m, im in zip(chats, images)]
+    import threading
+    errors = []
+
+    def run(i):
+        for r in range(4):
+            j = (i + r) % 3
+            got = warm.generate(chats[j], images=images[j], temperature=0.0, max_new_tokens=12)[0].token_ids
+            if got != want[j]:
+                errors.append((i, r, j))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # Speculative decoding writes drafts with forward() and rolls rejected ones back with truncate().
+    spec, _ = speculative_generate(warm, warm.prepare(chats[0], images[0]), PromptLookupDrafter(), k=3,
+                                   temperature=0.0, max_new_tokens=12)
+    follow = chats[0] + [{"role": "assistant", "content": [{"type": "text", "text": "a shape"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "and then"}]}]
+    got = warm.generate(follow, images=images[0], temperature=0.0, max_new_tokens=12)[0].token_ids
+    assert got == cold.generate(follow, images=images[0], temperature=0.0, max_new_tokens=12)[0].token_ids
+    state = warm._take_state(1, 8)  # the cache the last call gave back, with its record
+    assert state.keys is not None and len(state.keys) >= state.filled[0]
+    n = state.filled[0]
+    state.truncate([n - 2])
+    state.decode(torch.tensor([5]))
+    assert state.keys[n - 2] == 5 and len(state.keys) == n - 1

@@ -48,6 +48,9 @@ class DecodeState:
         self._host_lengths = [0] * batch  # mirror of `lengths`, so capacity checks need no device sync
         self.cuda_graph = cuda_graph and p.is_cuda
         self._graph = None
+        # What row 0 holds, position by position, when the owner tracks it for prefix reuse (batch 1);
+        # decode() appends each token it feeds. Kept on the cache, so a caller holding the cache holds it.
+        self.keys: Optional[list] = None
 
     @property
     def batch(self) -> int:
@@ -93,6 +96,7 @@ class DecodeState:
             raise ValueError(f"prompt {lens.index(min(lens))} is empty")
         start = [0] * self.batch if start is None else [int(s) for s in start]
         self.truncate(start)
+        self.keys = None  # the owner records what a prefill wrote (see `keys`)
         T, dev = max(lens), self.lengths.device
         self._check_room([T] * self.batch)  # padded rows write (and later overwrite) up to T positions
         ids = torch.zeros(self.batch, T, dtype=torch.long)
@@ -122,11 +126,23 @@ class DecodeState:
         With k > 1 this verifies proposed tokens in one call; `truncate()` rolls back the rejected ones."""
         B, k = tokens.shape
         self._check_room([k] * B)
+        if self.keys is not None:
+            self._record(tokens[0].tolist())
         positions = self.lengths[:, None] + torch.arange(k, device=tokens.device)  # (B, k)
         logits = self.model(tokens, positions, self.cache, kv_len=self.lengths + k)
         self.lengths += k
         self._host_lengths = [n + k for n in self._host_lengths]
         return logits
+
+    def _record(self, row0: list) -> None:
+        """Keep `keys` in step with row 0 before a write: drop what `truncate` rolled back, append the
+        tokens written; a gap (positions written without a record) ends the record."""
+        n = self._host_lengths[0]
+        if len(self.keys) < n:
+            self.keys = None
+            return
+        del self.keys[n:]
+        self.keys.extend(row0)
 
     def truncate(self, lengths: Sequence[int]) -> None:
         """Roll rows back to `lengths` cached positions (never forward); later writes overwrite the rest."""
@@ -159,6 +175,8 @@ class DecodeState:
         """One token per row (B,); rows where `active` is False do not advance. Logits (B, V)."""
         tok = tokens.view(-1, 1)
         self._check_room([1] * self.batch)
+        if self.keys is not None and (active is None or bool(active[0])):
+            self._record([int(tok[0, 0])])
         if self.cuda_graph:
             if self._graph is None:
                 self._capture(tok)

@@ -39,8 +39,6 @@ class VisionLanguageModel(Engine):
         super().__init__(model.decoder, processor.tokenizer, defaults)
         self.vlm, self.processor = freeze(model), processor  # weights are constants: the CPU may pack them
         self.prefix_reuse = prefix_reuse
-        self._cached_keys: list = []      # what the batch-1 cache holds, position by position
-        self._cached_state: Optional[DecodeState] = None
         self.reused_positions = 0         # positions the last prefill kept from the cache (for tests, benchmarks)
 
     @classmethod
@@ -86,18 +84,13 @@ class VisionLanguageModel(Engine):
         batch, _ = self._batch(prompts, images)
         if not batch:
             raise ValueError("generate() got no prompts")
-        out = super().generate(batch, params, ignore_eos=ignore_eos, **overrides)
-        if len(out) == 1:
-            self._cached_keys += out[0].token_ids
-        return out
+        return super().generate(batch, params, ignore_eos=ignore_eos, **overrides)
 
     def stream(self, prompt, images=None, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
                **overrides) -> Iterator:
         """Yield a `StreamChunk` per generated token of one request."""
         (req,), _ = self._batch(prompt, images)
-        for chunk in super().stream(req, params, ignore_eos=ignore_eos, **overrides):
-            self._cached_keys.append(chunk.token_id)
-            yield chunk
+        yield from super().stream(req, params, ignore_eos=ignore_eos, **overrides)
 
     def caption(self, image, prompt: str = "Describe this image.", **overrides) -> str:
         """A description of one image (the folder's chat template around `prompt`)."""
@@ -126,8 +119,8 @@ class VisionLanguageModel(Engine):
         single = len(prompts) == 1 and isinstance(prompts[0], MultimodalPrompt)
         keys = prompts[0].keys() if single else None
         start = [0] * len(prompts)
-        if single and self.prefix_reuse and state is self._cached_state:
-            held = self._cached_keys[: state.filled[0]]
+        if single and self.prefix_reuse and state.keys is not None:
+            held = state.keys[: state.filled[0]]  # the cache's own record: safe while this call owns it
             start = [min(common_prefix(held, keys), len(keys) - 1)]
         self.reused_positions = start[0] if single else 0
         # The tower runs once per distinct image that the prefill still needs.
@@ -140,7 +133,7 @@ class VisionLanguageModel(Engine):
         embeds = [self._row_embeddings(p, s, feats) if isinstance(p, MultimodalPrompt) else None
                   for p, s in zip(prompts, start)]
         logits = state.prefill([list(p[s:]) for p, s in zip(prompts, start)], embeds, start=start)
-        self._cached_state, self._cached_keys = (state, keys) if single else (None, [])
+        state.keys = list(keys) if single and self.prefix_reuse else None
         return logits
 
     def _row_embeddings(self, p: MultimodalPrompt, start: int, feats: dict) -> Optional[torch.Tensor]:
