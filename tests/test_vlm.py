@@ -239,8 +239,11 @@ def test_cli_chat_one_question_and_interactive(tmp_path, capsys, monkeypatch):
     assert "missing.png" in capsys.readouterr().err
 
 
-def test_real_llava_1_5_config_reads_at_full_size():
+def test_real_llava_1_5_config_reads_at_full_size(monkeypatch):
+    from mmfuse import hf_config
     from mmfuse.vlm.config import VlmConfig
+
+    monkeypatch.setattr(hf_config, "_warned", set())  # warned once per process: other tests may have seen it
 
     cfg = json.loads((Path(__file__).parent / "data" / "configs" / "llava-1.5-7b-hf.json").read_text())
     with pytest.warns(UserWarning):  # the tower's stray vocab_size is ignored with a warning
