@@ -23,7 +23,8 @@ from mmfuse.encoders.clip import ClipModel
 from mmfuse.encoders.config import vision_tower
 from mmfuse.encoders.siglip import SiglipModel
 from mmfuse.errors import CheckpointError, ConfigError, DeviceError
-from mmfuse.generation.sampling import SamplingParams, SamplingParamsError
+from mmfuse.errors import SamplingParamsError
+from mmfuse.generation.sampling import SamplingParams
 from mmfuse.hf_config import IgnoredFieldsWarning
 
 transformers = pytest.importorskip("transformers")

@@ -61,3 +61,16 @@ def test_seeded_draws_reproduce_and_rows_are_independent():
     assert alone == draw(NumpySampler([p], V, [[1]]))
     both = NumpySampler([SamplingParams(temperature=1.0, seed=99), p], V, [[1], [2]])
     assert [int(both.sample(np.repeat(logits, 2, 0), i)[0][1]) for i in range(20)] == alone
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_raise_like_the_torch_sampler(bad):
+    from mmfuse.errors import NumericalError
+
+    logits = np.random.default_rng(0).standard_normal((3, 11)).astype(np.float32)
+    logits[1, 4] = bad
+    params = [SamplingParams(temperature=0.0)] * 3
+    with pytest.raises(NumericalError, match=r"step 7: the logits of row\(s\) \[1\]"):
+        NumpySampler(params, 11, [[1]] * 3).sample(logits, 7)
+    with pytest.raises(NumericalError, match=r"step 7: the logits of row\(s\) \[1\]"):
+        Sampler(params, 11, "cpu", [[1]] * 3).sample(torch.from_numpy(logits), 7)

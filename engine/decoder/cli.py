@@ -80,7 +80,7 @@ def _quant_config(args):
 
 
 def cmd_generate(args) -> int:
-    from ..generation.sampling import SamplingParamsError
+    from ..errors import SamplingParamsError
     from .generate import Engine
 
     prepare_model_args(args)

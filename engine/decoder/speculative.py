@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .generate import Completion, DecodeState, Engine, RequestOutput
-from ..generation.sampling import Sampler, SamplingParams, SamplingParamsError, sample_inverse_cdf
+from ..errors import SamplingParamsError
+from ..generation.sampling import Sampler, SamplingParams, sample_inverse_cdf
 
 
 class Drafter(Protocol):

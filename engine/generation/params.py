@@ -6,7 +6,7 @@ import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Optional
 
-from ..errors import SamplingParamsError
+from ..errors import NumericalError, SamplingParamsError
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this decode greedily
 # Beyond this range the penalty is absolute anyway (a seen token is never, or always, chosen),
@@ -148,3 +148,28 @@ class SamplingParams:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_rows(params, vocab_size: int, prompt_ids) -> None:
+    """What every sampler checks before a request: one valid SamplingParams per prompt, stop ids and
+    prompt ids inside the vocabulary."""
+    if len(params) == 0:
+        raise SamplingParamsError("Sampler needs at least one row of SamplingParams")
+    if len(prompt_ids) != len(params):
+        raise SamplingParamsError(f"Sampler: {len(params)} SamplingParams but {len(prompt_ids)} prompts")
+    for p in params:
+        p.validate()
+        for t in p.stop_token_ids:
+            if t >= vocab_size:
+                raise SamplingParamsError(f"SamplingParams.stop_token_ids: id {t} >= vocab_size {vocab_size}")
+    for row, ids in enumerate(prompt_ids):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise SamplingParamsError(f"prompt {row}: token id {bad[0]} outside [0, vocab_size={vocab_size})")
+
+
+def non_finite_logits(step: int, rows: list) -> NumericalError:
+    """The error every sampler raises when a row's processed logits hold NaN or +inf, or nothing
+    finite to choose: argmax would pick garbage and the inverse CDF an id past the vocabulary."""
+    return NumericalError(f"step {step}: the logits of row(s) {rows[:8]} are NaN or infinite (NaN/inf "
+                          "weights, a degenerate config such as rope_theta 0, or an overflowing penalty)")

@@ -21,9 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import NumericalError, SamplingParamsError
 from .params import (ALIASES, GREEDY_TEMPERATURE, REPETITION_PENALTY_RANGE,  # noqa: F401  (re-exported)
-                     SamplingParams, resolve_aliases)
+                     SamplingParams, check_rows, non_finite_logits, resolve_aliases)
 
 NEG_INF = float("-inf")
 TOP_P_CANDIDATES = 256  # first guess at how many tokens hold the top-p mass
@@ -169,19 +168,7 @@ class Sampler:
     """
 
     def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device, prompt_ids: Sequence[Sequence[int]]):
-        if len(params) == 0:
-            raise SamplingParamsError("Sampler needs at least one row of SamplingParams")
-        if len(prompt_ids) != len(params):
-            raise SamplingParamsError(f"Sampler: {len(params)} SamplingParams but {len(prompt_ids)} prompts")
-        for p in params:
-            p.validate()
-            for t in p.stop_token_ids:
-                if t >= vocab_size:
-                    raise SamplingParamsError(f"SamplingParams.stop_token_ids: id {t} >= vocab_size {vocab_size}")
-        for row, ids in enumerate(prompt_ids):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise SamplingParamsError(f"prompt {row}: token id {bad[0]} outside [0, vocab_size={vocab_size})")
+        check_rows(params, vocab_size, prompt_ids)
         self.params = list(params)
         self.vocab_size = V = vocab_size
         self.device = device = torch.device(device)
@@ -273,14 +260,11 @@ class Sampler:
         return x
 
     def _check_finite(self, x: torch.Tensor, step: int) -> None:
-        """Raise NumericalError if a row's processed logits hold NaN or +inf, or nothing finite to
-        choose: argmax would pick garbage and the inverse CDF an id past the vocabulary. One row-max
-        per step (amax propagates NaN), one host sync."""
+        """`non_finite_logits` unless every row has a finite maximum: one row-max per step (amax
+        propagates NaN), one host sync."""
         ok = torch.isfinite(x.amax(dim=-1))  # (B,)
         if not bool(ok.all()):
-            rows = (~ok).nonzero().flatten().tolist()
-            raise NumericalError(f"step {step}: the logits of row(s) {rows[:8]} are NaN or infinite (NaN/inf "
-                                 "weights, a degenerate config such as rope_theta 0, or an overflowing penalty)")
+            raise non_finite_logits(step, (~ok).nonzero().flatten().tolist())
 
     def probs(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The (B, V) distribution tokens are drawn from: softmax of the processed logits for

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import SamplingParamsError
-from .params import SamplingParams
+from .params import SamplingParams, check_rows, non_finite_logits
 
 NEG_INF = np.float32(-np.inf)
 
@@ -82,19 +82,7 @@ class NumpySampler:
     """Per-row sampling of (B, V) numpy logits; the interface of `sampling.Sampler`."""
 
     def __init__(self, params: Sequence[SamplingParams], vocab_size: int, prompt_ids: Sequence[Sequence[int]]):
-        if len(params) == 0:
-            raise SamplingParamsError("Sampler needs at least one row of SamplingParams")
-        if len(prompt_ids) != len(params):
-            raise SamplingParamsError(f"Sampler: {len(params)} SamplingParams but {len(prompt_ids)} prompts")
-        for p in params:
-            p.validate()
-            for t in p.stop_token_ids:
-                if t >= vocab_size:
-                    raise SamplingParamsError(f"SamplingParams.stop_token_ids: id {t} >= vocab_size {vocab_size}")
-        for row, ids in enumerate(prompt_ids):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise SamplingParamsError(f"prompt {row}: token id {bad[0]} outside [0, vocab_size={vocab_size})")
+        check_rows(params, vocab_size, prompt_ids)
         self.params = list(params)
         self.vocab_size = V = vocab_size
         B = len(params)
@@ -136,6 +124,9 @@ class NumpySampler:
             x = apply_top_k_top_p(x, self.top_k, self.top_p)
         if (self.min_p > 0).any():
             x = np.where(self.min_p > 0, apply_min_p(x, np.maximum(self.min_p, np.float32(1e-45))), x)
+        ok = np.isfinite(x.max(-1))  # (B,): max propagates NaN
+        if not ok.all():
+            raise non_finite_logits(step, np.flatnonzero(~ok).tolist())
         return x
 
     def uniforms(self) -> np.ndarray:
