@@ -40,6 +40,7 @@ class DecoderExportOptions:
     opset: int = MIN_OPSET         # default-domain opset (>= 17)
     optimize: bool = False         # com.microsoft contrib operators (onnxruntime only)
     inputs_embeds: bool = False    # take inputs_embeds (B, S, C) instead of input_ids (VLM decoders)
+    head_matmul: bool = False      # LM head as MatMul on its own [C, V] copy (int8: the quantizer skips Gemm)
 
 
 def weights_from_model(model) -> dict:
@@ -172,11 +173,15 @@ class DecoderGraph:
         else:
             h = self._norm(residual, "model.norm", "norm_f")
         # LM head as Gemm(transB) on the [V, C] matrix: a tied head reuses the embedding table.
-        head = "model.embed_tokens.weight" if cfg.tie_embeddings and not self.opts.inputs_embeds else None
-        if head is None:
-            head = self._param("lm_head.weight", "lm_head.weight")
         flat = g.op("Reshape", [h, g.const([-1, cfg.d_model])])
-        logits = g.op("Gemm", [flat, head], transB=1, name="/lm_head/Gemm")
+        head_key = "lm_head.weight" if "lm_head.weight" in self.w else "embed.weight"
+        if self.opts.head_matmul:
+            logits = g.op("MatMul", [flat, self._param("lm_head.weight", head_key, transpose=True)], name="/lm_head/MatMul")
+        else:
+            head = "model.embed_tokens.weight" if cfg.tie_embeddings and not self.opts.inputs_embeds else None
+            if head is None:
+                head = self._param("lm_head.weight", head_key)
+            logits = g.op("Gemm", [flat, head], transB=1, name="/lm_head/Gemm")
         out_shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [pos]), g.const([0]), g.const([2])]),
                                     g.const([cfg.vocab_size])], axis=0)
         g.op_to("Reshape", [logits, out_shape], ["logits"])

@@ -29,7 +29,7 @@ class DecoderSession:
         self.session = session
         cfg = manifest["config"]
         self.n_layer, self.n_kv_head, self.head_dim = cfg["n_layer"], cfg["n_kv_head"], cfg["head_dim"]
-        self.vocab_size, self.context = cfg["vocab_size"], cfg["max_seq_len"]
+        self.vocab_size, self.context, self.d_model = cfg["vocab_size"], cfg["max_seq_len"], cfg["d_model"]
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.shared = manifest["variant"] == "optimized"
         self.inputs_embeds = bool(manifest.get("inputs_embeds"))
