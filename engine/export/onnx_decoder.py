@@ -22,14 +22,13 @@ from ..checkpoint import read_config
 from ..decoder.config import DecoderConfig
 from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open
-from ..ort.decoder_session import DecoderSession
+from ..ort.decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
 from ..ort.manifest import MANIFEST, write_manifest
 from ..ort.session import make_session
 from .decoder_graph import MIN_OPSET, ONNX_DTYPES, DecoderExportOptions, DecoderGraph, check_opset, weights_from_model
 from .genai_config import genai_config
 from .graph import save_with_external_data
 
-GRAPH_FILE = "model.onnx"
 # Checkpoint files copied beside the graph (tokenizer, generation defaults, chat template).
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -101,6 +100,9 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
             diffs = check_decoder_export(tmp, model, manifest, log=log)
             if quantize:
                 fields["int8"] = quantize_decoder(tmp, manifest, embed, log=log)
+            write_runtime_graph(tmp)
+            diffs["last_logits"] = check_runtime_graph(tmp, manifest, embed, log=log)
+        files.append(RUNTIME_GRAPH)
         manifest = write_manifest(tmp, "decoder", files, **fields, check=diffs)
         for f in files:  # the manifest last: a folder without it is not a finished export
             os.replace(tmp / f, out_dir / f)
@@ -163,6 +165,41 @@ def check_decoder_export(folder: Path, model, manifest: dict, log: Callable[[str
         raise ExportCheckError(f"{folder / GRAPH_FILE}: logits differ from the PyTorch engine by "
                                f"{max(d_prefill, d_past):.3g} > tolerance {tol:.3g}")
     return {"without_past": d_prefill, "with_past": d_past, "tolerance": tol}
+
+
+def write_runtime_graph(folder: Path) -> None:
+    """RUNTIME_GRAPH beside GRAPH_FILE: the same nodes and weights (its data file), logit_positions
+    without its default."""
+    import onnx
+
+    model = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
+    kept = [t for t in model.graph.initializer if t.name != "logit_positions"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save_model(model, str(folder / RUNTIME_GRAPH))
+
+
+def check_runtime_graph(folder: Path, manifest: dict, embed=None, log: Callable[[str], None] = print) -> float:
+    """onnx.checker on RUNTIME_GRAPH, then its prefill logits (each row's last position) against
+    GRAPH_FILE's at the same positions on random prompts; -> the largest difference."""
+    check_graph(folder / RUNTIME_GRAPH)
+    full = DecoderSession(make_session(folder / GRAPH_FILE), manifest)
+    last = DecoderSession(make_session(folder / RUNTIME_GRAPH), manifest)
+    if not last.logit_positions or full.logit_positions:
+        raise ExportCheckError(f"{folder / RUNTIME_GRAPH}: logit_positions should be an input there and have a "
+                               f"default in {GRAPH_FILE}")
+    seqs, lens = check_prompts(full.vocab_size, full.context, np.random.default_rng(), steps=0)
+    prompts = [s if embed is None else embed(s).astype(full.dtype) for s in seqs]
+    full.allocate(len(prompts), max(lens))
+    last.allocate(len(prompts), max(lens))
+    ref = full.prefill(prompts).astype(np.float32)
+    diff = float(np.abs(last.prefill(prompts).astype(np.float32) - ref).max())
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
+    log(f"check: {RUNTIME_GRAPH} (last-position logits) vs {GRAPH_FILE}: largest difference {diff:.3g}")
+    if not diff <= tol:
+        raise ExportCheckError(f"{folder / RUNTIME_GRAPH}: last-position logits differ from {GRAPH_FILE}'s by "
+                               f"{diff:.3g} > {tol:.3g}")
+    return diff
 
 
 def check_graph(path: Path) -> None:

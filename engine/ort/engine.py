@@ -15,11 +15,10 @@ from ..generation.frontend import Generation, GenerationFrontend
 from ..generation.requests import defaults_from_generation_config
 from ..generation.sampling_np import NumpySampler
 from ..tokenizer import load_tokenizer
-from .decoder_session import DecoderSession
+from .decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
 from .manifest import read_manifest
 from .session import make_session
 
-GRAPH_FILE = "model.onnx"
 
 
 @dataclass
@@ -60,7 +59,8 @@ class OrtEngine(GenerationFrontend):
                                     "not token ids; OrtEngine generates from token ids")
         c = manifest["config"]
         config = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
-        sess = make_session(folder / GRAPH_FILE, threads, providers, graph_optimization_level)
+        graph = RUNTIME_GRAPH if RUNTIME_GRAPH in manifest.get("files", {}) else GRAPH_FILE
+        sess = make_session(folder / graph, threads, providers, graph_optimization_level)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(DecoderSession(sess, manifest), config, tok, defaults_from_generation_config(folder), manifest)
 
