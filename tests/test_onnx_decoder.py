@@ -159,6 +159,47 @@ def test_optimized_decode_reuses_its_buffers(exports):
     assert int(np.abs(sess._kv[0].numpy()[:, :, 20:]).max()) == 0  # nothing written past the filled part
 
 
+@pytest.mark.parametrize("variant", ["portable", "optimized"])
+def test_concurrent_generate_and_streams_from_threads(exports, variant):
+    """Threads calling generate on one engine, and streams interleaved in one thread, each get what
+    they get alone (their own KV cache and IO binding)."""
+    import threading
+
+    engine = OrtEngine.from_pretrained(exports["llama16", variant])
+    jobs = [([_rand_ids(n, 200 + n) for n in lens], dict(temperature=0.0, max_new_tokens=m))
+            for lens, m in (((5, 9), 24), ((13,), 31), ((2, 7, 4), 17), ((11,), 40))]
+    jobs += [([_rand_ids(6, 300)], dict(temperature=0.8, top_k=20, seed=5, max_new_tokens=20))]
+    alone = [[c.token_ids for c in engine.generate(p, **kw)] for p, kw in jobs]
+    got = [None] * len(jobs)
+    errors = []
+    start = threading.Barrier(len(jobs))
+
+    def work(i):
+        try:
+            start.wait()
+            for _ in range(3):
+                out = [c.token_ids for c in engine.generate(jobs[i][0], **jobs[i][1])]
+                assert got[i] is None or got[i] == out
+                got[i] = out
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors and got == alone
+    a, b = (engine.stream(jobs[i][0][0], **jobs[i][1]) for i in (1, 3))
+    ta, tb = [], []
+    for x, y in zip(a, b):
+        ta.append(x.token_id)
+        tb.append(y.token_id)
+    ta += [x.token_id for x in a]
+    tb += [y.token_id for y in b]
+    assert [ta, tb] == [alone[1][0], alone[3][0]]
+
+
 def test_runtime_imports_no_torch(checkpoints, exports, tmp_path):
     """OrtEngine in a subprocess where `import torch` fails; same tokens as the PyTorch engine."""
     stub = tmp_path / "stub" / "torch"

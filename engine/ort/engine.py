@@ -4,9 +4,15 @@ The request side (sampling parameters, stop ids and strings, incremental text, c
 `generate` / `stream` and their output objects) is `GenerationFrontend`, the same code as the
 PyTorch `Engine`; sampling is `NumpySampler`, the numpy twin of its torch sampler; the graph runs
 through `DecoderSession` (IO binding, KV cache reused step to step).
+
+Thread-safe without a lock around generation: each call (and each open stream) runs its batch in a
+`DecoderSession` of its own over the one shared InferenceSession (onnxruntime's runs are
+thread-safe), so concurrent calls never share a KV cache or IO binding. The engine keeps one idle
+DecoderSession, with its buffers, for the next call.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,7 +41,9 @@ class OrtEngine(GenerationFrontend):
 
     def __init__(self, session: DecoderSession, config: OrtModelConfig, tokenizer=None, defaults: Optional[dict] = None,
                  manifest: Optional[dict] = None):
-        self.session = session
+        self.session = session  # the idle DecoderSession (None while every one is in use)
+        self._graph = session.session  # the InferenceSession all of them run
+        self._idle_lock = threading.Lock()
         self.config = config
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
@@ -64,8 +72,22 @@ class OrtEngine(GenerationFrontend):
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(DecoderSession(sess, manifest), config, tok, defaults_from_generation_config(folder), manifest)
 
+    def _take_session(self) -> DecoderSession:
+        with self._idle_lock:
+            s, self.session = self.session, None
+        return s if s is not None else DecoderSession(self._graph, self.manifest)
+
+    def _give_back(self, s: DecoderSession) -> None:
+        with self._idle_lock:
+            self.session = s
+
     def _start(self, prompts: list, params: list) -> Generation:
-        s = self.session
-        s.allocate(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
-        sampler = NumpySampler(params, self.config.vocab_size, prompts)
-        return Generation(sampler, s.prefill(prompts), s.decode)
+        s = self._take_session()
+        try:
+            s.allocate(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+            sampler = NumpySampler(params, self.config.vocab_size, prompts)
+            logits = s.prefill(prompts)
+        except BaseException:
+            self._give_back(s)
+            raise
+        return Generation(sampler, logits, s.decode, close=lambda: self._give_back(s))
