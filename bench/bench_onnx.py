@@ -26,6 +26,7 @@ import torch
 
 from mmfuse.decoder.benchmark import random_prompts, time_generation
 from mmfuse.decoder.generate import Engine
+from mmfuse.ort.manifest import MANIFEST
 
 SHAPES = {
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
@@ -110,8 +111,8 @@ def main(argv=None) -> None:
             build_checkpoint(shape, ckpt)
         mmfuse = [sys.executable, "-m", "mmfuse.cli", "export", "onnx", "--model", str(ckpt)]
         done = lambda folder, name: (folder / name).exists() and args.reuse  # noqa: E731
-        t_p = None if done(ours_p, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_p)])
-        t_o = None if done(ours_o, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_o), "--optimize"])
+        t_p = None if done(ours_p, MANIFEST) else timed_subprocess(mmfuse + ["--out", str(ours_p)])
+        t_o = None if done(ours_o, MANIFEST) else timed_subprocess(mmfuse + ["--out", str(ours_o), "--optimize"])
         t_b = None
         if not done(theirs, "genai_config.json"):
             try:

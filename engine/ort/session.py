@@ -28,6 +28,7 @@ def make_session(path: Optional[Path], threads: Optional[int] = None, providers:
     if path is None:
         return None
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: not the load-time notes on graphs onnxruntime runs fine
     if threads is not None:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = {
