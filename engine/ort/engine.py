@@ -55,8 +55,9 @@ class OrtEngine(GenerationFrontend):
 
     @classmethod
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                        graph_optimization_level: str = "all") -> "OrtEngine":
-        """Open an export folder of `mmfuse export onnx`; options are checked before anything is read."""
+                        graph_optimization_level: str = "all", spinning: bool = False) -> "OrtEngine":
+        """Open an export folder of `mmfuse export onnx`; options are checked before anything is read
+        (`spinning`: see `session.make_session`)."""
         make_session(None, threads, providers, graph_optimization_level)  # options only: errors before any reading
         folder = Path(onnx_dir)
         manifest = read_manifest(folder, "decoder")
@@ -68,7 +69,7 @@ class OrtEngine(GenerationFrontend):
         c = manifest["config"]
         config = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
         graph = RUNTIME_GRAPH if RUNTIME_GRAPH in manifest.get("files", {}) else GRAPH_FILE
-        sess = make_session(folder / graph, threads, providers, graph_optimization_level)
+        sess = make_session(folder / graph, threads, providers, graph_optimization_level, spinning)
         tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         return cls(DecoderSession(sess, manifest), config, tok, defaults_from_generation_config(folder), manifest)
 
