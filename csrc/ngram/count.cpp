@@ -351,10 +351,10 @@ void Counter::add_file(const std::string& path, const Progress& progress) {
         for (;;) {
             size_t got = std::fread(buf.data() + carry, 1, buf.size() - carry, f);
             size_t have = carry + got;
-            if (got == 0) {
+            if (got == 0) {  // the end: the last line may lack its '\n'
                 if (have) add_text(buf.data(), have);
                 consumed += have;
-                if (progress) progress(consumed, total);
+                if (progress && (have || !consumed)) progress(consumed, total);
                 break;
             }
             const char* last_nl = nullptr;
