@@ -34,7 +34,8 @@ std::vector<Level> adjusted_counts(CountedGrams&& grams, size_t vocab_size, bool
 
     // Lower orders: unique suffixes of the order above (adjusted counts) merged with bos n-grams.
     if (N == 1) {
-        Level u{1};
+        Level u;
+        u.m = 1;
         const WordId specials[2] = {kUNK, kBOS};
         for (WordId s : specials) u.push(&s, 0, 0, keep_raw);
         for (size_t i = 0; i < L[1].size(); ++i) u.push(L[1].at(i), L[1].cnt[i], keep_raw ? L[1].raw[i] : 0, keep_raw);

@@ -27,7 +27,11 @@ struct Level {
         cnt.push_back(c);
         if (keep_raw) raw.push_back(raw_count);
     }
-    void release() { *this = Level{m}; }
+    void release() {  // frees the storage, keeps the order
+        Level empty;
+        empty.m = m;
+        *this = std::move(empty);
+    }
 };
 
 // Levels 1..N (index 0 unused) from the counted highest-order n-grams, which are consumed; `suf` is

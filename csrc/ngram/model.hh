@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "common.hh"
-#include "estimate.hh"
+#include "interpolate.hh"
 #include "vocab.hh"
 
 namespace ngram {
