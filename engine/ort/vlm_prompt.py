@@ -1,0 +1,70 @@
+"""The torch-free twin of `mmfuse.vlm.processor.VlmProcessor`: (prompt or conversation, images) ->
+token ids with each `<image>` placeholder expanded to `tokens_per_image` image tokens, and the
+images' pixels (N, 3, H, W) as numpy. Same rules and errors: a conversation is rendered by the
+folder's chat template (no BOS added when the text already starts with it), placeholders and images
+must match in number, images are preprocessed by `mmfuse.encoders.preprocess.ImageProcessor`'s
+numpy pipeline. tests/test_onnx_vlm.py checks it gives VlmProcessor's ids and pixels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..encoders.preprocess import ImageProcessor
+from ..errors import ConfigError, PromptError
+
+
+class ImagePrompt(list):
+    """Token ids (image placeholders expanded) carrying the prompt's pixels (N, 3, H, W) or None."""
+
+    def __init__(self, ids, pixels: Optional[np.ndarray]):
+        super().__init__(ids)
+        self.pixels = pixels
+
+
+class VlmPrompter:
+    def __init__(self, tokenizer, images: ImageProcessor, template, image_token_id: int, tokens_per_image: int):
+        self.tokenizer, self.images, self.template = tokenizer, images, template
+        self.image_token_id, self.tokens_per_image = image_token_id, tokens_per_image
+        self.image_token = tokenizer.id_to_token(image_token_id)
+        if self.image_token is None:
+            raise ConfigError(f"image_token_id={image_token_id} is not a token of the tokenizer")
+        self.bos_token = template.special_tokens.get("bos_token") if template is not None else None
+
+    def render(self, messages: list) -> tuple:
+        """(text, images given inside the messages' content parts)."""
+        if self.template is None:
+            raise PromptError("the export folder has no chat template: pass a prompt string with image placeholders")
+        found = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            for part in content if isinstance(content, list) else []:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    if part.get("url") is not None:
+                        raise PromptError(f"image URLs are not fetched ({part['url']!r}): pass the image itself")
+                    found += [part[k] for k in ("image", "path") if part.get(k) is not None][:1]
+        return self.template.render(messages, add_generation_prompt=True), found
+
+    def __call__(self, prompt, images=None) -> ImagePrompt:
+        images = [] if images is None else ImageProcessor.as_list(images)
+        if isinstance(prompt, str):
+            text, special = prompt, True
+        elif isinstance(prompt, list):
+            text, found = self.render(prompt)
+            if found and images:
+                raise PromptError("images are given both inside the messages and as images=: give them one way")
+            images = images or found
+            special = not (self.bos_token and text.startswith(self.bos_token))
+        else:
+            raise PromptError(f"a prompt is a string or a list of messages, not {type(prompt).__name__}")
+        ids = self.tokenizer.encode(text, add_special_tokens=special).ids
+        n = ids.count(self.image_token_id)
+        if n != len(images):
+            raise PromptError(f"the prompt has {n} image placeholder(s) {self.image_token!r} but {len(images)} "
+                              f"image(s) were given")
+        out = []
+        for t in ids:
+            out.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
+        pixels = np.stack([self.images.process_one(im, f"image {i}") for i, im in enumerate(images)]) if images else None
+        return ImagePrompt(out, pixels)
