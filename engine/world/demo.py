@@ -19,7 +19,7 @@ from ..decoder.speculative import NGramLMDrafter, speculative_generate
 from .language import CAPTION_PROMPT, QUESTION_TYPES, caption, questions
 from .metrics import accuracy, caption_metrics, recall_at_1, vqa_accuracy
 from .scene import COLOURS, POSITIONS, SHAPES, SIZES, generate_scene, render
-from .shipped import shipped_path
+from .shipped import load
 from .train import HELD_OUT
 
 TARGETS = {"vqa": 0.95, "caption_attribute_precision": 0.95, "caption_object_recall": 0.90, "retrieval_r1": 0.90,
@@ -38,16 +38,7 @@ class DemoConfig:
 
 def load_models(root=None) -> dict:
     """The shipped models (or those of a `mmfuse world train --out` folder `root`)."""
-    from ..encoders import load_encoder
-    from ..ngram import NGramModel
-    from ..vlm.engine import VisionLanguageModel
-
-    def where(name):
-        return shipped_path(name, root)
-
-    return {"clip": load_encoder(where("world-clip")),
-            "vlm": VisionLanguageModel.from_pretrained(where("world-vlm")),
-            "ngram": NGramModel.load(where("world-ngram") / "answers.bin")}
+    return {"clip": load("world-clip", root), "vlm": load("world-vlm", root), "ngram": load("world-ngram", root)}
 
 
 def chat(question: str) -> list:

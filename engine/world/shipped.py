@@ -37,3 +37,20 @@ def resolve_model(model: str) -> str:
     if model in SHIPPED and not Path(model).exists():
         return str(shipped_path(model))
     return model
+
+
+def load(name: str, root=None):
+    """A shipped model by name: "world-clip" -> `Encoder`, "world-vlm" -> `VisionLanguageModel`,
+    "world-ngram" -> `NGramModel` (`root`: a `mmfuse world train --out` folder instead)."""
+    folder = shipped_path(name, root)
+    if name == "world-clip":
+        from ..encoders import load_encoder
+
+        return load_encoder(folder)
+    if name == "world-vlm":
+        from ..vlm.engine import VisionLanguageModel
+
+        return VisionLanguageModel.from_pretrained(folder)
+    from ..ngram import NGramModel
+
+    return NGramModel.load(folder / "answers.bin")
