@@ -15,24 +15,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..encoders.train import lr_at, make_optimizer
+from ..optim import OptimConfig, lr_at, make_optimizer
 from .transformer import Decoder
 
 IGNORE = -100  # label of positions without a loss
 
 
 @dataclass
-class DecoderTrainConfig:
-    steps: int = 1000                 # optimizer steps
-    lr: float = 1e-3                  # peak learning rate
-    warmup_steps: int = 50            # linear warm-up from 0 to lr, then cosine to min_lr
-    min_lr: float = 0.0
-    weight_decay: float = 0.01        # on weight matrices only
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: Optional[float] = 1.0  # max global grad norm; None: no clipping
-    progress: bool = True             # tqdm bar
-    desc: str = "train"               # the bar's label
+class DecoderTrainConfig(OptimConfig):
+    desc: str = "train"               # the progress bar's label
 
 
 def next_token_loss(model: Decoder, ids: torch.Tensor, labels: Optional[torch.Tensor] = None,

@@ -141,7 +141,7 @@ def train_vlm(cfg: WorldTrainConfig, out: Path, clip: ClipModel) -> LlavaModel:
     model, hf = build_vlm(cfg, clip, tok)
     pixels = ImageProcessor.from_config(PREPROCESSOR)(world_images(range(cfg.train_scenes)))
     dc = DecoderTrainConfig(steps=cfg.vlm_steps, lr=cfg.vlm_lr, warmup_steps=max(1, cfg.vlm_steps // 20),
-                            progress=cfg.progress, desc="vlm")
+                            weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8, progress=cfg.progress, desc="vlm")
     train_decoder(model, vlm_batches(cfg, tok, model.cfg.tokens_per_image, pixels), dc, loss_fn=vlm_loss)
     save_llava(model, folder, hf)
     return model
