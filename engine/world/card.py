@@ -32,7 +32,8 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         "| world-clip | clip/ | CLIP dual encoder (contrastive loss of mmfuse.kernels): retrieval, zero-shot |",
         "| world-vlm | vlm/ | LLaVA: world-clip's vision tower, MLP projector, Llama decoder: captions, VQA |",
         "| world-ngram | ngram/ | token n-gram model of the VLM's answers (C++ SLM): speculative drafter |",
-        "", "## Reproduce", "", f"    {training['command']}", "",
+        "", "## Reproduce", "", f"    {training['command']}",
+        *([] if "--install" in training["command"] else ["    mmfuse world install DIR   # DIR: the --out folder above"]), "",
         f"Seeds: model init and batch order seed {cfg['seed']}; training scenes are the seeds "
         f"0..{cfg['train_scenes'] - 1}; held-out scenes start at seed {training['held_out_from_seed']}. "
         f"torch threads: {cfg['threads']}; device {cfg['device']}; torch {training['torch']}.", "",

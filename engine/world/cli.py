@@ -26,9 +26,9 @@ def register(sub) -> None:
     i.set_defaults(func=cmd_install)
     d = sub.add_parser("demo", help="the shipped models on held-out scenes: captions, VQA, retrieval, zero-shot, "
                                     "speculative decoding; metrics and latencies")
-    d.add_argument("--scenes", type=int, default=100, help="held-out scenes captioned and questioned")
+    d.add_argument("--scenes", type=int, default=50, help="held-out scenes captioned and questioned")
     d.add_argument("--retrieval-scenes", type=int, default=1000, help="held-out scenes for retrieval and zero-shot")
-    d.add_argument("--speculative", type=int, default=20, help="captions decoded speculatively and plainly")
+    d.add_argument("--speculative", type=int, default=5, help="captions decoded speculatively and plainly")
     d.add_argument("--models", help="a `mmfuse world train --out` folder instead of the shipped models")
     d.add_argument("--out", help="write DIR/report.html with the images, captions and answers")
     d.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, field, v)
-    argv = " ".join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "mmfuse" else None
+    argv = "mmfuse " + " ".join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "mmfuse" else None
     times = train_world(Path(args.out), cfg, command=argv)
     print(" ".join(f"{k}={v:.0f}s" for k, v in times.items()))
     if args.install:
