@@ -12,7 +12,8 @@ from mmfuse.cli import main
 from mmfuse.world.card import sha256
 from mmfuse.world.language import CAPTION_PROMPT, questions
 from mmfuse.world.scene import generate_scene, render
-from mmfuse.world.shipped import ROOT, load, shipped_path
+from mmfuse.world.load import load
+from mmfuse.world.shipped import ROOT, shipped_path
 from mmfuse.world.train import HELD_OUT
 
 

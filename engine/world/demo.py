@@ -19,7 +19,7 @@ from ..decoder.speculative import NGramLMDrafter, speculative_generate
 from .language import CAPTION_PROMPT, QUESTION_TYPES, caption, questions
 from .metrics import accuracy, caption_metrics, recall_at_1, vqa_accuracy
 from .scene import COLOURS, POSITIONS, SHAPES, SIZES, generate_scene, render
-from .shipped import load
+from .load import load
 from .train import HELD_OUT
 
 TARGETS = {"vqa": 0.95, "caption_attribute_precision": 0.95, "caption_object_recall": 0.90, "retrieval_r1": 0.90,

@@ -1,5 +1,5 @@
 """The models mmfuse ships (trained by `mmfuse world train`, copied into mmfuse/world/shipped/):
-named without a path in Python (`shipped_path("world-vlm")`) and on the command line
+named without a path in Python (`shipped_path("world-vlm")`, `mmfuse.world.load.load("world-vlm")`) and on the command line
 (`--model world-vlm`). A missing file is a MissingModelError naming it and the command that
 regenerates it."""
 from __future__ import annotations
@@ -38,19 +38,3 @@ def resolve_model(model: str) -> str:
         return str(shipped_path(model))
     return model
 
-
-def load(name: str, root=None):
-    """A shipped model by name: "world-clip" -> `Encoder`, "world-vlm" -> `VisionLanguageModel`,
-    "world-ngram" -> `NGramModel` (`root`: a `mmfuse world train --out` folder instead)."""
-    folder = shipped_path(name, root)
-    if name == "world-clip":
-        from ..encoders import load_encoder
-
-        return load_encoder(folder)
-    if name == "world-vlm":
-        from ..vlm.engine import VisionLanguageModel
-
-        return VisionLanguageModel.from_pretrained(folder)
-    from ..ngram import NGramModel
-
-    return NGramModel.load(folder / "answers.bin")
