@@ -47,6 +47,10 @@ class LlavaModel(nn.Module):
     @torch.inference_mode()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels (N, 3, H, W) -> projected features (N, tokens_per_image, d_text)."""
+        return self.project_images(pixels)
+
+    def project_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`image_features` with autograd (training)."""
         states = self.tower.hidden_states(pixels, self.cfg.feature_layers)  # each (N, T, C_v)
         if self.cfg.drop_first:
             states = [s[:, 1:] for s in states]
