@@ -13,7 +13,7 @@ import torch
 
 from mmfuse.decoder.speculative import PromptLookupDrafter, speculative_generate
 from mmfuse.encoders.preprocess import ImageError
-from mmfuse.errors import CapacityError, CheckpointError, ConfigError, MMFuseError, PromptError
+from mmfuse.errors import CapacityError, CheckpointError, ConfigError, PromptError
 from mmfuse.vlm.engine import VisionLanguageModel
 from mmfuse.vlm.loader import detect_layout
 from mmfuse.checkpoint import Checkpoint
