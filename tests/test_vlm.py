@@ -370,3 +370,32 @@ def test_prefix_record_lives_on_the_cache_threads_and_rollback(llava):
     state.truncate([n - 2])
     state.decode(torch.tensor([5]))
     assert state.keys[n - 2] == 5 and len(state.keys) == n - 1
+
+
+def test_real_llava_next_and_smolvlm_configs_read_at_full_size(monkeypatch):
+    """Published config.json texts (written from the hub files, no network here): the anyres token
+    count of llava-v1.6 against transformers' own processor arithmetic, SmolVLM's 64 tokens per tile."""
+    import warnings
+
+    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+    from mmfuse.vlm.anyres import feature_count
+    from mmfuse.vlm.config import vlm_config
+
+    data = Path(__file__).parent / "data" / "configs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stray fields (the tower's vocab_size, use_image_newline_parameter, ...)
+        nxt = vlm_config(json.loads((data / "llava-v1.6-mistral-7b-hf.json").read_text()), "llava-v1.6")
+        smol = vlm_config(json.loads((data / "SmolVLM-256M-Instruct.json").read_text()), "smolvlm")
+    assert (nxt.tokens_per_image, nxt.grid_side, nxt.text.family, len(nxt.grid_pinpoints)) == (576, 24, "llama", 5)
+    assert (smol.tokens_per_tile, smol.scale_factor, smol.vision.d_model, smol.vision.n_layer, smol.vision.d_ff,
+            smol.text.d_model, smol.text.n_layer, smol.text.norm_eps) == (64, 4, 768, 12, 3072, 576, 30, 1e-5)
+
+    class Ref(LlavaNextProcessor):  # transformers' counting, without a tokenizer
+        def __init__(self):
+            self.patch_size, self.num_additional_image_tokens = 14, 1
+            self.image_processor = type("P", (), {"image_grid_pinpoints": [list(p) for p in nxt.grid_pinpoints]})
+
+    ref = Ref()
+    for h, w in [(480, 640), (640, 480), (336, 336), (1000, 200), (123, 4567), (2000, 2001)]:
+        assert feature_count(h, w, nxt.grid_pinpoints, 336, 24, 576) == ref._get_number_of_features(h, w, 336, 336) - 1

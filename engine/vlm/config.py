@@ -99,6 +99,7 @@ class VlmConfig:
 
 
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LlavaNextConfig's default
+_IDEFICS3_TOWERS = {"idefics3_vision", "smolvlm_vision", "idefics3", "smolvlm"}
 _IDEFICS3_FIELDS = {"vision_config", "text_config", "image_token_id", "scale_factor", "_pad_token_id", "vocab_size"}
 
 
@@ -122,9 +123,9 @@ class Idefics3Config:
         screen_fields(cfg, _IDEFICS3_FIELDS, source)
         vcfg = dict(sub_config(cfg, "vision_config", source))
         vtype = vcfg.pop("model_type", f"{kind}_vision")
-        if vtype not in ("idefics3_vision", "smolvlm_vision"):
+        if vtype not in _IDEFICS3_TOWERS:  # published SmolVLM folders write the outer model_type here
             raise ConfigError(f"{source}: vision_config model_type {vtype!r} is not supported "
-                              "(supported: idefics3_vision, smolvlm_vision)")
+                              f"(supported: {sorted(_IDEFICS3_TOWERS)})")
         vision = vision_tower(with_defaults(vcfg, "idefics3_vision"), f"{source} vision_config", "gelu_pytorch_tanh",
                               1e-6, class_token=False)
         tcfg = dict(sub_config(cfg, "text_config", source))
