@@ -49,7 +49,7 @@ def bench_model(name: str, folder: Path, hf, proc, args) -> dict:
                {"role": "user", "content": [{"type": "text", "text": "what is the dog"}]}]
     req = ours.prepare(q1, image)
     n_image = req.images[0].tokens
-    print(f"{name}: fp32, CPU, {torch.get_num_threads()} threads, batch 1, prompt {len(req)} tokens "
+    print(f"{name}: fp32, CPU, batch 1, prompt {len(req)} tokens "
           f"({n_image} image tokens, {len(req.images[0].pixels)} tiles), {args.new_tokens} new, "
           f"median of {args.repeats}", flush=True)
 
@@ -63,6 +63,8 @@ def bench_model(name: str, folder: Path, hf, proc, args) -> dict:
         engine.generate(msgs, images=image, temperature=0.0, max_new_tokens=n, ignore_eos=True)
 
     our_run(ours, q1, 2), hf_run(q1, 2)  # warm-up (packing, allocation)
+    # numba's OpenMP layer (the GEMV) sets the process's OpenMP thread count to NUMBA_NUM_THREADS
+    print(f"threads after warm-up: torch {torch.get_num_threads()} (both sides)", flush=True)
     r = {k: [] for k in ("ttft", "hf_ttft", "gen", "hf_gen", "fu_warm", "fu_cold", "fu_hf")}
     n = args.new_tokens
     for _ in range(args.repeats):
