@@ -112,7 +112,7 @@ def build_vlm(cfg: WorldTrainConfig, clip: ClipModel, tok) -> tuple:
 
 def vlm_loss(model: LlavaModel, batch) -> torch.Tensor:
     ids, labels, pixels = batch
-    feats = model.project_images(pixels)  # (B, n, d)
+    feats = model.tile_features(pixels)  # (B, n, d)
     x = model.embed_prompt(ids, feats.reshape(-1, feats.shape[-1]))  # (B, T, d)
     return next_token_loss(model.decoder, ids, labels, embeds=x)
 
