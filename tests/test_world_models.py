@@ -55,9 +55,10 @@ def test_trained_vlm_loads_in_transformers_with_the_same_logits_and_greedy_answe
         img = render(generate_scene(seed))
         p = vlm.prepare(_chat(CAPTION_PROMPT), [img])
         ids = torch.tensor([list(p)])
+        pixels = torch.cat([im.pixels for im in p.images])
         with torch.no_grad():
-            ref = hf(input_ids=ids, pixel_values=p.pixels).logits[0, -1]
-            g = hf.generate(input_ids=ids, pixel_values=p.pixels, max_new_tokens=12, do_sample=False,
+            ref = hf(input_ids=ids, pixel_values=pixels).logits[0, -1]
+            g = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,
                             attention_mask=torch.ones_like(ids))
         ours = vlm.generate(p, temperature=0.0, max_new_tokens=12, logprobs=True)[0]
         assert ours.token_ids == g[0, ids.shape[1]:].tolist()

@@ -116,7 +116,7 @@ def save_llava(model, folder, hf_config: dict) -> Path:
     model.multi_modal_projector., model.language_model., lm_head.)."""
     from ..vlm.loader import tower_key_table
 
-    table = tower_key_table(model.cfg, len(model.tower.blocks), "model.vision_tower.vision_model.")
+    table = tower_key_table(model.cfg, model, "model.vision_tower.vision_model.")
     for lin in ("linear_1", "linear_2"):
         table += module_keys(f"projector.{lin}", f"model.multi_modal_projector.{lin}")
     table += llama_key_table(model.cfg.text, ours="decoder.", body="model.language_model.", head="lm_head.")
