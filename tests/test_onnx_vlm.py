@@ -56,7 +56,7 @@ def test_prompts_and_pixels_equal_the_pytorch_processor(engines, name):
     for prompt in (_ask("what is in the image", 2), "USER: <image> a cat <image> ASSISTANT:"):
         ref, got = vlm.prepare(prompt, images), ort.prepare(prompt, images)
         assert list(got) == list(ref)
-        np.testing.assert_array_equal(got.pixels, ref.pixels.numpy())
+        np.testing.assert_array_equal(got.pixels, np.concatenate([im.pixels.numpy() for im in ref.images]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -64,7 +64,8 @@ def test_image_features_match_mmfuse_vlm(engines, name):
     vlm, ort = engines[name]
     S = ort.manifest["image_size"]
     pixels = np.random.default_rng().standard_normal((3, 3, S, S)).astype(np.float32)  # another batch than the trace
-    ref = vlm.image_features(torch.from_numpy(pixels)).numpy()
+    with torch.no_grad():
+        ref = vlm.vlm.tile_features(torch.from_numpy(pixels)).numpy()
     got = ort.image_features(pixels)
     assert got.shape == ref.shape == (3, vlm.vlm.cfg.tokens_per_image, vlm.vlm.cfg.text.d_model)
     assert np.abs(got - ref).max() <= 1e-4
@@ -73,8 +74,10 @@ def test_image_features_match_mmfuse_vlm(engines, name):
     emb = ort.prompt_embeddings([req])[0]  # (T, d)
     mask = np.asarray(req) == ort.manifest["image_token_id"]
     np.testing.assert_array_equal(emb[mask], ort.image_features(req.pixels).reshape(-1, emb.shape[1]))
-    ref_emb = vlm.vlm.embed_prompt(torch.tensor(req), vlm.image_features(torch.from_numpy(req.pixels)).flatten(0, 1))
-    assert np.abs(emb - ref_emb.detach().numpy()).max() <= 1e-4
+    with torch.no_grad():
+        feats = vlm.vlm.tile_features(torch.from_numpy(req.pixels)).flatten(0, 1)
+        ref_emb = vlm.vlm.embed_prompt(torch.tensor(req), feats).numpy()
+    assert np.abs(emb - ref_emb).max() <= 1e-4
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,7 +126,11 @@ def test_bad_requests_are_typed_errors(engines):
         ort.generate(_ask("a cat"), images=np.zeros((0, 5, 3), np.uint8), max_new_tokens=2)  # an empty image
 
 
-def test_unsupported_vlm_types_are_refused_naming_them(tmp_path):
+def test_unsupported_vlm_types_and_options_are_refused_naming_them(exported, tmp_path):
+    with pytest.raises(ConfigError, match="int8"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int8")
+    with pytest.raises(ConfigError, match="inputs-embeds"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "e", inputs_embeds=True)
     for mt in ("llava_next", "idefics3"):
         d = tmp_path / mt
         d.mkdir()

@@ -23,7 +23,7 @@ from ..decoder.config import DecoderConfig
 from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open
 from ..ort.decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
-from ..ort.manifest import MANIFEST, write_manifest
+from ..ort.manifest import publish, write_manifest
 from ..ort.session import make_session
 from .decoder_graph import MIN_OPSET, ONNX_DTYPES, DecoderExportOptions, DecoderGraph, check_opset, weights_from_model
 from .genai_config import genai_config
@@ -106,9 +106,7 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
             diffs["last_logits"] = check_runtime_graph(tmp, manifest, embed, log=log)
         files.append(RUNTIME_GRAPH)
         manifest = write_manifest(tmp, "decoder", files, **fields, check=diffs)
-        for f in files:  # the manifest last: a folder without it is not a finished export
-            os.replace(tmp / f, out_dir / f)
-        os.replace(tmp / MANIFEST, out_dir / MANIFEST)
+        publish(tmp, out_dir, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

@@ -15,7 +15,6 @@ by vision.onnx's features; `mmfuse.ort.vlm.OrtVLM` runs the folder without torch
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -28,7 +27,7 @@ import torch.nn as nn
 
 from ..checkpoint import read_config
 from ..errors import ConfigError, ExportCheckError
-from ..ort.manifest import MANIFEST, write_manifest
+from ..ort.manifest import MANIFEST, publish, write_manifest
 from .decoder_graph import MIN_OPSET, check_opset
 from .graph import GraphBuilder, save_with_external_data
 from .onnx_decoder import check_graph, export_decoder
@@ -46,11 +45,14 @@ def export_llava(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int] =
                  quantize: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Export, check and write the folder; returns its manifest."""
     from ..vlm.config import VlmConfig
-    from ..vlm.loader import load_llava
+    from ..vlm.loader import load_vlm
     from ..vlm.processor import image_processor_for
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf = read_config(model_dir)
+    if hf.get("model_type") != "llava":
+        raise ConfigError(f"{model_dir / 'config.json'}: model_type {hf.get('model_type')!r} has no ONNX export "
+                          "here (vision-language: 'llava' only)")
     cfg = VlmConfig.from_hf(hf, source=str(model_dir / "config.json"))  # refuses unsupported fields
     if dtype != "fp32" or quantize:
         raise ConfigError(f"--dtype {dtype} / --quantize {quantize}: a llava export is fp32 only")
@@ -64,7 +66,7 @@ def export_llava(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int] =
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is not a complete export
 
-    model = load_llava(model_dir, dtype="fp32")
+    model = load_vlm(model_dir, dtype="fp32")
     text_hf = {"model_type": "llama", **hf["text_config"]}  # transformers' default text model
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -89,10 +91,7 @@ def export_llava(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int] =
             vision={"file": VISION_FILE, "inputs": ["pixel_values"], "output": "image_features"},
             embedding={"file": EMBEDDING_FILE, "inputs": ["input_ids"], "output": "inputs_embeds"},
             check={"vision": vision, "embedding": embedding, "decoder": decoder["check"]})
-        (out_dir / DECODER_DIR).mkdir(exist_ok=True)
-        for f in files:  # the manifest last: a folder without it is not a finished export
-            os.replace(tmp / f, out_dir / f)
-        os.replace(tmp / MANIFEST, out_dir / MANIFEST)
+        publish(tmp, out_dir, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -106,12 +105,12 @@ class VisionGraph(nn.Module):
         self.model = model
 
     def forward(self, pixel_values):  # (B, 3, S, S) -> (B, N, d_text)
-        return self.model.image_features(pixel_values)
+        return self.model.tile_features(pixel_values)
 
 
 def export_vision(model, path: Path, opset: int, log: Callable[[str], None] = print) -> dict:
     """Trace the tower + projector to `path`, onnx.checker (full), then onnxruntime against
-    `model.image_features` on fresh random pixels (another batch size than the trace)."""
+    `model.tile_features` on fresh random pixels (another batch size than the trace)."""
     from ..ort.session import make_session
 
     S = model.cfg.vision.image_size
@@ -124,7 +123,7 @@ def export_vision(model, path: Path, opset: int, log: Callable[[str], None] = pr
                           do_constant_folding=True)
     check_graph(path)
     fresh = torch.randn(3, 3, S, S)
-    ref = model.image_features(fresh).float().numpy()  # (3, N, d)
+    ref = model.tile_features(fresh).float().numpy()  # (3, N, d)
     got = make_session(path).run(None, {"pixel_values": fresh.numpy()})[0]
     if got.shape != ref.shape:
         raise ExportCheckError(f"{path}: image_features of shape {got.shape}, mmfuse.vlm gives {ref.shape}")

@@ -58,13 +58,15 @@ class VlmPrompter:
             special = not (self.bos_token and text.startswith(self.bos_token))
         else:
             raise PromptError(f"a prompt is a string or a list of messages, not {type(prompt).__name__}")
-        ids = self.tokenizer.encode(text, add_special_tokens=special).ids
-        n = ids.count(self.image_token_id)
-        if n != len(images):
-            raise PromptError(f"the prompt has {n} image placeholder(s) {self.image_token!r} but {len(images)} "
-                              f"image(s) were given")
-        out = []
-        for t in ids:
-            out.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
+        parts = text.split(self.image_token)
+        if len(parts) - 1 != len(images):
+            raise PromptError(f"the prompt has {len(parts) - 1} image placeholder(s) {self.image_token!r} but "
+                              f"{len(images)} image(s) were given")
         pixels = np.stack([self.images.process_one(im, f"image {i}") for i, im in enumerate(images)]) if images else None
-        return ImagePrompt(out, pixels)
+        text = (self.image_token * self.tokens_per_image).join(parts)  # each placeholder -> one token per feature
+        ids = self.tokenizer.encode(text, add_special_tokens=special).ids
+        n, want = ids.count(self.image_token_id), len(images) * self.tokens_per_image
+        if n != want:
+            raise PromptError(f"the prompt tokenizes to {n} image tokens {self.image_token!r} where its images "
+                              f"need {want} (is the image token split or typed into the text?)")
+        return ImagePrompt(ids, pixels)
