@@ -20,7 +20,8 @@ from mmfuse.decoder.generate import Engine
 from mmfuse.decoder.loader import load_decoder
 from mmfuse.errors import (CheckpointError, ConfigError, ImageError, MMFuseError, NumericalError, OutputError,
                            PromptError, SamplingParamsError)
-from mmfuse.generation.sampling import Sampler, SamplingParams
+from mmfuse.generation.params import SamplingParams
+from mmfuse.generation.sampling import Sampler
 
 
 @pytest.fixture(scope="module")

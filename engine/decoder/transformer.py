@@ -66,8 +66,8 @@ class Decoder(nn.Module):
                 embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for token ids (B, T) at absolute positions (B, T).
 
-        With a cache, this call's keys/values are written at `positions` and attention covers the
-        cache up to `kv_len` (B,); positions[:, 0] is each row's first query position. Prefill,
+        With a cache, each layer writes this call's keys/values at `positions` (`KVCache.update`)
+        and attention covers the cache up to `kv_len` (B,); positions[:, 0] is each row's first query position. Prefill,
         decode and multi-token verification are the same call. `logits_index` (B,) picks one
         position per row for the LM head (e.g. the last prompt token), giving (B, 1, V). `embeds`
         (B, T, C), when given, replaces the token embeddings (e.g. image features spliced into a
@@ -85,8 +85,8 @@ class Decoder(nn.Module):
             rope = (cos, sin)
         q_start = positions[:, 0] if cache is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, rope=rope, cache=None if cache is None else cache.layer(i),
-                      positions=positions, kv_len=kv_len, q_start=q_start)
+            x = block(x, causal=True, rope=rope, cache=cache, layer=i, positions=positions, kv_len=kv_len,
+                      q_start=q_start)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, C)
         return project(self.lm_head, self.norm_f(x))
