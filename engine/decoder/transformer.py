@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ from ..nn.layers import Block, init_weights, make_norm, project
 from ..nn.rope import rope_inv_freq, rope_tables
 from .config import DecoderConfig
 from .kv_cache import KVCache
+from .weights import save_decoder
 
 
 class Decoder(nn.Module):
@@ -27,10 +29,13 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         if not cfg.learned_pos:
             # RoPE tables grow on demand (`ensure_positions`) to what the KV caches in use hold:
-            # a context of 10^8 positions would otherwise cost gigabytes per table up front.
+            # a context of 10^8 positions would otherwise cost gigabytes per table up front. They
+            # start empty on the CPU, real even when the model is built on the meta device by a
+            # loader, and move to the weights' device as they grow.
             self.rope_inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (D/2,) CPU
-            self.register_buffer("rope_cos", torch.zeros(0, cfg.head_dim // 2), persistent=False)  # (T, D/2)
-            self.register_buffer("rope_sin", torch.zeros(0, cfg.head_dim // 2), persistent=False)
+            empty = torch.zeros(0, cfg.head_dim // 2, device="cpu")  # (T, D/2) fp32
+            self.register_buffer("rope_cos", empty, persistent=False)
+            self.register_buffer("rope_sin", empty.clone(), persistent=False)
             self._rope_lock = threading.Lock()
 
     @classmethod
@@ -53,10 +58,15 @@ class Decoder(nn.Module):
             if have >= n:
                 return
             size = min(self.cfg.max_seq_len, max(n, 2 * have, 64))
-            cos, sin = rope_tables(self.rope_inv_freq, have, size)  # (size - have, D/2) each
-            dev, dt = self.rope_cos.device, self.rope_cos.dtype
-            self.rope_cos = torch.cat([self.rope_cos, cos.to(dev, dt)])
-            self.rope_sin = torch.cat([self.rope_sin, sin.to(dev, dt)])
+            cos, sin = rope_tables(self.rope_inv_freq, have, size)  # (size - have, D/2) each, fp32
+            dev = self.norm_f.weight.device
+            self.rope_cos = torch.cat([self.rope_cos.to(dev, torch.float32), cos.to(dev)])
+            self.rope_sin = torch.cat([self.rope_sin.to(dev, torch.float32), sin.to(dev)])
+
+    def save_pretrained(self, folder) -> Path:
+        """A Hugging Face checkpoint folder (config.json + model.safetensors, written atomically)
+        that transformers' AutoModelForCausalLM and `load_decoder` load as this model."""
+        return save_decoder(self, folder)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,8 +14,9 @@ import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
 from ..decoder.loader import DECODER_IGNORED, decoder_from_checkpoint
-from ..encoders.weights import block_keys, module_keys
+from ..encoders.weights import block_keys
 from ..errors import CheckpointError
+from ..weight_map import module_keys, read_state
 from .config import VlmConfig
 from .llava import LlavaModel
 
@@ -65,16 +66,10 @@ def load_llava(folder, dtype="auto", device="cpu") -> LlavaModel:
     with torch.device("meta"):
         model = LlavaModel(cfg)
     depth = len(model.tower.blocks)
-    expected = dict(model.state_dict())
-    sd = {}
     table = tower_key_table(cfg, depth, v) + module_keys("projector.linear_1", proj + "linear_1",
                                                          ("weight", "bias") if cfg.projector_bias else ("weight",))
     table += module_keys("projector.linear_2", proj + "linear_2", ("weight", "bias") if cfg.projector_bias else ("weight",))
-    for ours, theirs in table:
-        shape = list(expected[ours].shape)
-        shape[0] //= len(theirs)
-        parts = [ck.take(t, tuple(shape), dtype=dtype, device=device) for t in theirs]
-        sd[ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    sd = read_state(ck, table, {k: tuple(t.shape) for k, t in model.state_dict().items()}, dtype, device)
     decoder = decoder_from_checkpoint(ck, cfg.text, dtype=dtype, device=device, prefix=body, head_prefix=head)
     skipped = [k for k in ck.unused() if k.startswith(v) and (
         k.startswith((v + "post_layernorm.", v + "head."))
