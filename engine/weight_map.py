@@ -43,7 +43,8 @@ class KeyEntry:
 
     def their_shapes(self, shape) -> list:
         """The stored shape of each checkpoint tensor."""
-        parts = [(n, *shape[1:]) for n in self.rows(shape)]
+        shape = tuple(shape)
+        parts = [shape] if len(self.theirs) == 1 else [(n, *shape[1:]) for n in self.rows(shape)]
         return [tuple(reversed(s)) for s in parts] if self.transpose else parts
 
     def to_ours(self, parts: list) -> torch.Tensor:

@@ -98,3 +98,24 @@ def test_save_pretrained_refuses_quantized_models(gpt2_folder, tmp_path):
     model = load_decoder(gpt2_folder, quantize="int8")
     with pytest.raises(ConfigError, match="save_quantized"):
         model.save_pretrained(tmp_path / "q")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(gpt2_folder, tmp_path, monkeypatch):
+    import errno
+
+    import mmfuse.weight_map as weight_map
+    from mmfuse.errors import OutputError
+
+    model = load_decoder(gpt2_folder)
+    folder = model.save_pretrained(tmp_path / "ck")
+    good = (folder / "model.safetensors").read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(good[: len(good) // 3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(weight_map, "save_file", full_disk)
+    with pytest.raises(OutputError, match="model.safetensors: write failed"):
+        model.save_pretrained(folder)
+    assert (folder / "model.safetensors").read_bytes() == good
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

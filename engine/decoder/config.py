@@ -129,7 +129,8 @@ class DecoderConfig:
                         mlp_bias=True, n_kv_head=self.n_head, head_dim=self.d_model // self.n_head)
             odd = [k for k, v in gpt2.items() if getattr(self, k) != v]
             if odd:
-                raise ConfigError(f"a GPT-2 config.json cannot describe {', '.join(f'{k}={getattr(self, k)}' for k in odd)}")
+                shown = ", ".join(f"{k}={getattr(self, k)}" for k in odd)
+                raise ConfigError(f"a GPT-2 config.json cannot describe {shown}")
             return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": self.vocab_size,
                     "n_positions": self.max_seq_len, "n_embd": self.d_model, "n_layer": self.n_layer,
                     "n_head": self.n_head, "n_inner": self.d_ff, "activation_function": act,

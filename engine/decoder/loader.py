@@ -88,7 +88,8 @@ def decoder_from_checkpoint(ck: Checkpoint, cfg: DecoderConfig, dtype="fp32", de
         if param == "weight" and prefixes[0] + ".qweight" in ck:
             n_in = shapes[e.ours][1]
             parts = [read_linear(ck, spec, p, w, n_in, dtype) for p, w in zip(prefixes, e.rows(shapes[e.ours]))]
-            modules[mod] = QuantizedLinear.concat(parts, name=f"{ck.folder}: {prefixes}") if len(parts) > 1 else parts[0]
+            modules[mod] = (QuantizedLinear.concat(parts, name=f"{ck.folder}: {prefixes}") if len(parts) > 1
+                            else parts[0])
     table = [e for e in table if e.ours.rpartition(".")[0] not in modules]
     sd = read_state(ck, table, shapes, dtype, device)
     if cfg.tie_embeddings and head + "weight" in ck:

@@ -77,8 +77,8 @@ class Decoder(nn.Module):
         """Logits for token ids (B, T) at absolute positions (B, T).
 
         With a cache, each layer writes this call's keys/values at `positions` (`KVCache.update`)
-        and attention covers the cache up to `kv_len` (B,); positions[:, 0] is each row's first query position. Prefill,
-        decode and multi-token verification are the same call. `logits_index` (B,) picks one
+        and attention covers the cache up to `kv_len` (B,); positions[:, 0] is each row's first
+        query position. Prefill, decode and multi-token verification are the same call. `logits_index` (B,) picks one
         position per row for the LM head (e.g. the last prompt token), giving (B, 1, V). `embeds`
         (B, T, C), when given, replaces the token embeddings (e.g. image features spliced into a
         multimodal prompt); `ids` may then be None.

@@ -35,7 +35,8 @@ def gpt2_table(cfg: DecoderConfig, body: str = "transformer.", head: str = "lm_h
 def llama_table(cfg: DecoderConfig, body: str = "model.", head: str = "lm_head.") -> KeyTable:
     """Llama / Mistral / Qwen2 names under `body` (e.g. "model." or "model.language_model.") and `head`."""
     qo, kvo = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    table = [KeyEntry("embed.weight", (body + "embed_tokens.weight",)), KeyEntry("norm_f.weight", (body + "norm.weight",))]
+    table = [KeyEntry("embed.weight", (body + "embed_tokens.weight",)),
+             KeyEntry("norm_f.weight", (body + "norm.weight",))]
 
     def linear(ours, theirs, sizes, bias):
         for p in ("weight", "bias") if bias else ("weight",):
