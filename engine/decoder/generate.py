@@ -93,7 +93,8 @@ class DecodeState:
         B, k = tokens.shape
         cache = self.cache
         cache.check_room([k] * B)
-        cache.record(tokens[0].tolist())
+        if cache.tokens is not None:
+            cache.record(tokens[0].tolist())
         logits = self.model(tokens, cache.next_positions(k), cache, kv_len=cache.lengths + k)
         cache.advance(k)
         return logits

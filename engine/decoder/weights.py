@@ -66,11 +66,11 @@ def decoder_table(cfg: DecoderConfig, body: Optional[str] = None, head: str = "l
 def save_decoder(model: nn.Module, folder) -> Path:
     """Write config.json and model.safetensors (transformers' names, the model's dtype) that
     transformers' AutoModelForCausalLM and mmfuse load as this model; each file atomically."""
-    linears = [n for n, m in model.named_modules() if n.endswith(("qkv", "attn.o", "mlp.up", "mlp.down", "lm_head"))
-               and not isinstance(m, nn.Linear)]
-    if linears or not isinstance(model.embed, nn.Embedding):
+    table, state = decoder_table(model.cfg), model.state_dict()
+    quantized = [e.ours for e in table if e.ours not in state]  # a quantized module holds packed tensors instead
+    if quantized:
         raise ConfigError(f"save_pretrained writes float checkpoints; this model has quantized modules "
-                          f"({(linears or ['embed'])[:3]}): use mmfuse.quant.save_quantized")
+                          f"({quantized[:3]}): use mmfuse.quant.save_quantized")
     config = model.cfg.to_hf()
-    config["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
-    return write_checkpoint(folder, checkpoint_tensors(model.state_dict(), decoder_table(model.cfg)), config)
+    config["torch_dtype"] = str(state["embed.weight"].dtype).removeprefix("torch.")
+    return write_checkpoint(folder, checkpoint_tensors(state, table), config)
