@@ -7,9 +7,9 @@ import math
 import torch
 
 from ..hf_config import int_field, screen_fields
+from ..weight_map import module_keys
 from .config import sub_config, text_tower, vision_tower
 from .dual import DualEncoder
-from .weights import module_keys
 
 _TOP_FIELDS = {"projection_dim", "logit_scale_init_value", "text_config", "vision_config",
                "text_config_dict", "vision_config_dict", "initializer_factor"}

@@ -18,10 +18,11 @@ from ..checkpoint import read_config
 from ..errors import ConfigError
 from ..files import atomic_path
 from ..nn.layers import init_weights
+from ..weight_map import KeyTable, load_weights, module_keys, save_weights
 from .config import TowerConfig
 from .text import TextTower
 from .vit import VisionTower
-from .weights import KeyTable, block_keys, load_weights, module_keys, save_weights
+from .weights import block_keys
 
 # Files of a checkpoint folder besides the weights that a saved model carries along.
 ASSETS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",

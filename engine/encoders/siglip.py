@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..hf_config import int_field, screen_fields
+from ..weight_map import module_keys
 from .config import sub_config, text_tower, vision_tower
 from .dual import DualEncoder
-from .weights import module_keys
 
 _TOP_FIELDS = {"text_config", "vision_config", "initializer_factor"}
 
