@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mmfuse.kernels import clip_loss, siglip_loss
 
-from .dual import DualEncoder
+from .clip import ClipModel
 
 
 @dataclass
@@ -54,7 +54,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def make_optimizer(model: DualEncoder, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: ClipModel, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -64,7 +64,7 @@ def make_optimizer(model: DualEncoder, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def contrastive_loss(model: DualEncoder, img: torch.Tensor, txt: torch.Tensor, live_scale: bool = True):
+def contrastive_loss(model: ClipModel, img: torch.Tensor, txt: torch.Tensor, live_scale: bool = True):
     """The model family's loss on normalised features; `live_scale=False` detaches scale and bias."""
     scale = model.logit_scale.exp()
     bias = model.logit_bias
@@ -95,7 +95,7 @@ def _features(model, pixels, ids):
     return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
 
 
-def train_step(model: DualEncoder, pixels: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig, autocast,
+def train_step(model: ClipModel, pixels: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig, autocast,
                scaler=None) -> float:
     """Forward/backward of one global batch split into cfg.accum_steps micro-batches; returns the loss."""
     micro_px, micro_ids = pixels.chunk(cfg.accum_steps), ids.chunk(cfg.accum_steps)
@@ -132,7 +132,7 @@ def tensor_batches(pixels: torch.Tensor, ids: torch.Tensor, batch_size: int, see
             yield pixels[idx], ids[idx]
 
 
-def train(model: DualEncoder, batches: Iterable, cfg: TrainConfig) -> list[float]:
+def train(model: ClipModel, batches: Iterable, cfg: TrainConfig) -> list[float]:
     """Train `model` in place on (pixels (B, 3, H, W), ids (B, T)) global batches; returns the losses."""
     if cfg.steps < 1 or cfg.accum_steps < 1:
         raise ValueError(f"steps={cfg.steps} and accum_steps={cfg.accum_steps} must be positive")

@@ -48,6 +48,11 @@ def module_keys(ours: str, theirs: str, params=("weight", "bias")) -> KeyTable:
     return [(f"{ours}.{p}", [f"{theirs}.{p}"]) for p in params]
 
 
+def named_keys(params: dict, modules: dict) -> KeyTable:
+    """Table entries from {our parameter: theirs} and {our module: theirs} (its weight and bias)."""
+    return [(o, [t]) for o, t in params.items()] + [e for o, t in modules.items() for e in module_keys(o, t)]
+
+
 def load_weights(build: Callable[[], nn.Module], folder, table: KeyTable, dtype="auto", device="cpu",
                  ignore=()) -> nn.Module:
     """Build `build()` on the meta device and fill it from the checkpoint folder through `table`."""
