@@ -14,14 +14,16 @@ Quantized weights (layout in quant_cpu.py) apply each group's scale and zero poi
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 ROW_BLOCK = 4  # input rows that share each weight element loaded (dot4's accumulators in gemv_numba.py)
 FLOAT = 32     # `bits` of fp32 weights
-_NONE = torch.empty(0, 0, dtype=torch.uint8)  # no scales / zero points
+_NONE = np.empty((0, 0), dtype=np.uint8)  # no scales / zero points
 
 
 def padded_rows(n: int) -> int:
@@ -38,9 +40,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bits: int = FLOAT, scales: Optio
     extra = padded_rows(n) - n
     flat = (F.pad(x, (0, 0, 0, extra)) if extra else x).contiguous()  # (n + extra, Kp)
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
+    _kernel()(weight.detach().numpy(), _NONE if scales is None else scales.numpy(),
+              _NONE if zeros is None else zeros.numpy(), zero_default, flat.detach().numpy(), out.numpy(),
+              group_size or flat.shape[1], bits)
+    return out[:n] if extra else out
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """gemv_numba.gemv_rows, imported (and compiled, or read from numba's disk cache) on first use."""
     from .gemv_numba import gemv_rows
 
-    gemv_rows(weight.detach().numpy(), (_NONE if scales is None else scales).numpy(),
-              (_NONE if zeros is None else zeros).numpy(), zero_default, flat.detach().numpy(), out.numpy(),
-              group_size or flat.shape[1], bits)
-    return out[:n]
+    return gemv_rows
