@@ -49,12 +49,19 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
-def progress(iterable=None, total=None, desc: str = "", quiet: bool = False, unit: str = "it"):
-    """A tqdm bar on stderr, silent with -q or when stderr is not a terminal."""
+def progress(iterable=None, total=None, desc: str = "", quiet: bool = False, unit: str = "it", **options):
+    """A tqdm bar on stderr, silent with -q or when stderr is not a terminal (`options` go to tqdm,
+    e.g. unit_scale)."""
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
-                disable=quiet or not sys.stderr.isatty(), leave=False)
+                disable=not progress_shown(quiet), leave=False, **options)
+
+
+def progress_shown(quiet: bool = False) -> bool:
+    """Whether `progress` draws a bar: not with -q, nor when stderr is not a terminal (callers that
+    would only update a hidden bar skip importing tqdm)."""
+    return not quiet and sys.stderr.isatty()
 
 
 def check_output(path: str, option: str, suffix: str = "") -> Path:

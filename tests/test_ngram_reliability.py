@@ -22,7 +22,7 @@ import pytest
 from mmfuse import _ngram
 from mmfuse.errors import MMFuseError, NGramError, OutputError
 from mmfuse.ngram import BuildConfig, NGramModel
-from mmfuse.ngram.model import split_words
+from mmfuse.ngram.language_model import split_words
 
 DATA = Path(__file__).parent / "data" / "kenlm"
 TRAIN, TEST = DATA / "train.txt", DATA / "test.txt"

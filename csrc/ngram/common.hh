@@ -1,14 +1,16 @@
-// Shared types of the n-gram core: word ids, special words, the n-gram hash, error helpers.
+// Shared types of the n-gram core: word ids, special words, the n-gram hash, error helpers, clock.
 #pragma once
 #include <sys/mman.h>
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ngram {
@@ -17,6 +19,10 @@ using WordId = uint32_t;
 constexpr WordId kUNK = 0;  // <unk>: id 0, as in KenLM
 constexpr WordId kBOS = 1;  // <s>
 constexpr WordId kEOS = 2;  // </s>
+constexpr std::string_view kUnkWord = "<unk>", kBosWord = "<s>", kEosWord = "</s>";
+// The special words in the id space of token models (words that are decimal token ids): negative,
+// so that they never collide with a token id.
+constexpr int64_t kEosToken = -1, kUnkToken = -2, kBosToken = -3;
 constexpr int kMaxOrder = 8;
 
 constexpr int kMaxThreads = 256;  // bound on worker threads (--threads): the machine refuses thousands
@@ -35,6 +41,11 @@ struct OutputFailure : std::runtime_error {
 struct ResourceFailure : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+
+// Seconds on a monotonic clock (stage timings).
+inline double now_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 // Text of the last C library error (ENOSPC: "No space left on device").
 inline std::string errno_text(int err) { return std::strerror(err); }

@@ -1,10 +1,10 @@
 // Parallel n-gram counting with sorted runs, spilled to disk past the memory budget.
 #include "count.hh"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -15,10 +15,6 @@
 #include <thread>
 
 namespace ngram {
-
-double now_seconds() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 namespace {
 
@@ -301,7 +297,7 @@ void Counter::flush_block(bool force) {
     b.swap(block_);
     block_.reserve(block_tokens_ + 1024);
     submit(std::move(b));
-    if (opt_.progress) {
+    if (opt_.verbose) {
         double t = now_seconds();
         if (force || t - last_report_ > 2.0) {
             std::fprintf(stderr, "[mmfuse.ngram] counting: %.1f MB, %llu lines, %llu tokens, %.1f s\n",
@@ -329,7 +325,7 @@ void Counter::add_text(const char* data, size_t len) {
             while (p < eol && !is_space(*p)) ++p;
             if (p == b) break;
             std::string_view w(b, p - b);
-            if (w[0] == '<' && (w == "<s>" || w == "</s>" || w == "<unk>")) {
+            if (w[0] == '<' && (w == kBosWord || w == kEosWord || w == kUnkWord)) {
                 if (opt_.skip_symbols) continue;
                 throw InputError("line " + std::to_string(lines + 1) + ": the special word " + std::string(w) +
                                  " is not allowed in the corpus (pass skip_symbols to treat it as whitespace)");
@@ -342,18 +338,23 @@ void Counter::add_text(const char* data, size_t len) {
     }
 }
 
-void Counter::add_file(const std::string& path) {
+void Counter::add_file(const std::string& path, const Progress& progress) {
     check_open();
     FILE* f = std::fopen(path.c_str(), "rb");
     if (!f) throw InputError("cannot open corpus file " + path);
-    std::vector<char> buf(size_t(16) << 20);
+    struct stat st;
+    const uint64_t total = (::fstat(::fileno(f), &st) == 0 && S_ISREG(st.st_mode)) ? uint64_t(st.st_size) : 0;
+    std::vector<char> buf(kProgressBytes);
     size_t carry = 0;
+    uint64_t consumed = 0;  // bytes handed to add_text
     try {
         for (;;) {
             size_t got = std::fread(buf.data() + carry, 1, buf.size() - carry, f);
             size_t have = carry + got;
-            if (got == 0) {
+            if (got == 0) {  // the end: the last line may lack its '\n'
                 if (have) add_text(buf.data(), have);
+                consumed += have;
+                if (progress && (have || !consumed)) progress(consumed, total);
                 break;
             }
             const char* last_nl = nullptr;
@@ -365,6 +366,8 @@ void Counter::add_file(const std::string& path) {
             }
             size_t used = last_nl + 1 - buf.data();
             add_text(buf.data(), used);
+            consumed += used;
+            if (progress) progress(consumed, total);
             carry = have - used;
             std::memmove(buf.data(), buf.data() + used, carry);
         }

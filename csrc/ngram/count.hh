@@ -2,6 +2,7 @@
 // order-1 <s> in front and </s> at the end. Worker threads sort and merge blocks of n-grams into
 // runs; past the memory budget, runs are spilled to disk and merged back at the end.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -18,8 +19,13 @@ struct CountOptions {
     std::string tmp_dir = "/tmp";               // where sorted runs are spilled
     int threads = 2;                            // sorting workers
     bool skip_symbols = false;                  // treat <s>, </s>, <unk> in the text as whitespace
-    bool progress = false;                      // periodic lines on stderr
+    bool verbose = false;                       // periodic counting lines on stderr
 };
+
+// Told how far a corpus file has been read: bytes consumed so far of `total` bytes (0: size unknown).
+// Called every kProgressBytes and at the end; it may throw to stop the counting (Ctrl-C).
+using Progress = std::function<void(uint64_t consumed, uint64_t total)>;
+constexpr size_t kProgressBytes = size_t(2) << 20;
 
 // Sorted unique n-grams of the highest order, words stored REVERSED (last word first), so that
 // plain lexicographic order is KenLM's suffix order.
@@ -37,8 +43,8 @@ class Counter {
 
     // Whitespace-tokenised text of whole lines (errors name the line number counted so far).
     void add_text(const char* data, size_t len);
-    // Reads a whole text file in blocks.
-    void add_file(const std::string& path);
+    // Reads a whole text file in blocks of kProgressBytes, telling `progress` (when set) after each.
+    void add_file(const std::string& path, const Progress& progress = {});
     // One sentence of integer token ids (vocabulary words are their decimal strings).
     void add_token_ids(const int64_t* ids, size_t n);
 

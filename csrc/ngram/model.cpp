@@ -295,11 +295,49 @@ WordId Model::sample(const State& st, std::mt19937_64& rng) const {
     return WordId(std::min(w, d.size() - 1));
 }
 
+State Model::state_after(const WordId* ids, size_t n, bool bos) const {
+    const size_t keep = size_t(order_ - 1);
+    State st = (bos && n < keep + 1) ? begin_state() : null_state();
+    size_t from = (bos && n < keep + 1) ? 0 : (n > keep ? n - keep : 0);
+    State next;
+    for (size_t i = from; i < n; ++i) { score(st, ids[i], next); st = next; }
+    return st;
+}
+
+void Model::greedy(State st, int k, bool stop_at_eos, std::vector<WordId>& ids, std::vector<float>& probs) const {
+    ids.clear(); probs.clear();
+    std::vector<WordId> best;
+    std::vector<float> bp;
+    State next;
+    for (int i = 0; i < k; ++i) {
+        top_k(st, 1, best, bp);
+        if (best.empty()) break;
+        ids.push_back(best[0]);
+        probs.push_back(bp[0]);
+        if (stop_at_eos && best[0] == kEOS) break;
+        score(st, best[0], next);
+        st = next;
+    }
+}
+
+std::vector<WordId> Model::sample_words(State st, int max_words, uint64_t seed) const {
+    std::mt19937_64 rng(seed);
+    std::vector<WordId> out;
+    State next;
+    for (int i = 0; i < max_words; ++i) {
+        WordId w = sample(st, rng);
+        out.push_back(w);
+        if (w == kEOS) break;
+        score(st, w, next);
+        st = next;
+    }
+    return out;
+}
+
 // ---- binary format ----
 
 namespace {
-constexpr char kMagic[8] = {'M', 'M', 'F', 'N', 'G', 'R', 'M', '1'};
-constexpr uint32_t kVersion = 1;
+static_assert(sizeof(kBinaryMagic) == 9, "the magic is 8 bytes");
 
 struct Header {
     char magic[8];
@@ -340,8 +378,8 @@ class Writer {
 
 void Model::save_binary(const std::string& path) const {
     Header h{};
-    std::memcpy(h.magic, kMagic, 8);
-    h.version = kVersion;
+    std::memcpy(h.magic, kBinaryMagic, 8);
+    h.version = kBinaryVersion;
     h.order = uint32_t(order_);
     h.vocab_size = vocab.size();
     h.blob_size = vocab.blob().size();
@@ -381,8 +419,8 @@ std::unique_ptr<Model> Model::load_binary(const std::string& path) {
     Header h;
     std::memcpy(&h, base, sizeof h);
     auto bad = [&](const std::string& why) { return InputError(path + ": corrupt binary n-gram model: " + why); };
-    if (std::memcmp(h.magic, kMagic, 8) != 0) throw bad("bad magic (not an mmfuse binary model)");
-    if (h.version != kVersion) throw bad("unsupported version " + std::to_string(h.version));
+    if (std::memcmp(h.magic, kBinaryMagic, 8) != 0) throw bad("bad magic (not an mmfuse binary model)");
+    if (h.version != kBinaryVersion) throw bad("unsupported version " + std::to_string(h.version));
     if (h.order < 1 || h.order > uint32_t(kMaxOrder)) throw bad("order " + std::to_string(h.order));
     if (h.vocab_size < 3 || h.vocab_size > len) throw bad("vocabulary size " + std::to_string(h.vocab_size));
     size_t off = padded(sizeof h);

@@ -10,10 +10,14 @@
 #include <vector>
 
 #include "common.hh"
-#include "estimate.hh"
+#include "interpolate.hh"
 #include "vocab.hh"
 
 namespace ngram {
+
+// The binary format: a file starts with these 8 bytes (the NUL is not written), then the version.
+inline constexpr char kBinaryMagic[] = "MMFNGRM1";
+constexpr uint32_t kBinaryVersion = 1;
 
 // A read-only array that either owns its storage or points into a memory-mapped file.
 template <class T> class Array {
@@ -80,6 +84,14 @@ class Model {
     // The k most likely next words after `st` (never <s>), best first.
     void top_k(const State& st, int k, std::vector<WordId>& ids, std::vector<float>& probs) const;
     WordId sample(const State& st, std::mt19937_64& rng) const;
+
+    // State after the words ids[0..n) (bos: they follow <s>); only the last order-1 words matter.
+    State state_after(const WordId* ids, size_t n, bool bos) const;
+    // Greedy continuation of up to k words after `st`, each the most likely one, with its log10
+    // probability (ids, probs); stops after </s> when stop_at_eos.
+    void greedy(State st, int k, bool stop_at_eos, std::vector<WordId>& ids, std::vector<float>& probs) const;
+    // Up to max_words words sampled after `st` (stops after </s>, included), the generator seeded by seed.
+    std::vector<WordId> sample_words(State st, int max_words, uint64_t seed) const;
 
     // Lookup of an n-gram (forward words); false when absent.
     bool find(const WordId* words, int n, float& prob, float& backoff) const;

@@ -1,20 +1,17 @@
-// pybind11 entry point of mmfuse._ngram: corpus counting + Kneser-Ney estimation (Builder) and
-// the query model (Model, State). Bad input raises ValueError (C++ InputError); no call crashes.
+// pybind11 bindings of mmfuse._ngram, and nothing else: the build pipeline (Builder, over
+// pipeline.hh), the query model (Model, State) and the constants Python shares with the core (special
+// words, the binary format's magic). Bad input raises NGramError (C++ InputError); no call crashes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <charconv>
-#include <cstdio>
-#include <ctime>
-#include <chrono>
 #include <cstring>
 #include <thread>
 #include <unordered_map>
 
-#include "count.hh"
-#include "estimate.hh"
 #include "model.hh"
+#include "pipeline.hh"
 
 namespace py = pybind11;
 using namespace ngram;
@@ -50,15 +47,10 @@ class PyModel {
             if (st.words[i] >= m_->vocab_size()) throw InputError("state holds word id " + std::to_string(st.words[i]) + " outside this model's vocabulary");
     }
 
-    // State after the context (bos: the context follows <s>); only the last order-1 words matter.
+    // State after the context (bos: the context follows <s>), the ids checked.
     State state_after(const int32_t* ids, size_t n, bool bos) const {
         check_ids(ids, n);
-        const size_t keep = size_t(m_->order() - 1);
-        State st = (bos && n < keep + 1) ? m_->begin_state() : m_->null_state();
-        size_t from = (bos && n < keep + 1) ? 0 : (n > keep ? n - keep : 0);
-        State next;
-        for (size_t i = from; i < n; ++i) { m_->score(st, WordId(ids[i]), next); st = next; }
-        return st;
+        return m_->state_after(reinterpret_cast<const WordId*>(ids), n, bos);
     }
 
     bool is_token_model() {
@@ -79,9 +71,9 @@ class PyModel {
         if (maps_built_) return;
         maps_built_ = true;
         const size_t V = m_->vocab_size();
-        word_to_token_.assign(V, -1);  // </s> (and non-numeric words) -> -1
-        word_to_token_[kUNK] = -2;
-        word_to_token_[kBOS] = -3;
+        word_to_token_.assign(V, kEosToken);  // </s> (and non-numeric words) -> kEosToken
+        word_to_token_[kUNK] = kUnkToken;
+        word_to_token_[kBOS] = kBosToken;
         token_model_ = V > 3;
         int64_t max_tok = -1;
         for (WordId w = 3; w < V; ++w) {
@@ -170,6 +162,19 @@ PYBIND11_MODULE(_ngram, mod) {
     mod.doc() = "mmfuse n-gram language model core (C++): counting, modified Kneser-Ney, queries";
     mod.attr("MAX_ORDER") = kMaxOrder;
     mod.attr("MAX_THREADS") = kMaxThreads;
+    // The special words: vocabulary ids, spellings, and ids in the token-id space of token models.
+    mod.attr("UNK") = kUNK;
+    mod.attr("BOS") = kBOS;
+    mod.attr("EOS") = kEOS;
+    mod.attr("UNK_WORD") = py::str(kUnkWord.data(), kUnkWord.size());
+    mod.attr("BOS_WORD") = py::str(kBosWord.data(), kBosWord.size());
+    mod.attr("EOS_WORD") = py::str(kEosWord.data(), kEosWord.size());
+    mod.attr("UNK_TOKEN") = kUnkToken;
+    mod.attr("BOS_TOKEN") = kBosToken;
+    mod.attr("EOS_TOKEN") = kEosToken;
+    mod.attr("BINARY_MAGIC") = py::bytes(kBinaryMagic, sizeof(kBinaryMagic) - 1);
+    mod.attr("BINARY_VERSION") = kBinaryVersion;
+    mod.attr("PROGRESS_BYTES") = kProgressBytes;
     // C++ failures become mmfuse's typed errors (all MMFuseError): bad input NGramError, a failed
     // write OutputError, a refused thread ResourceError.
     static PyObject* input_error = py::object(py::module_::import("mmfuse.errors").attr("NGramError")).release().ptr();
@@ -205,101 +210,78 @@ PYBIND11_MODULE(_ngram, mod) {
             return r + "])";
         });
 
-    py::class_<Counter>(mod, "Builder")
-        .def(py::init([](int order, uint64_t memory_bytes, std::string tmp_dir, int threads, bool skip_symbols, bool progress) {
-                 CountOptions o;
-                 o.order = order; o.memory_bytes = memory_bytes; o.tmp_dir = tmp_dir;
-                 o.threads = threads; o.skip_symbols = skip_symbols; o.progress = progress;
-                 return Counter::make(o);
+    py::class_<Pipeline>(mod, "Builder")
+        .def(py::init([](int order, uint64_t memory_bytes, std::string tmp_dir, int threads, bool skip_symbols, bool verbose) {
+                 PipelineConfig cfg;
+                 cfg.count.order = order; cfg.count.memory_bytes = memory_bytes; cfg.count.tmp_dir = tmp_dir;
+                 cfg.count.threads = threads; cfg.count.skip_symbols = skip_symbols; cfg.verbose = verbose;
+                 return std::make_unique<Pipeline>(std::move(cfg));
              }),
              py::arg("order"), py::arg("memory_bytes"), py::arg("tmp_dir"), py::arg("threads"),
-             py::arg("skip_symbols"), py::arg("progress"))
+             py::arg("skip_symbols"), py::arg("verbose"))
         // A Builder is fed from one thread at a time: a second one entering is refused (NGramError).
-        .def("add_file", [](Counter& c, const std::string& path) {
-            ExclusiveUse use(c.busy, "this Builder");
+        .def("add_file", [](Pipeline& p, const std::string& path, py::object progress) {
+            ExclusiveUse use(p.counter().busy, "this Builder");
+            // Between blocks, with the GIL: pending signals (Ctrl-C raises here and stops the
+            // counting), then progress(consumed, total) when given.
+            const Progress report = [&progress](uint64_t consumed, uint64_t total) {
+                py::gil_scoped_acquire gil;
+                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+                if (!progress.is_none()) progress(consumed, total);
+            };
             py::gil_scoped_release nogil;
-            c.add_file(path);
-        })
-        .def("add_text", [](Counter& c, const std::string& text) {
-            ExclusiveUse use(c.busy, "this Builder");
+            p.counter().add_file(path, report);
+        }, py::arg("path"), py::arg("progress") = py::none(),
+           "Counts a text file; progress(bytes consumed, total bytes) is called every PROGRESS_BYTES and at the end.")
+        .def("add_text", [](Pipeline& p, const std::string& text) {
+            ExclusiveUse use(p.counter().busy, "this Builder");
             py::gil_scoped_release nogil;
-            c.add_text(text.data(), text.size());
+            p.counter().add_text(text.data(), text.size());
         })
-        .def("add_token_ids", [](Counter& c, TokArray ids) {
+        .def("add_token_ids", [](Pipeline& p, TokArray ids) {
             if (ids.ndim() != 1) throw InputError("token ids must be a 1-D array, got shape with " + std::to_string(ids.ndim()) + " dims");
-            ExclusiveUse use(c.busy, "this Builder");
-            c.add_token_ids(ids.data(), size_t(ids.size()));
+            ExclusiveUse use(p.counter().busy, "this Builder");
+            p.counter().add_token_ids(ids.data(), size_t(ids.size()));
         })
-        .def_readonly("tokens", &Counter::tokens)
-        .def_readonly("lines", &Counter::lines)
-        .def_readonly("bytes", &Counter::bytes)
-        .def_readonly("spilled_runs", &Counter::spilled_runs)
-        .def_property_readonly("vocab_size", [](const Counter& c) { return c.vocab.size(); })
-        .def("finish", [](Counter& c, std::vector<uint64_t> prune, bool interpolate_unigrams,
-                          std::optional<std::vector<float>> fallback, bool progress, std::string arpa_path,
+        .def_property_readonly("tokens", [](Pipeline& p) { return p.counter().tokens; })
+        .def_property_readonly("lines", [](Pipeline& p) { return p.counter().lines; })
+        .def_property_readonly("bytes", [](Pipeline& p) { return p.counter().bytes; })
+        .def_property_readonly("spilled_runs", [](Pipeline& p) { return p.counter().spilled_runs; })
+        .def_property_readonly("vocab_size", [](Pipeline& p) { return p.counter().vocab.size(); })
+        .def("finish", [](Pipeline& p, std::vector<uint64_t> prune, bool interpolate_unigrams,
+                          std::optional<std::vector<float>> fallback, bool verbose, std::string arpa_path,
                           bool build_model) -> py::object {
-            ExclusiveUse use(c.busy, "this Builder");
-            EstimateOptions eo;
-            eo.prune = prune;
-            eo.interpolate_unigrams = interpolate_unigrams;
-            eo.progress = progress;
-            if (fallback) {
-                if (fallback->empty() || fallback->size() > 3) throw InputError("discount_fallback (--discount-fallback) takes 1 to 3 discounts");
-                eo.discount_fallback = true;
-                for (size_t j = 0; j < 3; ++j) eo.fallback[j] = (*fallback)[std::min(j, fallback->size() - 1)];
-                check_fallback(eo.fallback);
-            }
-            std::unique_ptr<Model> model;
-            EstimateResult res;
-            std::vector<std::string> w;
-            double t_count = 0;
+            ExclusiveUse use(p.counter().busy, "this Builder");
+            PipelineConfig& cfg = p.config();
+            cfg.estimate.prune = prune;
+            cfg.estimate.interpolate_unigrams = interpolate_unigrams;
+            cfg.estimate.fallback = fallback ? make_fallback(*fallback) : DiscountFallback{};
+            cfg.verbose = verbose;
+            cfg.arpa_path = arpa_path;
+            cfg.build_model = build_model;
+            PipelineResult res;
             {
                 py::gil_scoped_release nogil;
-                normalise_prune(eo.prune, c.order());
-                auto t0 = std::chrono::steady_clock::now();
-                auto stage = [&](const char* what) {
-                    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-                    if (progress)
-                        std::fprintf(stderr, "[mmfuse.ngram] %s (%.1f s, %.1f s of CPU in all)\n", what, t,
-                                     double(std::clock()) / CLOCKS_PER_SEC);
-                    return t;
-                };
-                CountedGrams grams = c.finish();
-                t_count = stage("counts merged");
-                const size_t V = c.vocab.size();
-                res = estimate(std::move(grams), V, eo);
-                stage("estimated");
-                if (!arpa_path.empty()) {
-                    write_arpa(res.orders, c.vocab, arpa_path);
-                    stage("ARPA written");
-                }
-                if (build_model) {
-                    model = Model::build(std::move(res.orders), std::move(c.vocab), &w);
-                    model->discounts = res.discounts;
-                    stage("query tables built");
-                }
+                res = p.finish();
             }
-            if (!model) {  // only the ARPA file was asked for
+            if (!res.model) {  // only the ARPA file was asked for
                 py::dict stats;
                 stats["count_of_counts"] = py::cast(res.count_of_counts);
                 py::list disc;
                 for (auto& d : res.discounts) disc.append(py::make_tuple(d.amount[1], d.amount[2], d.amount[3]));
                 stats["discounts"] = disc;
-                std::vector<uint64_t> counts;
-                for (auto& t : res.orders) counts.push_back(t.size());
-                stats["counts"] = counts;
+                stats["counts"] = res.counts;
                 stats["warnings"] = res.warnings;
                 return std::move(stats);
             }
-            auto pm = std::make_unique<PyModel>(std::move(model));
-            pm->warnings = res.warnings;
-            pm->warnings.insert(pm->warnings.end(), w.begin(), w.end());
+            auto pm = std::make_unique<PyModel>(std::move(res.model));
+            pm->warnings = std::move(res.warnings);
             py::dict stats;
             stats["count_of_counts"] = py::cast(res.count_of_counts);
-            stats["merge_seconds"] = t_count;
+            stats["merge_seconds"] = res.merge_seconds;
             pm->stats = stats;
             return py::cast(std::move(pm));
-        }, py::arg("prune"), py::arg("interpolate_unigrams"), py::arg("discount_fallback"), py::arg("progress"),
+        }, py::arg("prune"), py::arg("interpolate_unigrams"), py::arg("discount_fallback"), py::arg("verbose"),
            py::arg("arpa_path") = "", py::arg("build_model") = true,
            "Merges the counts and estimates the model; writes ARPA to arpa_path when given. Returns the "
            "Model, or (build_model=False) a dict of statistics.");
@@ -476,37 +458,19 @@ PYBIND11_MODULE(_ngram, mod) {
         })
         .def("greedy", [](PyModel& pm, IdArray ctx, int k, bool bos, bool stop_at_eos) {
             if (k < 0) throw InputError("k must be >= 0");
-            State st = pm.state_after(ctx.data(), size_t(ctx.size()), bos), next;
-            std::vector<int32_t> ids;
+            std::vector<WordId> ids;
             std::vector<float> probs;
-            std::vector<WordId> best;
-            std::vector<float> bp;
-            for (int i = 0; i < k; ++i) {
-                pm.m().top_k(st, 1, best, bp);
-                if (best.empty()) break;
-                ids.push_back(int32_t(best[0]));
-                probs.push_back(bp[0]);
-                if (stop_at_eos && best[0] == kEOS) break;
-                pm.m().score(st, best[0], next);
-                st = next;
-            }
-            return py::make_tuple(to_numpy(ids), to_numpy(probs));
+            pm.m().greedy(pm.state_after(ctx.data(), size_t(ctx.size()), bos), k, stop_at_eos, ids, probs);
+            return py::make_tuple(to_numpy(std::vector<int32_t>(ids.begin(), ids.end())), to_numpy(probs));
         })
         .def("sample", [](PyModel& pm, IdArray ctx, int max_words, uint64_t seed, bool bos) {
             if (max_words < 0) throw InputError("max_words must be >= 0");
-            State st = pm.state_after(ctx.data(), size_t(ctx.size()), bos), next;
-            std::mt19937_64 rng(seed);
-            std::vector<int32_t> out;
+            State st = pm.state_after(ctx.data(), size_t(ctx.size()), bos);
+            std::vector<WordId> words;
             {
                 py::gil_scoped_release nogil;
-                for (int i = 0; i < max_words; ++i) {
-                    WordId w = pm.m().sample(st, rng);
-                    out.push_back(int32_t(w));
-                    if (w == kEOS) break;
-                    pm.m().score(st, w, next);
-                    st = next;
-                }
+                words = pm.m().sample_words(st, max_words, seed);
             }
-            return to_numpy(out);
+            return to_numpy(std::vector<int32_t>(words.begin(), words.end()));
         });
 }

@@ -15,7 +15,7 @@ class Vocab {
 
     void clear() {
         blob_.clear(); offsets_.assign(1, 0); hashes_.clear(); slots_.assign(64, Slot{0, 0});
-        add("<unk>"); add("<s>"); add("</s>");
+        add(kUnkWord); add(kBosWord); add(kEosWord);
     }
 
     size_t size() const { return hashes_.size(); }

@@ -9,10 +9,10 @@ from ..errors import ExtensionError
 __all__ = ["EOS_TOKEN", "UNK_TOKEN", "BuildConfig", "NGramModel", "Perplexity", "TokenScore", "build", "build_arpa", "load"]
 
 
-def model_module():
-    """`mmfuse.ngram.model`, or ExtensionError where the extension `mmfuse._ngram` is missing."""
+def language_model_module():
+    """`mmfuse.ngram.language_model`, or ExtensionError where the extension `mmfuse._ngram` is missing."""
     try:
-        from . import model
+        from . import language_model
     except ImportError as e:
         if "_ngram" not in str(e):
             raise
@@ -20,10 +20,10 @@ def model_module():
             f"the n-gram models need the C++ extension mmfuse._ngram, which this installation lacks ({e}). "
             "Install a C++17 compiler (e.g. `apt-get install g++`) and reinstall mmfuse "
             "(`pip install -e . --no-build-isolation`); the decoder and encoder commands work without it") from None
-    return model
+    return language_model
 
 
 def __getattr__(name):
     if name in __all__:
-        return getattr(model_module(), name)
+        return getattr(language_model_module(), name)
     raise AttributeError(f"module 'mmfuse.ngram' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import sys
 
 from ..cli_options import check_output, emit_json
 from ..errors import NGramError
-from . import model_module
+from . import language_model_module
 
 _UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
@@ -53,7 +53,9 @@ def register(subparsers) -> None:
     b.add_argument("--no-interpolate-unigrams", action="store_true", help="give the unigram mass to <unk>")
     b.add_argument("--skip-symbols", "--skip_symbols", dest="skip_symbols", action="store_true",
                    help="treat <s>, </s>, <unk> in the corpus as whitespace")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    b.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal); the summary is still printed")
+    b.add_argument("-v", "--verbose", action="store_true", help="the counting and stage-timing lines of the C++ core")
     b.set_defaults(func=_build)
 
     q = sub.add_parser("query", help="score sentences (stdin or a file) like KenLM's query")
@@ -90,11 +92,12 @@ def _build(args) -> int:
     for option, path in (("--arpa", args.arpa), ("--binary", args.binary)):
         if path:
             _check_output(path, option)  # before the counting, not after
-    m = model_module()
+    m = language_model_module()
     fallback = None if args.discount_fallback is None else (args.discount_fallback or [0.5, 1.0, 1.5])
     cfg = m.BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
                       prune=args.prune, interpolate_unigrams=not args.no_interpolate_unigrams,
-                      discount_fallback=fallback, skip_symbols=args.skip_symbols, progress=not args.quiet)
+                      discount_fallback=fallback, skip_symbols=args.skip_symbols, progress=not args.quiet,
+                      verbose=args.verbose)
     if args.binary:
         with m.output_path(args.binary) as binary:  # the temporary file exists before the work
             model = m.NGramModel.build(corpus, config=cfg, arpa_path=args.arpa)
@@ -102,7 +105,7 @@ def _build(args) -> int:
         s = model.summary
     else:  # ARPA only: no query structures needed
         s = m.build_arpa(corpus, args.arpa, config=cfg)
-    err = sys.stderr
+    err = sys.stderr  # the summary, as lmplz prints it (also with -q, which silences progress only)
     print(f"tokens {s['tokens']:,}  lines {s['lines']:,}  types {s['types']:,} (incl. <unk>, <s>, </s>)", file=err)
     for n, (count, d) in enumerate(zip(s["ngrams"], s["discounts"]), 1):
         print(f"  {n}-grams {count:>12,}   discounts D1 {d[0]:.6g}  D2 {d[1]:.6g}  D3+ {d[2]:.6g}", file=err)
@@ -114,7 +117,7 @@ def _build(args) -> int:
 
 
 def _query(args) -> int:
-    m = model_module()
+    m = language_model_module()
     model = m.NGramModel.load(args.model)
     context = not args.no_sentence_context
     lines = list(_stdin_lines()) if args.text == "-" else args.text
@@ -135,7 +138,7 @@ def _query(args) -> int:
 
 
 def _stdin_lines():
-    """Standard input as lines ending at '\n' only (KenLM's rule; see mmfuse.ngram.model)."""
+    """Standard input as lines ending at '\n' only (KenLM's rule; see mmfuse.ngram.language_model)."""
     return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="\n")
 
 
@@ -150,7 +153,7 @@ def _check_output(path: str, option: str) -> None:
 
 
 def _perplexity(args) -> int:
-    model = model_module().NGramModel.load(args.model)
+    model = language_model_module().NGramModel.load(args.model)
     context = not args.no_sentence_context
     text = _stdin_lines() if args.text == "-" else args.text
     _print_perplexity(model.corpus_perplexity(text, bos=context, eos=context), args.json)
@@ -158,7 +161,7 @@ def _perplexity(args) -> int:
 
 
 def _convert(args) -> int:
-    m = model_module()
+    m = language_model_module()
     _check_output(args.out, "out")
     model = m.NGramModel.load(args.model)
     to = args.to or ("arpa" if m.is_binary_model(args.model) else "binary")

@@ -1,9 +1,12 @@
-"""The n-gram model API: build from text or token ids, load/save ARPA and binary, query.
+"""The n-gram language model API (`NGramModel`): build from text or token ids, load/save ARPA and
+binary, query.
 
 Building follows KenLM's lmplz (interpolated modified Kneser-Ney, `<s>`/`</s>` padding, `<unk>` as
 a zeroton); the heavy lifting is the C++ extension `mmfuse._ngram`. Word ids are the model's
 vocabulary ids (`index()`), except for models built from integer token arrays ("token models"),
-whose id arguments and results are the original token ids, with `</s>` as EOS_TOKEN (-1).
+whose id arguments and results are the original token ids, with `</s>` as EOS_TOKEN (-1). The
+special words and the binary format's magic are the C++ core's (`_ngram.UNK`, `_ngram.EOS_WORD`,
+`_ngram.BINARY_MAGIC`, ...), never repeated here.
 
 Text follows KenLM's rules everywhere (corpus files, compressed or not, lists of lines, queries):
 lines end at '\n' only; words are separated by ASCII whitespace (space, \t, \n, \v, \f, \r: KenLM's
@@ -34,13 +37,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .. import _ngram
+from ..cli_options import progress as progress_bar
+from ..cli_options import progress_shown
 from ..errors import NGramError, OutputError
 from ..files import atomic_path
 
 MAX_ORDER = _ngram.MAX_ORDER
-EOS_TOKEN = -1  # </s> in the token-id space of token models
-UNK_TOKEN = -2  # <unk> in the token-id space of token models
-_BINARY_MAGIC = b"MMFNGRM1"
+EOS_TOKEN = _ngram.EOS_TOKEN  # </s> in the token-id space of token models (-1)
+UNK_TOKEN = _ngram.UNK_TOKEN  # <unk> in the token-id space of token models (-2)
 _COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}
 _TEXT_BATCH = 1 << 20  # characters of lines handed to C++ at once
 MAX_THREADS = _ngram.MAX_THREADS
@@ -62,7 +66,9 @@ class BuildConfig:
     interpolate_unigrams: bool = True  # False: give the unigram interpolation mass to <unk> (SRILM)
     discount_fallback: Sequence[float] | None = None  # e.g. (0.5, 1.0, 1.5) (--discount_fallback)
     skip_symbols: bool = False        # treat <s>, </s>, <unk> in the corpus as whitespace
-    progress: bool = False            # progress lines on stderr
+    progress: bool = False            # a tqdm bar (bytes, with a percentage for files) on stderr while
+                                      # counting, shown when stderr is a terminal
+    verbose: bool = False             # the C++ core's counting and stage-timing lines on stderr
 
     def validate(self) -> None:
         """Raises NGramError naming the field (and lmplz's flag) of the first bad option."""
@@ -213,7 +219,7 @@ class NGramModel:
         return self._core.vocab()
 
     def __contains__(self, word: str) -> bool:
-        return word == "<unk>" or self.index(word) != 0
+        return word == _ngram.UNK_WORD or self.index(word) != _ngram.UNK
 
     def __repr__(self) -> str:
         return f"NGramModel(order={self.order}, vocab={self.vocab_size}, ngrams={self.counts})"
@@ -228,8 +234,8 @@ class NGramModel:
         if self.is_token_model:
             special = (arr == EOS_TOKEN) | (arr == UNK_TOKEN)
             out = self._core.tokens_to_ids(np.where(special, 0, arr))
-            out[arr == EOS_TOKEN] = 2
-            out[arr == UNK_TOKEN] = 0
+            out[arr == EOS_TOKEN] = _ngram.EOS
+            out[arr == UNK_TOKEN] = _ngram.UNK
             return out
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise NGramError(f"word ids must be in [0, {self.vocab_size}), got range [{arr.min()}, {arr.max()}]")
@@ -255,8 +261,8 @@ class NGramModel:
         words = split_words(sentence)
         ids = self._core.encode(_utf8(sentence))
         probs, lens = self._core.score_ids(ids, bos, eos)
-        words = words + ["</s>"] * eos
-        oov = list(ids == 0) + [False] * eos
+        words = words + [_ngram.EOS_WORD] * eos
+        oov = list(ids == _ngram.UNK) + [False] * eos
         return [TokenScore(w, float(p), int(n), bool(o)) for w, p, n, o in zip(words, probs, lens, oov)]
 
     def perplexity(self, sentence: str) -> float:
@@ -357,12 +363,12 @@ def _estimate(source, cfg: BuildConfig, arpa_path, build_model: bool):
     with contextlib.ExitStack() as stack:
         arpa_tmp = "" if arpa_path is None else stack.enter_context(output_path(arpa_path))
         builder = _ngram.Builder(cfg.order, int(cfg.memory_mb * (1 << 20)), os.fspath(cfg.tmp_dir or tempfile.gettempdir()),
-                                 int(cfg.threads), cfg.skip_symbols, cfg.progress)
-        _feed(builder, source)
+                                 int(cfg.threads), cfg.skip_symbols, cfg.verbose)
+        _feed(builder, source, cfg.progress)
         if builder.tokens == 0:
             raise NGramError("the corpus is empty (no tokens)")
         fallback = None if cfg.discount_fallback is None else [float(d) for d in cfg.discount_fallback]
-        out = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.progress,
+        out = builder.finish([int(t) for t in cfg.prune], cfg.interpolate_unigrams, fallback, cfg.verbose,
                              arpa_tmp, build_model)
     stats = out.stats if build_model else out
     summary = {
@@ -400,7 +406,7 @@ def load(path: str | os.PathLike) -> NGramModel:
 def is_binary_model(path: str | os.PathLike) -> bool:
     """True when the file starts like a binary model written by `save` (else: ARPA)."""
     with open(path, "rb") as f:
-        return f.read(len(_BINARY_MAGIC)) == _BINARY_MAGIC
+        return f.read(len(_ngram.BINARY_MAGIC)) == _ngram.BINARY_MAGIC
 
 
 def _copy_to_stdout(path: str) -> None:
@@ -484,14 +490,22 @@ def _text_batches(lines) -> Iterable[str]:
         yield "\n".join(batch) + "\n"
 
 
-def _feed(builder: "_ngram.Builder", source) -> None:
-    """Hands a corpus to the C++ counter."""
+def _feed(builder: "_ngram.Builder", source, progress: bool = False) -> None:
+    """Hands a corpus to the C++ counter, with a tqdm bar of the bytes counted when `progress` (and
+    stderr is a terminal): a percentage for plain files (counted by C++, which reports every
+    _ngram.PROGRESS_BYTES), a running total for compressed files, standard input and lines."""
+    bar_options = dict(desc="counting", unit="B", unit_scale=True, unit_divisor=1024)
+    show = progress and progress_shown()
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such corpus file: {path}")
         if os.path.splitext(path)[1] not in _COMPRESSED:
-            builder.add_file(path)
+            if not show:
+                builder.add_file(path)
+                return
+            with progress_bar(total=os.path.getsize(path), **bar_options) as bar:
+                builder.add_file(path, _advance_to(bar))
             return
     if isinstance(source, np.ndarray):
         if source.dtype.kind not in "iu":
@@ -511,5 +525,16 @@ def _feed(builder: "_ngram.Builder", source) -> None:
                 raise NGramError(f"each token array must be 1-D integers, got shape {row.shape} dtype {row.dtype}")
             builder.add_token_ids(row.astype(np.int64))
         return
-    for chunk in _text_batches(source):
-        builder.add_text(_utf8(chunk))
+    with progress_bar(**bar_options) if show else contextlib.nullcontext() as bar:
+        for chunk in _text_batches(source):
+            data = _utf8(chunk)
+            builder.add_text(data)
+            if bar is not None:
+                bar.update(len(data))
+
+
+def _advance_to(bar):
+    """A C++ progress callback (bytes consumed, total) moving `bar` to the bytes consumed."""
+    def advance(consumed: int, total: int) -> None:
+        bar.update(consumed - bar.n)
+    return advance
