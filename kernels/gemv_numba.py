@@ -3,7 +3,7 @@
 cache can key (functions closing over other jitted functions are compiled again in every process).
 
 Each weight row is read once; four input rows share each weight element loaded (the four
-accumulators of `dot4`); a row count of 4m + 1 runs its last row through `dot1`.
+accumulators of `dot4`); the rows after the last block of four run one at a time.
 """
 import numba
 import numpy as np
@@ -109,7 +109,7 @@ def row_dot4(w, s, z, zc, xs, j, x, r, g, bits):  # y[r..r+3, j]
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def gemv_rows(w, s, z, zc, x, out, g, bits):  # out (n, N) = x (n, Kp) @ W.T; n % 4 is 0 or 1
+def gemv_rows(w, s, z, zc, x, out, g, bits):  # out (n, N) = x (n, Kp) @ W.T
     n, n_out = out.shape
     zc = np.float32(zc)
     xs = group_sums(x, g)
@@ -117,5 +117,5 @@ def gemv_rows(w, s, z, zc, x, out, g, bits):  # out (n, N) = x (n, Kp) @ W.T; n 
         for j in range(b * n_out // BLOCKS, (b + 1) * n_out // BLOCKS):
             for r in range(0, n - 3, 4):
                 out[r, j], out[r + 1, j], out[r + 2, j], out[r + 3, j] = row_dot4(w, s, z, zc, xs, j, x, r, g, bits)
-            if n % 4:  # the row after the last block runs alone
-                out[n - 1, j] = row_dot1(w, s, z, zc, xs, j, x, n - 1, g, bits)
+            for r in range(n - n % 4, n):  # the rows after the last block, one at a time (the weight row is in L1)
+                out[r, j] = row_dot1(w, s, z, zc, xs, j, x, r, g, bits)
