@@ -8,7 +8,9 @@ Random-init checkpoints (transformers, saved as folders with a small BPE tokeniz
 model builder accepts them). Every engine generates greedily from the same random prompts (128
 tokens) with eos ignored (genai: min_length = max_length); prefill = median time of a run with 1
 new token ("time to first token"), decode = (median run with N new tokens - prefill) / (N - 1),
-the method of mmfuse.decoder.benchmark, applied to every engine. Exports run as subprocesses of
+the method of mmfuse.decoder.benchmark, applied to every engine, with the engines interleaved (each
+repeat runs every engine once, so a shared box's load falls on all of them alike). int8: our
+`--quantize int8` exports (dynamic int8). Exports run as subprocesses of
 their command lines (`mmfuse export onnx`, `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`),
 so both include interpreter start-up and checkpoint loading; ours includes its check.
 """
@@ -24,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfuse.decoder.benchmark import random_prompts, time_generation
+import statistics
+
+from mmfuse.decoder.benchmark import random_prompts
 from mmfuse.decoder.generate import Engine
+from mmfuse.ort.manifest import MANIFEST
 
 SHAPES = {
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
@@ -89,6 +94,26 @@ def engine_runner(engine, prompts: list):
     return run
 
 
+def time_interleaved(runners: dict, new_tokens: int, repeats: int) -> dict:
+    """name -> (prefill s, decode s per step): medians over `repeats` rounds, each round running every
+    engine once with 1 and with `new_tokens` new tokens."""
+    times = {name: ([], []) for name in runners}
+    for run in runners.values():
+        run(2)  # warm-up
+    for _ in range(repeats):
+        for name, run in runners.items():
+            for n, out in ((1, times[name][0]), (new_tokens, times[name][1])):
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    run(n)
+                out.append(time.perf_counter() - t)
+    res = {}
+    for name, (t1, tn) in times.items():
+        p, full = statistics.median(t1), statistics.median(tn)
+        res[name] = (p, max(full - p, 1e-9) / (new_tokens - 1))
+    return res
+
+
 def main(argv=None) -> None:
     from mmfuse.ort.engine import OrtEngine
 
@@ -98,20 +123,25 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     ap.add_argument("--workdir", default=None, help="keep checkpoints and exports here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir (no export timing)")
+    ap.add_argument("--engines", nargs="+", default=None, help="only these engine names (see the table)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_onnx_"))
     rows, exports = [], []
     for shape in args.models:
-        ckpt, ours_p, ours_o, theirs = (work / f"{shape}-{s}" for s in ("hf", "portable", "optimized", "builder"))
+        ckpt, theirs = work / f"{shape}-hf", work / f"{shape}-builder"
+        ours = {v: work / f"{shape}-{v}" for v in ("portable", "optimized", "portable-int8", "optimized-int8")}
         if not (ckpt / "config.json").exists():
             ckpt.mkdir(parents=True, exist_ok=True)
             build_checkpoint(shape, ckpt)
         mmfuse = [sys.executable, "-m", "mmfuse.cli", "export", "onnx", "--model", str(ckpt)]
         done = lambda folder, name: (folder / name).exists() and args.reuse  # noqa: E731
-        t_p = None if done(ours_p, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_p)])
-        t_o = None if done(ours_o, "mmfuse_export.json") else timed_subprocess(mmfuse + ["--out", str(ours_o), "--optimize"])
+        t_export = {}
+        for v, folder in ours.items():
+            flags = (["--optimize"] if v.startswith("optimized") else []) + (["--quantize", "int8"] if "int8" in v else [])
+            t_export[v] = None if done(folder, MANIFEST) else timed_subprocess(mmfuse + ["--out", str(folder)] + flags)
         t_b = None
         if not done(theirs, "genai_config.json"):
             try:
@@ -120,34 +150,41 @@ def main(argv=None) -> None:
             except RuntimeError as e:
                 print(f"{shape}: the model builder failed: {str(e).splitlines()[-1]}")
         has_builder = (theirs / "genai_config.json").exists()
-        exports.append((shape, t_p, t_o, t_b))
-        print(f"{shape}: export s: mmfuse portable {_s(t_p)}, optimised {_s(t_o)}, builder {_s(t_b)}", flush=True)
+        exports.append((shape, t_export, t_b))
+        print(f"{shape}: export s: {', '.join(f'{v} {_s(t)}' for v, t in t_export.items())}, builder {_s(t_b)}",
+              flush=True)
         torch_engine = Engine.from_pretrained(ckpt)
         vocab = torch_engine.cfg.vocab_size
-        engines = [("PyTorch Engine", lambda p: engine_runner(torch_engine, p)),
-                   ("OrtEngine portable", lambda p: engine_runner(OrtEngine.from_pretrained(ours_p), p)),
-                   ("OrtEngine optimised", lambda p: engine_runner(OrtEngine.from_pretrained(ours_o), p)),
-                   ("genai on our optimised export", lambda p: genai_runner(ours_o, p))]
+        ort = {v: OrtEngine.from_pretrained(f, threads=args.threads) for v, f in ours.items()}
+        makers = {"PyTorch Engine fp32": lambda p: engine_runner(torch_engine, p)}
+        for v in ours:
+            makers[f"OrtEngine {v}"] = lambda p, v=v: engine_runner(ort[v], p)
+        makers["genai on our optimized"] = lambda p: genai_runner(ours["optimized"], p)
+        makers["genai on our optimized-int8"] = lambda p: genai_runner(ours["optimized-int8"], p)
         if has_builder:
-            engines.append(("genai on builder export", lambda p: genai_runner(theirs, p)))
+            makers["genai on builder export"] = lambda p: genai_runner(theirs, p)
+        if args.engines:
+            makers = {k: v for k, v in makers.items() if k in args.engines}
         for batch in args.batch:
             prompts = random_prompts(vocab, batch, args.prompt_len)
-            for name, make in engines:
-                with torch.inference_mode():
-                    r = time_generation(make(prompts), batch, args.prompt_len, args.new_tokens, args.repeats)
-                rows.append((shape, batch, name, r))
-                print(f"{shape} b{batch} {name}: decode {r['decode_tok_s']:.1f} tok/s, "
-                      f"TTFT {1000 * r['prefill_s']:.0f} ms", flush=True)
-    print("\n| model | batch | engine | decode tok/s | time to first token ms | decode vs genai/builder |")
-    print("|---|---|---|---|---|---|")
-    for shape, batch, name, r in rows:
-        peer = [x for s, b, n, x in rows if s == shape and b == batch and n == "genai on builder export"]
-        ratio = f"{r['decode_tok_s'] / peer[0]['decode_tok_s']:.2f}x" if peer else "-"
-        print(f"| {shape} | {batch} | {name} | {r['decode_tok_s']:.1f} | {1000 * r['prefill_s']:.0f} | {ratio} |")
-    print("\n| model | mmfuse export portable s | mmfuse export optimised s | model builder s |")
-    print("|---|---|---|---|")
-    for shape, t_p, t_o, t_b in exports:
-        print(f"| {shape} | {_s(t_p)} | {_s(t_o)} | {_s(t_b)} |")
+            res = time_interleaved({k: make(prompts) for k, make in makers.items()}, args.new_tokens, args.repeats)
+            for name, (prefill, step) in res.items():
+                rows.append((shape, batch, name, prefill, batch / step))
+                print(f"{shape} b{batch} {name}: decode {batch / step:.1f} tok/s, TTFT {1000 * prefill:.0f} ms", flush=True)
+    print(f"\n| model | batch | engine | decode tok/s | time to first token ms | decode vs genai/builder | "
+          f"decode vs OrtEngine optimized |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, batch, name, prefill, tok_s in rows:
+        def ratio(peer_name):
+            peer = [t for s, b, n, _, t in rows if s == shape and b == batch and n == peer_name]
+            return f"{tok_s / peer[0]:.2f}x" if peer else "-"
+
+        print(f"| {shape} | {batch} | {name} | {tok_s:.1f} | {1000 * prefill:.0f} | {ratio('genai on builder export')} "
+              f"| {ratio('OrtEngine optimized')} |")
+    print("\n| model | " + " | ".join(f"mmfuse export {v} s" for v in ours) + " | model builder s |")
+    print("|---|" + "---|" * (len(ours) + 1))
+    for shape, t_export, t_b in exports:
+        print(f"| {shape} | " + " | ".join(_s(t) for t in t_export.values()) + f" | {_s(t_b)} |")
 
 
 if __name__ == "__main__":

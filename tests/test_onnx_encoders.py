@@ -23,7 +23,8 @@ from mmfuse.encoders import load_encoder  # noqa: E402
 from mmfuse.encoders.synthetic import COLOURS, SHAPES, write_word_tokenizer  # noqa: E402
 from mmfuse.errors import ConfigError, ExportFolderError, ProviderError  # noqa: E402
 from mmfuse.export.onnx_encoder import INT8_MIN_COSINE, export_encoder  # noqa: E402
-from mmfuse.ort.encoder import MANIFEST, OrtEncoder  # noqa: E402
+from mmfuse.ort.encoder import OrtEncoder  # noqa: E402
+from mmfuse.ort.manifest import MANIFEST  # noqa: E402
 
 WORDS = ["a", "photo", "of", "the", "small", "large", "drawing", *COLOURS, *SHAPES]
 TEXTS = ["a red circle", "a photo of the large blue square", "green", "a drawing of a small yellow triangle " * 3,
@@ -311,6 +312,22 @@ def test_bad_export_folders(exports, tmp_path):
 
     with pytest.raises(ExportFolderError, match=MANIFEST):
         OrtEncoder.from_pretrained(tmp_path)  # not an export
+    d = copy("legacy_manifest")  # a folder exported before the manifests were unified
+    m = json.loads((d / MANIFEST).read_text())
+    m["format"] = "mmfuse-onnx-encoder/1"
+    (d / "mmfuse_encoder.json").write_text(json.dumps(m))
+    (d / MANIFEST).unlink()
+    assert OrtEncoder.from_pretrained(d).manifest["kind"] == "clip"
+    m["format"] = 1
+    (d / "mmfuse_encoder.json").write_text(json.dumps(m))
+    with pytest.raises(ExportFolderError, match="mmfuse_encoder.json: format 1, this mmfuse reads 'mmfuse-onnx-encoder/1'"):
+        OrtEncoder.from_pretrained(d)
+    d = copy("kind")
+    m = json.loads((d / MANIFEST).read_text())
+    m["kind"] = "decoder"
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ExportFolderError, match="kind 'decoder', expected 'clip' or 'siglip' or 'bert'"):
+        OrtEncoder.from_pretrained(d)
     d = copy("missing_graph")
     (d / "vision_model.onnx").unlink()
     with pytest.raises(ExportFolderError, match="vision_model.onnx: file not found"):

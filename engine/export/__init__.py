@@ -25,10 +25,8 @@ def export_onnx(model_dir, out_dir, dtype: str = "fp32", quantize: Optional[str]
         from .decoder_graph import MIN_OPSET
         from .onnx_decoder import export_decoder
 
-        if quantize is not None:
-            raise ConfigError(f"--quantize {quantize}: not available for decoders (model_type {mt!r}) yet")
         return export_decoder(model_dir, out_dir, dtype=dtype, opset=opset or MIN_OPSET, optimize=optimize,
-                              inputs_embeds=inputs_embeds)
+                              inputs_embeds=inputs_embeds, quantize=quantize)
     if mt in ENCODER_TYPES:
         if optimize or inputs_embeds:
             raise ConfigError(f"--optimize / inputs_embeds apply to decoders, not to model_type {mt!r}")

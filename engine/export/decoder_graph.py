@@ -5,7 +5,10 @@ Layout (the names optimum and onnxruntime-genai use):
            attention_mask (B, P+S) int64, position_ids (B, S) int64,
            past_key_values.{i}.key / .value (B, H_kv, P, D)
   outputs  logits (B, S, V), present.{i}.key / .value (B, H_kv, P+S, D)
-Batch, sequence and past length are dynamic.
+Batch, sequence and past length are dynamic. One more input, logit_positions (B, K) int64, has a
+default (an overridable initializer of shape (1, 0)) meaning "every position": callers that do not
+know it (onnxruntime-genai, optimum) get logits (B, S, V); mmfuse's runtime feeds each row's last
+prompt position at prefill and gets (B, 1, V), so the LM head runs on one position per row, not S.
 
 Two variants come from the same builder:
   portable  standard operators only: causal + padding mask from attention_mask, RoPE from cos/sin
@@ -40,6 +43,7 @@ class DecoderExportOptions:
     opset: int = MIN_OPSET         # default-domain opset (>= 17)
     optimize: bool = False         # com.microsoft contrib operators (onnxruntime only)
     inputs_embeds: bool = False    # take inputs_embeds (B, S, C) instead of input_ids (VLM decoders)
+    head_matmul: bool = False      # LM head as MatMul on its own [C, V] copy (int8: the quantizer skips Gemm)
 
 
 def weights_from_model(model) -> dict:
@@ -171,16 +175,37 @@ class DecoderGraph:
             h, _ = self._skip_norm(residual, skip_out, "model.norm", "norm_f")
         else:
             h = self._norm(residual, "model.norm", "norm_f")
+        h, kept = self._logit_rows(h, pos)  # (B, K, C), (B, K)
         # LM head as Gemm(transB) on the [V, C] matrix: a tied head reuses the embedding table.
-        head = "model.embed_tokens.weight" if cfg.tie_embeddings and not self.opts.inputs_embeds else None
-        if head is None:
-            head = self._param("lm_head.weight", "lm_head.weight")
         flat = g.op("Reshape", [h, g.const([-1, cfg.d_model])])
-        logits = g.op("Gemm", [flat, head], transB=1, name="/lm_head/Gemm")
-        out_shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [pos]), g.const([0]), g.const([2])]),
-                                    g.const([cfg.vocab_size])], axis=0)
+        head_key = "lm_head.weight" if "lm_head.weight" in self.w else "embed.weight"
+        if self.opts.head_matmul:
+            logits = g.op("MatMul", [flat, self._param("lm_head.weight", head_key, transpose=True)], name="/lm_head/MatMul")
+        else:
+            head = "model.embed_tokens.weight" if cfg.tie_embeddings and not self.opts.inputs_embeds else None
+            if head is None:
+                head = self._param("lm_head.weight", head_key)
+            logits = g.op("Gemm", [flat, head], transB=1, name="/lm_head/Gemm")
+        out_shape = g.op("Concat", [g.op("Shape", [kept]), g.const([cfg.vocab_size])], axis=0)
         g.op_to("Reshape", [logits, out_shape], ["logits"])
         return g.model()
+
+    def _logit_rows(self, h: str, pos: str):
+        """The rows of h (B, S, C) the LM head runs on: logit_positions (B, K) when given, every
+        position (the default, shape (1, 0)) otherwise. -> (h (B, K, C), positions (B, K))."""
+        g = self.g
+        given = g.optional_input("logit_positions", np.zeros((1, 0), np.int64), ["logit_batch", "logit_count"])
+        shape = g.op("Shape", [pos])  # [B, S]
+        B, S = (g.op("Slice", [shape, g.const([a]), g.const([a + 1])]) for a in (0, 1))
+        K = g.op("Slice", [g.op("Shape", [given]), g.const([1]), g.const([2])])
+        given = g.op("Expand", [given, g.op("Concat", [B, K], axis=0)])  # (B, K)
+        every = g.op("Mul", [S, g.op("Cast", [g.op("Equal", [K, g.const([0])])], to=TensorProto.INT64)])  # [S] or [0]
+        allpos = g.op("Expand", [g.op("Unsqueeze", [g.op("Range", [g.const(0), g.op("Squeeze", [S]), g.const(1)]),
+                                                    g.const([0])]), shape])  # (B, S)
+        allpos = g.op("Slice", [allpos, g.const([0]), every, g.const([1])])  # (B, S) or (B, 0)
+        kept = g.op("Concat", [given, allpos], axis=1, name="/lm_head/positions")  # (B, K or S)
+        rows = g.op("GatherND", [h, g.op("Unsqueeze", [kept, g.const([2])])], batch_dims=1, name="/lm_head/GatherND")
+        return rows, kept
 
     # -- portable attention -------------------------------------------------------------------
 

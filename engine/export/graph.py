@@ -68,6 +68,14 @@ class GraphBuilder:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
+    def optional_input(self, name: str, default: np.ndarray, shape: Sequence) -> str:
+        """A graph input with a default value (an initializer of the same name): callers that do not
+        feed it (onnxruntime-genai, optimum) get the default; onnxruntime lists it among the
+        overridable initializers, not among the inputs."""
+        self.weight(name, default)
+        self.inputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[default.dtype], list(shape)))
+        return name
+
     def output(self, name: str, elem_type: int, shape: Sequence) -> str:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name

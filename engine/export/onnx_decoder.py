@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,25 +22,33 @@ from ..checkpoint import read_config
 from ..decoder.config import DecoderConfig
 from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open
-from ..ort.decoder_session import DecoderSession
+from ..ort.decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
 from ..ort.manifest import MANIFEST, write_manifest
 from ..ort.session import make_session
 from .decoder_graph import MIN_OPSET, ONNX_DTYPES, DecoderExportOptions, DecoderGraph, check_opset, weights_from_model
 from .genai_config import genai_config
 from .graph import save_with_external_data
 
-GRAPH_FILE = "model.onnx"
 # Checkpoint files copied beside the graph (tokenizer, generation defaults, chat template).
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                 "chat_template.jinja")
 # Largest |logit difference| to the fp32 PyTorch engine, relative to max(1, largest |logit|).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# int8 against the fp32 graph on the check prompts: the largest |logit difference| relative to
+# max(1, largest |logit|). Dynamic int8 (activations quantized per tensor) gives 0.05-0.16 on the
+# tests' tiny random-init models (weights of std 0.2) and 0.08 on a SmolLM2-135M-shaped one; the bound
+# catches a broken quantization (wrong scales, a missed layer). The share of positions whose top
+# token is unchanged is reported, not bounded: random-init models are full of near ties.
+INT8_TOLERANCE = 0.25
 
 
 def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPSET, optimize: bool = False,
-                   inputs_embeds: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Export, check and write the folder; returns the manifest (with the check's differences)."""
+                   inputs_embeds: bool = False, quantize: Optional[str] = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Export, check and write the folder; returns the manifest (with the check's differences).
+    quantize="int8": the fp32 graph is exported and checked, then quantized (`quantize.quantize_int8`)
+    and checked against it; the folder holds the int8 graph."""
     import torch
 
     from ..decoder.loader import load_decoder
@@ -50,7 +59,16 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
     if dtype not in ONNX_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {sorted(ONNX_DTYPES)}")
     check_opset(opset)
-    opts = DecoderExportOptions(dtype=dtype, opset=int(opset), optimize=optimize, inputs_embeds=inputs_embeds)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize!r}: expected int8")
+    if quantize and dtype != "fp32":
+        raise ConfigError(f"--quantize {quantize} with --dtype {dtype}: int8 quantizes an fp32 export (drop --dtype)")
+    if optimize and cfg.head_dim % 8:
+        raise ConfigError(f"--optimize: head size {cfg.head_dim} (hidden size / attention heads in "
+                          f"{model_dir / 'config.json'}) is not a multiple of 8, which GroupQueryAttention needs; "
+                          "export without --optimize")
+    opts = DecoderExportOptions(dtype=dtype, opset=int(opset), optimize=optimize, inputs_embeds=inputs_embeds,
+                                head_matmul=quantize is not None)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,15 +87,21 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
         with atomic_open(tmp / "genai_config.json", encoding="utf-8") as f:
             json.dump(genai_config(model_dir, cfg, hf["model_type"], optimize, inputs_embeds, GRAPH_FILE), f, indent=4)
         files = [GRAPH_FILE, GRAPH_FILE + ".data", "genai_config.json", *copied]
-        fields = dict(variant="optimized" if optimize else "portable", dtype=dtype, opset=int(opset),
+        fields = dict(variant="optimized" if optimize else "portable", dtype=dtype, quantize=quantize, opset=int(opset),
                       inputs_embeds=inputs_embeds, model_type=hf["model_type"],
                       config=dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
                                   head_dim=cfg.head_dim, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
                                   max_seq_len=cfg.max_seq_len, eos_token_ids=list(cfg.eos_token_ids),
                                   bos_token_id=cfg.bos_token_id))
         manifest = write_manifest(tmp, "decoder", files, **fields)
+        embed = (lambda s: model.embed(torch.as_tensor(s)).numpy()) if inputs_embeds else None  # ids -> (L, C)
         with torch.no_grad():
             diffs = check_decoder_export(tmp, model, manifest, log=log)
+            if quantize:
+                fields["int8"] = quantize_decoder(tmp, manifest, embed, log=log)
+            write_runtime_graph(tmp)
+            diffs["last_logits"] = check_runtime_graph(tmp, manifest, embed, log=log)
+        files.append(RUNTIME_GRAPH)
         manifest = write_manifest(tmp, "decoder", files, **fields, check=diffs)
         for f in files:  # the manifest last: a folder without it is not a finished export
             os.replace(tmp / f, out_dir / f)
@@ -87,44 +111,49 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
     return manifest
 
 
+def check_prompts(vocab_size: int, context: int, rng, steps: int = 3) -> tuple:
+    """Two random prompts of different lengths, each with `steps` continuation tokens: (seqs, lens)."""
+    hi = max(2, min(12, context - steps))
+    lens = [int(rng.integers(1, hi)), int(rng.integers(1, hi))]
+    if lens[0] == lens[1]:
+        lens[1] = max(1, lens[0] - 1) if lens[0] > 1 else 2
+    return [rng.integers(0, vocab_size, n + steps) for n in lens], lens
+
+
+def session_logits(sess: DecoderSession, seqs: list, lens: list, embed=None) -> tuple:
+    """Run the graph on the prompts seqs[b][:lens[b]] (no past), then on the rest of each sequence
+    with past (one token per call in the optimised variant). -> (prefill (B, S, V), continuation
+    (B, k, V)) float32. `embed` maps ids to embeddings for an inputs_embeds graph."""
+    steps = len(seqs[0]) - lens[0]
+    sess.allocate(len(seqs), max(lens) + steps)
+
+    def inputs(s):
+        return s if embed is None else embed(s).astype(sess.dtype)
+
+    prefill = sess.prefill([inputs(s[:n]) for s, n in zip(seqs, lens)], all_logits=True).astype(np.float32)
+    cont = np.stack([inputs(s[n:]) for s, n in zip(seqs, lens)])  # (B, k) ids or (B, k, C)
+    if sess.shared:
+        got = np.stack([sess.extend(cont[:, j: j + 1])[:, 0] for j in range(steps)], axis=1)
+    else:
+        got = sess.extend(cont)
+    return prefill, got.astype(np.float32)
+
+
 def check_decoder_export(folder: Path, model, manifest: dict, log: Callable[[str], None] = print,
                          seed: Optional[int] = None) -> dict:
     """onnx.checker (full check), then the graph in onnxruntime against the PyTorch model on fresh
     random prompts of two different lengths: prefill logits (no past) at every prompt position, then
     continuation logits with past. Raises ExportCheckError above tolerance; returns the differences."""
-    import onnx
     import torch
 
-    try:
-        onnx.checker.check_model(str(folder / GRAPH_FILE), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportCheckError(f"{folder / GRAPH_FILE}: onnx.checker failed: {e}") from None
+    check_graph(folder / GRAPH_FILE)
     cfg = model.cfg
-    rng = np.random.default_rng(seed)  # fresh inputs on every export unless a seed is given
-    steps = 3
-    hi = max(2, min(12, cfg.max_seq_len - steps))
-    lens = [int(rng.integers(1, hi)), int(rng.integers(1, hi))]
-    if lens[0] == lens[1]:
-        lens[1] = max(1, lens[0] - 1) if lens[0] > 1 else 2
-    seqs = [rng.integers(0, cfg.vocab_size, n + steps) for n in lens]
+    seqs, lens = check_prompts(cfg.vocab_size, cfg.max_seq_len, np.random.default_rng(seed))  # fresh inputs on every export unless seeded
     ref = [model(torch.as_tensor(s)[None], torch.arange(len(s))[None])[0].numpy() for s in seqs]  # (L+k, V) each
-
     sess = DecoderSession(make_session(folder / GRAPH_FILE), manifest)
-    sess.allocate(len(seqs), max(lens) + steps)
-
-    def inputs(s):
-        if not sess.inputs_embeds:
-            return s
-        return model.embed(torch.as_tensor(s)).numpy().astype(sess.dtype)
-
-    prefill = sess.prefill([inputs(s[:n]) for s, n in zip(seqs, lens)], all_logits=True).astype(np.float32)
+    embed = (lambda s: model.embed(torch.as_tensor(s)).numpy()) if sess.inputs_embeds else None
+    prefill, got = session_logits(sess, seqs, lens, embed)
     d_prefill = max(float(np.abs(prefill[b, :n] - r[:n]).max()) for b, (n, r) in enumerate(zip(lens, ref)))
-    cont = np.stack([np.stack([inputs(s[n:]) for s, n in zip(seqs, lens)])])[0]  # (B, k) ids or (B, k, C)
-    if sess.shared:
-        got = np.stack([sess.extend(cont[:, j: j + 1])[:, 0] for j in range(steps)], axis=1)
-    else:
-        got = sess.extend(cont)
-    got = got.astype(np.float32)
     d_past = max(float(np.abs(got[b] - r[n:]).max()) for b, (n, r) in enumerate(zip(lens, ref)))
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref))
     tol = TOLERANCE[manifest["dtype"]] * scale
@@ -135,3 +164,116 @@ def check_decoder_export(folder: Path, model, manifest: dict, log: Callable[[str
         raise ExportCheckError(f"{folder / GRAPH_FILE}: logits differ from the PyTorch engine by "
                                f"{max(d_prefill, d_past):.3g} > tolerance {tol:.3g}")
     return {"without_past": d_prefill, "with_past": d_past, "tolerance": tol}
+
+
+def write_runtime_graph(folder: Path) -> None:
+    """RUNTIME_GRAPH beside GRAPH_FILE: the same nodes and weights (its data file), logit_positions
+    without its default."""
+    import onnx
+
+    model = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
+    kept = [t for t in model.graph.initializer if t.name != "logit_positions"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save_model(model, str(folder / RUNTIME_GRAPH))
+
+
+def check_runtime_graph(folder: Path, manifest: dict, embed=None, log: Callable[[str], None] = print) -> float:
+    """onnx.checker on RUNTIME_GRAPH, then its prefill logits (each row's last position) against
+    GRAPH_FILE's at the same positions on random prompts, within the export's tolerance (relative to
+    max(1, |logit|)); -> the largest difference."""
+    check_graph(folder / RUNTIME_GRAPH)
+    full = DecoderSession(make_session(folder / GRAPH_FILE), manifest)
+    last = DecoderSession(make_session(folder / RUNTIME_GRAPH), manifest)
+    if not last.logit_positions or full.logit_positions:
+        raise ExportCheckError(f"{folder / RUNTIME_GRAPH}: logit_positions should be an input there and have a "
+                               f"default in {GRAPH_FILE}")
+    seqs, lens = check_prompts(full.vocab_size, full.context, np.random.default_rng(), steps=0)
+    prompts = [s if embed is None else embed(s).astype(full.dtype) for s in seqs]
+    full.allocate(len(prompts), max(lens))
+    last.allocate(len(prompts), max(lens))
+    ref = full.prefill(prompts).astype(np.float32)
+    diff = float(np.abs(last.prefill(prompts).astype(np.float32) - ref).max())
+    # int8 scales activations per tensor, so the head's input rows (B, not B x S) change its rounding
+    rel = INT8_TOLERANCE if manifest.get("quantize") else TOLERANCE[manifest["dtype"]]
+    tol = rel * max(1.0, float(np.abs(ref).max()))
+    log(f"check: {RUNTIME_GRAPH} (last-position logits) vs {GRAPH_FILE}: largest difference {diff:.3g}")
+    if not diff <= tol:
+        raise ExportCheckError(f"{folder / RUNTIME_GRAPH}: last-position logits differ from {GRAPH_FILE}'s by "
+                               f"{diff:.3g} > {tol:.3g}")
+    return diff
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker's full check (with shape inference); ExportCheckError naming the file."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportCheckError(f"{path}: onnx.checker failed: {e}") from None
+
+
+def decode_step_seconds(sess: DecoderSession, prompt_len: int = 16, steps: int = 16) -> float:
+    """Median time of one batch-1 decode call after a `prompt_len` prefill (a rough speed figure
+    for the export's report, not a benchmark: bench/bench_onnx.py is)."""
+    n = max(1, min(prompt_len, sess.context - steps - 1))
+    sess.allocate(1, n + steps + 1)
+    rng = np.random.default_rng(0)
+    if sess.inputs_embeds:
+        logits = sess.prefill([rng.standard_normal((n, sess.d_model)).astype(sess.dtype)])
+    else:
+        logits = sess.prefill([np.arange(n) % sess.vocab_size])
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        if sess.inputs_embeds:
+            logits = sess.extend(rng.standard_normal((1, 1, sess.d_model)).astype(sess.dtype))[:, 0]
+        else:
+            logits = sess.decode(np.array([int(np.argmax(logits[0]))]))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def quantize_decoder(folder: Path, manifest: dict, embed: Optional[Callable] = None, log: Callable[[str], None] = print,
+                     seed: Optional[int] = None) -> dict:
+    """Replace the checked fp32 graph in `folder` by its dynamic-int8 version, after checking it
+    (onnx.checker, then logits against the fp32 graph on fresh random prompts, with and without past)
+    and timing a decode step of both. `embed` maps ids to embeddings for an inputs_embeds graph.
+    -> the record for the manifest (sizes, differences, top-1 agreement, step times)."""
+    from .quantize import quantize_int8
+
+    fp32_path = folder / GRAPH_FILE
+    q_dir = folder / "int8"
+    q_path = quantize_int8(fp32_path, q_dir / GRAPH_FILE, external_data=True)
+    check_graph(q_path)
+    fp32 = DecoderSession(make_session(fp32_path), manifest)
+    int8 = DecoderSession(make_session(q_path), manifest)
+    seqs, lens = check_prompts(fp32.vocab_size, fp32.context, np.random.default_rng(seed), steps=4)
+
+    def positions(logits):  # every real position: each row's prompt, then its continuation -> (N, V)
+        prefill, cont = logits
+        return np.concatenate([prefill[b, :n] for b, n in enumerate(lens)] + list(cont))
+
+    ref_all = positions(session_logits(fp32, seqs, lens, embed))
+    got_all = positions(session_logits(int8, seqs, lens, embed))
+    scale = max(1.0, float(np.abs(ref_all).max()))
+    diff = float(np.abs(ref_all - got_all).max()) / scale
+    top1 = float(np.mean(ref_all.argmax(-1) == got_all.argmax(-1)))
+    t32, t8 = decode_step_seconds(fp32), decode_step_seconds(int8)
+    size32 = sum((folder / f).stat().st_size for f in (GRAPH_FILE, GRAPH_FILE + ".data"))
+    size8 = sum((q_dir / f).stat().st_size for f in (GRAPH_FILE, GRAPH_FILE + ".data"))
+    log(f"int8: {size8 / 1e6:.2f} MB ({size8 / size32:.2f}x fp32's {size32 / 1e6:.2f} MB); logits vs fp32 "
+        f"(prompts of {lens[0]} and {lens[1]} tokens, with and without past): largest |difference| "
+        f"{diff:.3g} of max(1, |logit|) (tolerance {INT8_TOLERANCE}), top token unchanged at {top1:.1%} of "
+        f"{len(ref_all)} positions; batch-1 decode step {1e3 * t8:.2f} ms vs "
+        f"fp32 {1e3 * t32:.2f} ms ({t32 / t8:.2f}x, one rough measure)")
+    if not diff <= INT8_TOLERANCE:
+        raise ExportCheckError(f"{q_path}: int8 logits differ from fp32 by {diff:.3g} of max(1, |logit|) "
+                               f"(tolerance {INT8_TOLERANCE})")
+    for f in (GRAPH_FILE, GRAPH_FILE + ".data"):
+        os.replace(q_dir / f, folder / f)
+    shutil.rmtree(q_dir, ignore_errors=True)
+    return {"method": "dynamic int8 (onnxruntime quantize_dynamic, per-channel 7-bit weights)",
+            "bytes": size8, "fp32_bytes": size32, "max_rel_diff": diff, "top1_agreement": top1,
+            "tolerance": INT8_TOLERANCE, "decode_step_ms": 1e3 * t8, "fp32_decode_step_ms": 1e3 * t32}

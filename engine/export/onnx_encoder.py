@@ -1,6 +1,6 @@
 """ONNX export of the encoders: CLIP and SigLIP (two graphs) and BERT sentence encoders (one graph).
 
-    export_encoder("clip-folder", "out")   # -> out/vision_model.onnx, out/text_model.onnx, out/mmfuse_encoder.json
+    export_encoder("clip-folder", "out")   # -> out/vision_model.onnx, out/text_model.onnx, out/mmfuse_export.json
 
 Layouts (batch dynamic everywhere, sequence dynamic for text):
 - CLIP / SigLIP: `vision_model.onnx` pixel_values (B, 3, S, S) float32 -> image_embeds (B, E), and
@@ -16,7 +16,7 @@ The graphs are traced from the engine's own modules (engine/encoders/) with the 
 exporter, which gives clean dynamic graphs of standard operators here without extra dependencies
 (the dynamo exporter needs onnxscript); under tracing the CPU fast paths (kernels/cpu_linear.py,
 kernels/attention.py) record plain linear layers and one masked SDPA. The folder also holds the
-tokenizer, config and preprocessor files and `mmfuse_encoder.json` (kind, embedding size, logit
+tokenizer, config and preprocessor files and `mmfuse_export.json` (kind, embedding size, logit
 scale/bias, normalisation, tokenizer settings, file sizes), written last, so a folder with a
 manifest is a complete export.
 
@@ -44,7 +44,7 @@ from ..encoders.api import load_encoder
 from ..encoders.zeroshot import l2_normalize
 from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open, atomic_path
-from ..ort.encoder import MANIFEST, MANIFEST_FORMAT
+from ..ort.manifest import LEGACY, MANIFEST, write_manifest
 
 KINDS = ("clip", "siglip", "bert")
 DEFAULT_OPSET = 17            # LayerNormalization is one operator from 17 on
@@ -118,7 +118,8 @@ def export_encoder(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int]
     opset = opset or DEFAULT_OPSET
     enc = load_encoder(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is not a complete export
+    for name in (MANIFEST, *LEGACY):  # a folder being rewritten is not a complete export
+        (out_dir / name).unlink(missing_ok=True)
     written = []  # files of this export, relative to out_dir (the manifest lists them with their sizes)
     for name in ASSETS + ("1_Pooling/config.json",):  # (sentence-transformers' pooling settings)
         if (model_dir / name).is_file():
@@ -127,7 +128,7 @@ def export_encoder(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int]
                 shutil.copyfile(model_dir / name, tmp)
             written.append(name)
 
-    manifest = {"format": MANIFEST_FORMAT, "kind": kind, "opset": opset, "dtype": dtype, "quantize": quantize}
+    manifest = {"opset": opset, "dtype": dtype, "quantize": quantize}
     checks = {}
     g = torch.Generator().manual_seed(0)
     if kind in ("clip", "siglip"):
@@ -175,9 +176,7 @@ def export_encoder(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int]
             text={"file": "model.onnx", "inputs": ["input_ids", "attention_mask", "token_type_ids"],
                   "output": "sentence_embedding"})
     manifest["checks"] = checks
-    manifest["files"] = {name: (out_dir / name).stat().st_size for name in sorted(written + list(checks))}
-    with atomic_open(out_dir / MANIFEST) as f:
-        json_dump(manifest, f)
+    write_manifest(out_dir, kind, sorted(written + list(checks)), **manifest)
     return out_dir
 
 

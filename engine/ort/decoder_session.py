@@ -5,10 +5,14 @@ the PyTorch `DecodeState` does, so a row gets what it would get alone.
 
 portable   past_key_values.* are bound to the previous call's present.* OrtValues (no copy through
            numpy); the new column of attention_mask is 0 for padding gaps and finished rows.
-optimised  one (B, H_kv, max_len, D) OrtValue per layer and K/V, allocated once and bound as both
-           past and present (GroupQueryAttention writes the new positions in place); the decode
-           logits (B, 1, V) are a preallocated OrtValue too, so decoding allocates no cache or
-           logits memory. attention_mask only carries each row's filled length (row sums).
+optimised  one (B, H_kv, max_len, D) OrtValue per layer and K/V, allocated once and bound once (one
+           IOBinding kept for the batch) as both past and present (GroupQueryAttention writes the new
+           positions in place); a step rebinds only its three small inputs. The (B, 1, V) logits of
+           decode steps and of the prefill are a preallocated OrtValue too, so decoding allocates no
+           cache or logits memory. attention_mask only carries each row's filled length (row sums).
+
+The prefill asks for logits at each row's last prompt position only (graph input logit_positions),
+so the LM head runs on B rows instead of B x S.
 """
 from __future__ import annotations
 
@@ -20,19 +24,29 @@ import onnxruntime as ort
 from ..errors import CapacityError
 
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+GRAPH_FILE = "model.onnx"  # the decoder graph in the layout optimum and onnxruntime-genai use
+# The same graph with logit_positions a required input (onnxruntime's IO binding cannot bind an
+# overridable initializer): mmfuse's runtime runs it to get last-position logits at prefill. It
+# reads the weights from model.onnx.data, so it costs only the graph's bytes.
+RUNTIME_GRAPH = "model_last_logits.onnx"
 
 
 class DecoderSession:
-    """One decoder graph and the KV cache of the batch it is running."""
+    """One decoder graph and the KV cache of the batch it is running (one batch at a time: callers
+    that run batches concurrently give each its own DecoderSession over the same InferenceSession,
+    whose runs are thread-safe)."""
 
     def __init__(self, session: ort.InferenceSession, manifest: dict):
         self.session = session
         cfg = manifest["config"]
         self.n_layer, self.n_kv_head, self.head_dim = cfg["n_layer"], cfg["n_kv_head"], cfg["head_dim"]
-        self.vocab_size, self.context = cfg["vocab_size"], cfg["max_seq_len"]
+        self.vocab_size, self.context, self.d_model = cfg["vocab_size"], cfg["max_seq_len"], cfg["d_model"]
         self.dtype = NP_DTYPES[manifest["dtype"]]
         self.shared = manifest["variant"] == "optimized"
         self.inputs_embeds = bool(manifest.get("inputs_embeds"))
+        self._x_name = "inputs_embeds" if self.inputs_embeds else "input_ids"
+        # RUNTIME_GRAPH takes logit_positions; GRAPH_FILE (and exports before it) gives every position
+        self.logit_positions = "logit_positions" in {i.name for i in session.get_inputs()}
         self.batch = 0
         self.max_len = 0
 
@@ -48,6 +62,13 @@ class DecoderSession:
             self._logits1 = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab_size), self.dtype)
             self._tok = np.zeros((batch, 1), np.int64)  # decode inputs, refilled in place
             self._pos = np.zeros((batch, 1), np.int64)
+            self._first = np.zeros((batch, 1), np.int64)  # logit_positions of a one-token call
+            # one binding for the whole batch: the KV buffers stay bound as past and present, each
+            # call rebinds only its inputs and the logits
+            self._io = self.session.io_binding()
+            for (past, present), buf in zip(self._kv_names(), self._kv):
+                self._io.bind_ortvalue_input(past, buf)
+                self._io.bind_ortvalue_output(present, buf)
             self.max_len = max_len
         elif not self.shared:
             self.max_len = max_len
@@ -71,29 +92,33 @@ class DecoderSession:
             for kv in ("key", "value"):
                 yield f"past_key_values.{i}.{kv}", f"present.{i}.{kv}"
 
-    def _run(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, logits_out=None) -> np.ndarray:
-        """One graph call; x is input_ids (B, S) or inputs_embeds (B, S, C). Logits (B, S, V)."""
-        io = self.session.io_binding()
-        io.bind_cpu_input("inputs_embeds" if self.inputs_embeds else "input_ids", x)
+    def _run(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, rows=None) -> np.ndarray:
+        """One graph call; x is input_ids (B, S) or inputs_embeds (B, S, C). Logits (B, K, V) at the
+        positions `rows` (B, K) (None: every position; K = S)."""
+        io = self._io if self.shared else self.session.io_binding()
+        io.bind_cpu_input(self._x_name, x)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
-        if logits_out is None:
+        if self.logit_positions:  # a required input of RUNTIME_GRAPH
+            if rows is None:
+                rows = np.broadcast_to(np.arange(pos.shape[1], dtype=np.int64), pos.shape)
+            io.bind_cpu_input("logit_positions", np.ascontiguousarray(rows))
+        if self.shared:  # logits into an OrtValue of ours: the preallocated (B, 1, V) one when it fits
+            K = pos.shape[1] if rows is None else rows.shape[1]
+            out = self._logits1 if K == 1 else ort.OrtValue.ortvalue_from_shape_and_type(
+                (self.batch, K, self.vocab_size), self.dtype)
+            io.bind_ortvalue_output("logits", out)
+        else:
             io.bind_output("logits", "cpu")
-        else:
-            io.bind_ortvalue_output("logits", logits_out)
-        if self.shared:
-            for (past, present), buf in zip(self._kv_names(), self._kv):
-                io.bind_ortvalue_input(past, buf)
-                io.bind_ortvalue_output(present, buf)
-        else:
             for (past, present), buf in zip(self._kv_names(), self._past):
                 io.bind_ortvalue_input(past, buf)
                 io.bind_output(present, "cpu")
         self.session.run_with_iobinding(io)
+        if self.shared:
+            return out.numpy().copy() if K == 1 else out.numpy()  # the (B, 1, V) buffer is reused by the next call
         outs = io.get_outputs()
-        if not self.shared:
-            self._past = outs[1:]
-        return outs[0].numpy() if logits_out is None else logits_out.numpy().copy()  # the buffer is reused
+        self._past = outs[1:]
+        return outs[0].numpy()
 
     def prefill(self, prompts: Sequence, all_logits: bool = False) -> np.ndarray:
         """Run each row's prompt from position 0 (token ids, or (L, C) embeddings with
@@ -117,13 +142,15 @@ class DecoderSession:
         pos = np.broadcast_to(np.arange(S, dtype=np.int64), (self.batch, S)).copy()
         if not self.shared:
             self.allocate(self.batch, self.max_len)  # fresh, empty past
-        logits = self._run(x, mask, pos)
+        last = np.asarray(lens, np.int64) - 1
+        rows = last[:, None] if self.logit_positions and not all_logits else None
+        logits = self._run(x, mask, pos, rows)
         if not self.shared:
             self._mask = mask
         self.lengths[:] = lens
         if all_logits:
             return logits
-        return logits[np.arange(self.batch), np.asarray(lens) - 1]
+        return logits[:, 0] if rows is not None else logits[np.arange(self.batch), last]
 
     def extend(self, tokens: np.ndarray, active=None) -> np.ndarray:
         """Append tokens (B, k) (or embeddings (B, k, C)) after each row's cached positions; rows
@@ -142,7 +169,7 @@ class DecoderSession:
             if not self.inputs_embeds:
                 self._tok[:] = x
                 x = self._tok
-            logits = self._run(x, mask, self._pos, self._logits1)
+            logits = self._run(x, mask, self._pos, self._first if self.logit_positions else None)
         else:
             self._mask = np.concatenate([self._mask, np.repeat(active[:, None], k, 1).astype(np.int64)], axis=1)
             logits = self._run(np.ascontiguousarray(tokens), self._mask, pos)

@@ -10,7 +10,7 @@ Same signatures and results as `Encoder`, numpy arrays in place of tensors. Prep
 (encoders/zeroshot.py) are the PyTorch encoder's own torch-free code. Imports numpy, onnxruntime,
 tokenizers and pillow only.
 
-The export folder is checked when loaded: every file the manifest (`mmfuse_encoder.json`) lists
+The export folder is checked when loaded: every file the manifest (`mmfuse_export.json`, `manifest.py`) lists
 must be there with its recorded size, and each graph's inputs and outputs must match the manifest;
 otherwise ExportFolderError names the file.
 """
@@ -24,12 +24,12 @@ import numpy as np
 from ..encoders.preprocess import ImageProcessor
 from ..encoders.tokens import TextTokenizer, check_texts, text_batches
 from ..encoders.zeroshot import build_zero_shot_classifier, l2_normalize
-from ..errors import CheckpointError, ExportFolderError
-from ..jsonfile import read_json
+from ..errors import ExportFolderError
+from .manifest import manifest_path
+from .manifest import read_manifest as read_export_manifest
 from .session import make_session
 
-MANIFEST = "mmfuse_encoder.json"
-MANIFEST_FORMAT = "mmfuse-onnx-encoder/1"
+ENCODER_KINDS = ("clip", "siglip", "bert")
 
 
 class OrtEncoder:
@@ -161,26 +161,12 @@ class OrtEncoder:
 
 
 def read_manifest(folder: Path) -> dict:
-    """The export's manifest, and every file it lists present with its recorded size."""
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise ExportFolderError(f"{folder}: no such export folder")
-    try:
-        manifest = read_json(path)
-    except CheckpointError as e:
-        raise ExportFolderError(f"{e} (not an mmfuse encoder export: run `mmfuse export onnx` first)") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ExportFolderError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    for key in ("kind", "embed_dim", "text", "files", "context_length", "pad_to_context", "pad_id", "scores"):
+    """The export's manifest (`manifest.read_manifest`: every file it lists present with its
+    recorded size), with the keys the encoder reads."""
+    manifest = read_export_manifest(folder, ENCODER_KINDS)
+    for key in ("embed_dim", "text", "files", "context_length", "pad_to_context", "pad_id", "scores"):
         if key not in manifest:
-            raise ExportFolderError(f"{path}: missing key {key!r}")
-    for name, size in manifest["files"].items():
-        p = folder / name
-        if not p.is_file():
-            raise ExportFolderError(f"{p}: file not found (listed in {MANIFEST})")
-        if p.stat().st_size != size:
-            raise ExportFolderError(f"{p}: {p.stat().st_size} bytes, the export recorded {size}: the file was "
-                                    "replaced or truncated after export")
+            raise ExportFolderError(f"{manifest_path(folder)}: missing key {key!r}")
     return manifest
 
 

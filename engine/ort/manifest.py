@@ -1,10 +1,17 @@
-"""`mmfuse_export.json`: what an export folder holds (kind, variant, sizes, and each file's byte
-size), written by the exporter and checked by the runtime before any session is created, so a
-missing, truncated or swapped file is an error naming it rather than a crash inside onnxruntime."""
+"""`mmfuse_export.json`: the one manifest of every mmfuse ONNX export folder (decoders, encoders, the
+vision-language model's graphs). It records the export's `kind`, its settings and each file's byte
+size; the exporter writes it last and the runtime checks it before any session is created, so a
+missing, truncated or swapped file is an error naming it rather than a crash inside onnxruntime.
+
+Kinds: "decoder" (mmfuse.ort.engine), "clip" / "siglip" / "bert" (mmfuse.ort.encoder), "llava"
+(mmfuse.ort.vlm). Encoder folders exported before the manifests were unified hold
+`mmfuse_encoder.json` (format "mmfuse-onnx-encoder/1"): it is read as the same thing.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence, Union
 
 from ..errors import CheckpointError, ExportFolderError
 from ..files import atomic_open
@@ -12,6 +19,7 @@ from ..jsonfile import read_json
 
 MANIFEST = "mmfuse_export.json"
 FORMAT = 1
+LEGACY = {"mmfuse_encoder.json": "mmfuse-onnx-encoder/1"}  # older name -> its format value
 
 
 def write_manifest(folder: Path, kind: str, files: list, **fields) -> dict:
@@ -23,25 +31,39 @@ def write_manifest(folder: Path, kind: str, files: list, **fields) -> dict:
     return data
 
 
-def read_manifest(folder, kind: str) -> dict:
-    """The manifest of an export folder of `kind`, after checking that every recorded file is there
-    with its recorded size."""
+def manifest_path(folder: Path) -> Path:
+    """The folder's manifest: MANIFEST, or an older name when only that one is there."""
     folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        for name in LEGACY:
+            if (folder / name).is_file():
+                return folder / name
+    return folder / MANIFEST
+
+
+def read_manifest(folder, kind: Union[str, Sequence[str]]) -> dict:
+    """The manifest of an export folder of `kind` (or one of several kinds), after checking that
+    every recorded file is there with its recorded size."""
+    folder = Path(folder)
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     if not folder.is_dir():
         raise ExportFolderError(f"{folder}: not an export folder (no such directory)")
+    path = manifest_path(folder)
     try:
-        data = read_json(folder / MANIFEST)
+        data = read_json(path)
     except CheckpointError as e:
-        raise ExportFolderError(f"{e} (not an mmfuse ONNX export folder?)") from None
-    if data.get("format") != FORMAT:
-        raise ExportFolderError(f"{folder / MANIFEST}: format {data.get('format')!r}, this mmfuse reads {FORMAT}")
-    if data.get("kind") != kind:
-        raise ExportFolderError(f"{folder / MANIFEST}: an export of kind {data.get('kind')!r}, expected {kind!r}")
+        raise ExportFolderError(f"{e} (not an mmfuse ONNX export folder? run `mmfuse export onnx` first)") from None
+    expected = LEGACY.get(path.name, FORMAT)
+    if data.get("format") != expected:
+        raise ExportFolderError(f"{path}: format {data.get('format')!r}, this mmfuse reads {expected!r}")
+    if data.get("kind") not in kinds:
+        raise ExportFolderError(f"{path}: an export of kind {data.get('kind')!r}, expected "
+                                f"{' or '.join(repr(k) for k in kinds)}")
     for name, size in data.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise ExportFolderError(f"{path}: file not found (listed in {MANIFEST})")
-        if path.stat().st_size != size:
-            raise ExportFolderError(f"{path}: {path.stat().st_size} bytes, but the export wrote {size} "
+        p = folder / name
+        if not p.is_file():
+            raise ExportFolderError(f"{p}: file not found (listed in {path.name})")
+        if p.stat().st_size != size:
+            raise ExportFolderError(f"{p}: {p.stat().st_size} bytes, but the export wrote {size} "
                                     f"(truncated or replaced; export again)")
     return data

@@ -11,8 +11,13 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def make_session(path: Optional[Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                 optimization: str = "all"):
-    """An InferenceSession for the graph at `path`; with path=None only the options are checked."""
+                 optimization: str = "all", spinning: bool = False):
+    """An InferenceSession for the graph at `path`; with path=None only the options are checked.
+
+    `spinning`: onnxruntime's intra-op threads busy-wait between operators by default; mmfuse turns
+    that off, since on a CPU shared with other work (or with more threads than free cores) the
+    spinning threads take the cores the computing ones need: measured on the shared 2-core box, a
+    SmolLM2-135M-shaped int8 decode step took 163 ms spinning vs 77 ms not (bench/README.md)."""
     import onnxruntime as ort
 
     providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -28,6 +33,8 @@ def make_session(path: Optional[Path], threads: Optional[int] = None, providers:
     if path is None:
         return None
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: not the load-time notes on graphs onnxruntime runs fine
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = {
