@@ -5,8 +5,9 @@ which the weights stream from memory (or, for int4 on AVX2, are unpacked). One k
 three weight formats: the output rows are split over the cores; each weight row is read once,
 converted to fp32 in registers and multiplied with every input row. Four input rows share each
 weight element loaded (four accumulators in registers); the rows after the last block of four run
-one at a time while the weight row is in L1 (zero-padding them to a block of four gains nothing
-measurable at 3 rows and costs more at 1 or 2: bench/bench_gemv.py).
+one at a time while the weight row is in L1. Zero-padding them to a block of four instead costs
+more at 1 or 2 rows; at 3 rows it may help int4, whose unpacking it does once instead of three
+times (bench/bench_gemv.py measures both ways).
 
 Quantized weights (layout in quant_cpu.py) apply each group's scale and zero point once per group:
     y[r, j] = sum_t s[j, t] * (sum_{i in group t} q[j, i] * x[r, i] - z[j, t] * sum_{i in group t} x[r, i])
