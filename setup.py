@@ -54,6 +54,8 @@ packages = (["mmfuse"] + ["mmfuse." + p for p in find_packages("engine")]
 setup(
     packages=packages,
     package_dir={"mmfuse": "engine", "mmfuse.kernels": "kernels"},
+    # the trained world models (`mmfuse world train --install`), so that pip install brings them
+    package_data={"mmfuse.world": ["shipped/MODEL_CARD.md", "shipped/training.json", "shipped/*/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": optional_build_ext},
     zip_safe=False,

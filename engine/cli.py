@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mmfuse.encoders.cli",
     "mmfuse.vlm.cli",
     "mmfuse.export.cli",
+    "mmfuse.world.cli",
 ]
 TRACEBACK_ENV = "MMFUSE_TRACEBACK"  # set to 1 to print tracebacks of internal errors
 

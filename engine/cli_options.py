@@ -42,6 +42,10 @@ def prepare_model_args(args) -> None:
     model = getattr(args, "model", None)
     if model and getattr(args, "download", False) and not Path(model).exists() and HUB_ID.fullmatch(model):
         args.model = str(fetch_from_hub(model))
+    elif model:
+        from .world.shipped import resolve_model
+
+        args.model = resolve_model(model)
 
 
 def emit_json(obj) -> None:

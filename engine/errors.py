@@ -77,3 +77,12 @@ class SettingError(MMFuseError, ValueError):
 class BackendUnavailableError(MMFuseError, RuntimeError):
     """A requested kernel backend cannot run here (triton not installed, CPU tensors without the
     Triton interpreter)."""
+
+
+class VocabularyError(PromptError):
+    """A text for a world model (mmfuse.world) holds words outside the world's vocabulary."""
+
+
+class MissingModelError(MMFuseError, FileNotFoundError):
+    """A shipped model file is absent from the installation; the message names it and the command
+    that regenerates it."""

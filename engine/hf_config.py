@@ -109,6 +109,9 @@ HF_DEFAULTS = {
     "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "idefics3_vision": dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                            num_channels=3, image_size=224, patch_size=32, hidden_act="gelu_pytorch_tanh",
+                            layer_norm_eps=1e-6),  # (smolvlm_vision has the same defaults)
     "bert": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
                  layer_norm_eps=1e-12, pad_token_id=0, position_embedding_type="absolute"),

@@ -1,6 +1,8 @@
-"""Vision-language models (LLaVA) against transformers on tiny random-init checkpoints (fp32):
-CLIP and SigLIP towers, Llama and Qwen2 text models, the current, old and transformers-saved
-weight layouts, single and list-valued vision_feature_layer, LLaVA's pad-to-square preprocessing."""
+"""Vision-language models against transformers on tiny random-init checkpoints (fp32): LLaVA (CLIP
+and SigLIP towers, Llama and Qwen2 text models, the current, old and transformers-saved weight
+layouts, single and list-valued vision_feature_layer, pad-to-square preprocessing), LLaVA-NeXT
+(anyres tiling, unpadding, image_newline, both select strategies) and Idefics3 / SmolVLM (image
+splitting, pixel shuffle, tile header tokens)."""
 import json
 import sys
 from pathlib import Path
@@ -11,13 +13,14 @@ import torch
 
 from mmfuse.decoder.speculative import PromptLookupDrafter, speculative_generate
 from mmfuse.encoders.preprocess import ImageError
-from mmfuse.errors import CapacityError, CheckpointError, ConfigError, MMFuseError, PromptError
+from mmfuse.errors import CapacityError, CheckpointError, ConfigError, PromptError
 from mmfuse.vlm.engine import VisionLanguageModel
 from mmfuse.vlm.loader import detect_layout
 from mmfuse.checkpoint import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vlm_models import SPECS, build_llava, image_processor, random_image  # noqa: E402
+from vlm_models import (ALL_SPECS, IDEFICS3_SPECS, NEXT_SPECS, SPECS, build_idefics3, build_llava,  # noqa: E402
+                        build_llava_next, build_vlm, flat_pixels, image_processor, random_image)
 
 TOL = 1e-4
 
@@ -26,34 +29,39 @@ def _ask(text, n_images=1):
     return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module", params=sorted(SPECS))
+@pytest.fixture(scope="module", params=ALL_SPECS)
 def llava(request, tmp_path_factory):
-    """(name, folder, transformers model, transformers processor, our engine)."""
+    """(name, folder, transformers model, transformers processor, our engine) of each test model."""
     folder = tmp_path_factory.mktemp(request.param)
-    hf, proc = build_llava(request.param, folder)
+    hf, proc = build_vlm(request.param, folder)
     return request.param, folder, hf, proc, VisionLanguageModel.from_pretrained(folder)
 
 
 def test_layouts_are_the_ones_asked_for(llava):
     name, folder, *_ = llava
-    want = {"current": "current", "old": "old", "transformers": "old"}[SPECS[name][-1]]
-    assert detect_layout(Checkpoint(folder))[0] == want
+    if name in IDEFICS3_SPECS:
+        pytest.skip("idefics3 / smolvlm have one layout")
+    layout = (SPECS.get(name) or NEXT_SPECS[name])[-1]
+    assert detect_layout(Checkpoint(folder))[0] == {"current": "current", "old": "old", "transformers": "old"}[layout]
 
 
 @torch.no_grad()
 def test_full_multimodal_prompt_logits_match_transformers(llava):
+    """Three images of different aspect ratios (a different anyres grid / tile split each)."""
     name, folder, hf, proc, vlm = llava
-    images = [random_image(37, 23, 1), random_image(19, 44, 2, "RGBA")]
-    msgs = _ask("what is in the image", 2)
+    images = [random_image(37, 23, 1), random_image(19, 44, 2, "RGBA"), random_image(70, 90, 3)]
+    msgs = _ask("what is in the image", 3)
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
     assert vlm.processor.render(msgs)[0] == text
     inputs = proc(images=images, text=text, return_tensors="pt")
     req = vlm.prepare(msgs, images)
     assert list(req) == inputs["input_ids"][0].tolist()
-    torch.testing.assert_close(req.pixels, inputs["pixel_values"], atol=1e-5, rtol=0)
+    want = flat_pixels(inputs, [len(im.pixels) for im in req.images])
+    torch.testing.assert_close(torch.cat([im.pixels for im in req.images]), want, atol=1e-5, rtol=0)
     ref = hf(**inputs).logits[0]  # (T, V)
-    feats = vlm.image_features(req.pixels)
-    x = vlm.vlm.embed_prompt(torch.tensor(req), feats.flatten(0, 1))
+    feats = vlm.image_features(req.images)
+    assert [len(f) for f in feats] == [im.tokens for im in req.images]
+    x = vlm.vlm.embed_prompt(torch.tensor(req), torch.cat(feats))
     ours = vlm.model(None, torch.arange(len(req))[None], embeds=x[None])[0]
     torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
 
@@ -92,7 +100,7 @@ def test_follow_up_reuses_the_prefix_and_gives_cold_start_tokens(llava):
     image = random_image(41, 29, 7)
     msgs = _ask("what is in the image")
     first = warm.generate(msgs, images=image, temperature=0.0, max_new_tokens=10)[0]
-    k = warm.vlm.cfg.tokens_per_image
+    k = warm.prepare(msgs, image).images[0].tokens
     msgs = msgs + [{"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
                    {"role": "user", "content": [{"type": "text", "text": "and the dog"}]}]
     for step in range(2):  # a follow-up, then the same follow-up again (everything but the last token cached)
@@ -156,6 +164,76 @@ def test_preprocessing_matches_transformers_image_processors(kind, tmp_path):
         torch.testing.assert_close(torch.as_tensor(ours.process_one(im)), want.float(), atol=1e-5, rtol=0)
 
 
+SHAPES = [(37, 23, "RGB"), (19, 44, "RGBA"), (101, 7, "L"), (12, 13, "RGB"), (64, 64, "RGB"), (7, 150, "RGB"),
+          (90, 30, "RGB"), (200, 121, "RGB"), (28, 56, "RGB"), (1, 1, "RGB")]
+
+
+@pytest.fixture(scope="module", params=sorted(NEXT_SPECS) + sorted(IDEFICS3_SPECS) + ["idefics3_no_split"])
+def tiled(request, tmp_path_factory):
+    """(transformers processor, our engine) of the tiling families (models built but not run)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "idefics3_no_split":
+        spec = list(IDEFICS3_SPECS["idefics3"])
+        spec[4] = dict(spec[4], do_image_splitting=False, resample=3)
+        hf, proc = build_idefics3(tuple(spec), folder)
+    else:
+        hf, proc = build_vlm(request.param, folder)
+    return proc, VisionLanguageModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("h,w,mode", SHAPES)
+def test_tiling_preprocessing_and_token_counts_match_transformers(tiled, h, w, mode):
+    """anyres (best resolution, fit, pad, tiles, base image, unpadded feature count) and idefics3
+    splitting (longest edge, tile multiples, tiles + global image, header tokens) on odd shapes."""
+    proc, vlm = tiled
+    im = random_image(h, w, h * 7 + w, mode)
+    text = "USER: <image> what is in the image ASSISTANT:"
+    inputs = proc(images=[im], text=text, return_tensors="pt")
+    req = vlm.prepare(text, im)
+    assert list(req) == inputs["input_ids"][0].tolist()
+    assert req.images[0].tokens == sum(1 for t in req if t == vlm.vlm.cfg.image_token_id)
+    want = flat_pixels(inputs, [len(req.images[0].pixels)])
+    torch.testing.assert_close(req.images[0].pixels, want, atol=1e-5, rtol=0)
+
+
+def test_tiling_settings_errors_name_them(tmp_path):
+    hf, proc = build_llava_next("next_clip_llama", tmp_path / "next")
+    pc_path = tmp_path / "next" / "processor_config.json"
+    pc = json.loads(pc_path.read_text())
+    pc["image_processor"]["image_grid_pinpoints"] = [[30, 30]]
+    pc_path.write_text(json.dumps(pc))
+    with pytest.raises(ConfigError, match="image_grid_pinpoints"):
+        VisionLanguageModel.from_pretrained(tmp_path / "next")
+    cfg_path = tmp_path / "next" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["image_grid_pinpoints"] = [[30, 45]]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="multiples of the tower's image_size 30"):
+        VisionLanguageModel.from_pretrained(tmp_path / "next")
+    hf, proc = build_idefics3("idefics3", tmp_path / "id3")
+    pc_path = tmp_path / "id3" / "processor_config.json"
+    pc = json.loads(pc_path.read_text())
+    for key, value, match in (("max_image_size", {"longest_edge": 56}, "max_image_size.longest_edge=56"),
+                              ("size", {"height": 80, "width": 80}, "size="),
+                              ("do_center_crop", True, "do_center_crop")):
+        bad = json.loads(json.dumps(pc))
+        bad["image_processor"][key] = value
+        pc_path.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=match):
+            VisionLanguageModel.from_pretrained(tmp_path / "id3")
+    pc_path.write_text(json.dumps(pc))
+    cfg_path = tmp_path / "id3" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["scale_factor"] = 3
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="scale_factor=3"):
+        VisionLanguageModel.from_pretrained(tmp_path / "id3")
+    cfg["model_type"] = "idefics2"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="idefics2"):
+        VisionLanguageModel.from_pretrained(tmp_path / "id3")
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_raises_typed_errors_before_model_work(llava, tmp_path, monkeypatch):
     name, folder, hf, proc, vlm = llava
@@ -173,7 +251,7 @@ def test_bad_input_raises_typed_errors_before_model_work(llava, tmp_path, monkey
         vlm.generate(_ask("what", 2), images=[random_image(9, 9, 0)])
     with pytest.raises(PromptError, match="0 image placeholder"):
         vlm.generate("USER: no image here ASSISTANT:", images=[random_image(9, 9, 0)])
-    k = vlm.vlm.cfg.tokens_per_image
+    k = vlm.prepare(_ask("what"), random_image(9, 9, 0)).images[0].tokens
     n = vlm.model.cfg.max_seq_len // k + 1
     with pytest.raises(CapacityError, match="context"):
         vlm.generate(_ask("what", n), images=[random_image(9, 9, 0)] * n, max_new_tokens=1)
@@ -292,3 +370,32 @@ def test_prefix_record_lives_on_the_cache_threads_and_rollback(llava):
     state.truncate([n - 2])
     state.decode(torch.tensor([5]))
     assert state.keys[n - 2] == 5 and len(state.keys) == n - 1
+
+
+def test_real_llava_next_and_smolvlm_configs_read_at_full_size(monkeypatch):
+    """Published config.json texts (written from the hub files, no network here): the anyres token
+    count of llava-v1.6 against transformers' own processor arithmetic, SmolVLM's 64 tokens per tile."""
+    import warnings
+
+    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+    from mmfuse.vlm.anyres import feature_count
+    from mmfuse.vlm.config import vlm_config
+
+    data = Path(__file__).parent / "data" / "configs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stray fields (the tower's vocab_size, use_image_newline_parameter, ...)
+        nxt = vlm_config(json.loads((data / "llava-v1.6-mistral-7b-hf.json").read_text()), "llava-v1.6")
+        smol = vlm_config(json.loads((data / "SmolVLM-256M-Instruct.json").read_text()), "smolvlm")
+    assert (nxt.tokens_per_image, nxt.grid_side, nxt.text.family, len(nxt.grid_pinpoints)) == (576, 24, "llama", 5)
+    assert (smol.tokens_per_tile, smol.scale_factor, smol.vision.d_model, smol.vision.n_layer, smol.vision.d_ff,
+            smol.text.d_model, smol.text.n_layer, smol.text.norm_eps) == (64, 4, 768, 12, 3072, 576, 30, 1e-5)
+
+    class Ref(LlavaNextProcessor):  # transformers' counting, without a tokenizer
+        def __init__(self):
+            self.patch_size, self.num_additional_image_tokens = 14, 1
+            self.image_processor = type("P", (), {"image_grid_pinpoints": [list(p) for p in nxt.grid_pinpoints]})
+
+    ref = Ref()
+    for h, w in [(480, 640), (640, 480), (336, 336), (1000, 200), (123, 4567), (2000, 2001)]:
+        assert feature_count(h, w, nxt.grid_pinpoints, 336, 24, 576) == ref._get_number_of_features(h, w, 336, 336) - 1

@@ -192,13 +192,18 @@ class ImageProcessor:
         box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
         return im.resize((cols, rows), resample=self.resample, box=box)
 
-    def process_one(self, image, where: str = "image") -> np.ndarray:
-        """One image -> float32 (3, H, W)."""
+    def load_rgb(self, image, where: str = "image") -> Image.Image:
+        """One image as an RGB PIL image (the first step of every pipeline), within the pixel budget."""
         im = self.to_pil(image, where)
         if self.do_convert_rgb and im.mode != "RGB":
             im = to_rgb(im)
         if im.mode != "RGB":
             raise ImageError(f"{where}: image mode {im.mode!r} has {len(im.getbands())} channels, expected RGB")
+        return im
+
+    def process_one(self, image, where: str = "image") -> np.ndarray:
+        """One image -> float32 (3, H, W)."""
+        im = self.load_rgb(image, where)
         if self.pad_to_square and im.width != im.height:
             im = Image.fromarray(pad_square(np.array(im), tuple(int(m * 255) for m in self.image_mean)))
         if self.do_resize:
@@ -206,6 +211,10 @@ class ImageProcessor:
         x = np.array(im)  # (H, W, 3) uint8, a writable copy
         if self.crop_size is not None:
             x = center_crop(x, self.crop_size["height"], self.crop_size["width"])
+        return self.to_pixels(x)
+
+    def to_pixels(self, x: np.ndarray) -> np.ndarray:
+        """The last steps: uint8 (H, W, 3) -> rescaled, normalised float32 (3, H, W)."""
         t = x.transpose(2, 0, 1)  # (3, H, W)
         t = (t * np.float64(self.rescale_factor)).astype(np.float32) if self.do_rescale else t.astype(np.float32)
         if self.do_normalize:

@@ -24,44 +24,18 @@ from tqdm import tqdm
 
 from mmfuse.kernels import clip_loss, siglip_loss
 
+from ..optim import OptimConfig, lr_at, make_optimizer
 from .clip import ClipModel
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000                 # optimizer steps
-    lr: float = 5e-4                  # peak learning rate
-    warmup_steps: int = 100           # linear warm-up from 0 to lr, then cosine to min_lr
-    min_lr: float = 0.0
-    weight_decay: float = 0.2         # on weight matrices only
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
+class TrainConfig(OptimConfig):
     accum_steps: int = 1              # micro-batches per optimizer step
     max_logit_scale: float = math.log(100.0)  # logit_scale (a log) is clamped to [0, ln 100]
-    grad_clip: Optional[float] = 1.0  # max global grad norm; None: no clipping
     precision: str = "auto"           # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     save_every: int = 0               # checkpoint every N steps (0: only at the end)
     out_dir: Optional[str] = None     # where checkpoints go (step-XXXXXX/ and final/)
     assets_from: Optional[str] = None # folder whose tokenizer/preprocessor files each checkpoint gets
-    progress: bool = True             # tqdm bar
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Warm-up then cosine: the learning rate for optimizer step `step` (0-based)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def make_optimizer(model: ClipModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.startswith("logit_") else decay).append(p)  # OpenCLIP's rule
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def contrastive_loss(model: ClipModel, img: torch.Tensor, txt: torch.Tensor, live_scale: bool = True):

@@ -19,8 +19,8 @@ from mmfuse.kernels.cpu_linear import freeze
 
 from ..decoder.generate import DecodeState, Engine, defaults_from_generation_config
 from ..generation.sampling import SamplingParams
-from .llava import LlavaModel
-from .loader import load_llava
+from .loader import load_vlm
+from .multimodal import MultimodalModel
 from .processor import MultimodalPrompt, VlmProcessor
 
 
@@ -34,7 +34,7 @@ def common_prefix(a: list, b: list) -> int:
 
 
 class VisionLanguageModel(Engine):
-    def __init__(self, model: LlavaModel, processor: VlmProcessor, defaults: Optional[dict] = None,
+    def __init__(self, model: MultimodalModel, processor: VlmProcessor, defaults: Optional[dict] = None,
                  prefix_reuse: bool = True):
         super().__init__(model.decoder, processor.tokenizer, defaults)
         self.vlm, self.processor = freeze(model), processor  # weights are constants: the CPU may pack them
@@ -44,7 +44,7 @@ class VisionLanguageModel(Engine):
     @classmethod
     def from_pretrained(cls, folder, dtype="auto", device="cpu", prefix_reuse: bool = True) -> "VisionLanguageModel":
         folder = Path(folder)
-        model = load_llava(folder, dtype=dtype, device=device)
+        model = load_vlm(folder, dtype=dtype, device=device)
         return cls(model, VlmProcessor.from_pretrained(folder, model.cfg), defaults_from_generation_config(folder),
                    prefix_reuse=prefix_reuse)
 
@@ -110,9 +110,9 @@ class VisionLanguageModel(Engine):
                 s.grow(min(self.model.cfg.max_seq_len, max(max_len, 2 * s.cache.max_len)))
         return super()._take_state(batch, max_len)
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (N, 3, H, W) -> projected features (N, tokens_per_image, d)."""
-        return self.vlm.image_features(pixels.to(device=self.model.lm_head.weight.device))
+    def image_features(self, images: list) -> list:
+        """Prepared images -> their projected features, each (tokens, d)."""
+        return self.vlm.image_features(images)
 
     @torch.inference_mode()
     def prefill(self, state: DecodeState, prompts: list) -> torch.Tensor:
@@ -128,8 +128,8 @@ class VisionLanguageModel(Engine):
         for p, s in zip(prompts, start):
             if isinstance(p, MultimodalPrompt):
                 for i in p.images_from(s):
-                    need.setdefault(p.digests[i], p.pixels[i])
-        feats = dict(zip(need, self.image_features(torch.stack(list(need.values()))))) if need else {}
+                    need.setdefault(p.images[i].digest, p.images[i])
+        feats = dict(zip(need, self.image_features(list(need.values())))) if need else {}
         embeds = [self._row_embeddings(p, s, feats) if isinstance(p, MultimodalPrompt) else None
                   for p, s in zip(prompts, start)]
         logits = state.prefill([list(p[s:]) for p, s in zip(prompts, start)], embeds, start=start)
@@ -141,7 +141,7 @@ class VisionLanguageModel(Engine):
         first = p.images_from(start)
         if not first:
             return None
-        skip = sum(1 for t in p[:start] if t == p.image_token_id) % p.tokens_per_image  # a cut first image
-        f = torch.cat([feats[p.digests[i]] for i in first])[skip:]  # (n_image_tokens_after_start, d)
+        skip = p.image_tokens_before(start) - p.first_image_token(first[0])  # a cut first image
+        f = torch.cat([feats[p.images[i].digest] for i in first])[skip:]  # (n_image_tokens_after_start, d)
         ids = torch.as_tensor(p[start:], device=self.model.lm_head.weight.device)
         return self.vlm.embed_prompt(ids, f)

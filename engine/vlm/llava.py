@@ -14,6 +14,7 @@ from mmfuse.kernels.cpu_linear import linear
 from ..decoder.transformer import Decoder
 from ..encoders.vit import VisionTower
 from .config import VlmConfig
+from .multimodal import MultimodalModel
 
 
 class Projector(nn.Module):
@@ -30,7 +31,7 @@ class Projector(nn.Module):
         return linear(h, self.linear_2.weight, self.linear_2.bias)
 
 
-class LlavaModel(nn.Module):
+class LlavaModel(MultimodalModel):
     def __init__(self, cfg: VlmConfig):
         super().__init__()
         self.cfg = cfg
@@ -44,19 +45,10 @@ class LlavaModel(nn.Module):
                                    cfg.projector_act, cfg.projector_bias)
         self.decoder = Decoder(cfg.text)
 
-    @torch.inference_mode()
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels (N, 3, H, W) -> projected features (N, tokens_per_image, d_text)."""
+    def tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed tiles (N, 3, H, W) -> projected features (N, tokens_per_image, d_text).
+        Differentiable (training calls it directly); `image_features` runs it in inference mode."""
         states = self.tower.hidden_states(pixels, self.cfg.feature_layers)  # each (N, T, C_v)
         if self.cfg.drop_first:
             states = [s[:, 1:] for s in states]
         return self.projector(torch.cat(states, dim=-1))
-
-    def embed_prompt(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Token ids (T,) with image placeholders and the features (n_placeholders, d) that replace
-        them, in order -> input embeddings (T, d)."""
-        mask = ids == self.cfg.image_token_id
-        safe = ids.masked_fill(mask, 0) if self.cfg.image_token_id >= self.cfg.text.vocab_size else ids
-        x = self.decoder.embed(safe)  # (T, d)
-        x[mask] = features.to(x.dtype)
-        return x

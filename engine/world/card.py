@@ -1,0 +1,66 @@
+"""Install trained world models into mmfuse's shipped folder with a model card (command, seeds,
+data sizes, measured metrics, sha256 checksums of every file)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from ..files import atomic_open
+from .demo import table
+from .shipped import ROOT, SHIPPED
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -> str:
+    cfg = training["config"]
+    files = sorted(p for sub, _ in SHIPPED.values() for p in (folder / sub).rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    lines = [
+        "# mmfuse shipped world models", "",
+        "Small models trained by mmfuse's own code on its procedurally generated world (`mmfuse.world`):",
+        "64 x 64 images with 1-4 coloured shapes on a 2 x 2 grid, captions and questions from a grammar.",
+        "", "| name | folder | what |", "|---|---|---|",
+        "| world-clip | clip/ | CLIP dual encoder (contrastive loss of mmfuse.kernels): retrieval, zero-shot |",
+        "| world-vlm | vlm/ | LLaVA: world-clip's vision tower, MLP projector, Llama decoder: captions, VQA |",
+        "| world-ngram | ngram/ | token n-gram model of the VLM's answers (C++ SLM): speculative drafter |",
+        "", "## Reproduce", "", f"    {training['command']}",
+        *([] if "--install" in training["command"] else ["    mmfuse world install DIR   # DIR: the --out folder above"]), "",
+        f"Seeds: model init and batch order seed {cfg['seed']}; training scenes are the seeds "
+        f"0..{cfg['train_scenes'] - 1}; held-out scenes start at seed {training['held_out_from_seed']}. "
+        f"torch threads: {cfg['threads']}; device {cfg['device']}; torch {training['torch']}.", "",
+        f"Data: {cfg['train_scenes']} scenes; CLIP {cfg['clip_steps']} steps x batch {cfg['clip_batch']} "
+        f"(lr {cfg['clip_lr']}); VLM {cfg['vlm_steps']} steps x batch {cfg['vlm_batch']} conversations "
+        f"(lr {cfg['vlm_lr']}, each a caption and one question of each type, turns shuffled); n-gram order "
+        f"{cfg['ngram_order']} over the answers of every training scene.", "",
+        "Training time (seconds, a shared 2-core CPU): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in training["seconds"].items())
+        + f"; total {sum(training['seconds'].values()):.0f}.", "",
+        "Sizes: " + json.dumps(cfg["sizes"]), "",
+        f"## Metrics (held-out scenes, `{demo_command}`)", "", "```", table(metrics), "```", "",
+        "Text-to-image (VQ tokenizer + decoder over image tokens) is not part of this release.", "",
+        f"## Files ({total / 1e6:.2f} MB)", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| {p.relative_to(folder)} | {p.stat().st_size} | {sha256(p)} |" for p in files]
+    return "\n".join(lines) + "\n"
+
+
+def install(trained: Path, metrics: dict, demo_command: str, root: Path = ROOT) -> Path:
+    """Copy the trained models into `root` and write root/MODEL_CARD.md; returns the card's path."""
+    trained, root = Path(trained), Path(root)
+    training = json.loads((trained / "training.json").read_text())
+    for sub, _ in SHIPPED.values():
+        if (root / sub).exists():
+            shutil.rmtree(root / sub)
+        shutil.copytree(trained / sub, root / sub)
+    shutil.copyfile(trained / "training.json", root / "training.json")
+    with atomic_open(root / "MODEL_CARD.md", "w", encoding="utf-8") as f:
+        f.write(model_card(root, training, metrics, demo_command))
+    return root / "MODEL_CARD.md"

@@ -1,0 +1,191 @@
+"""Train the world's models with mmfuse's own loops (`mmfuse world train --out DIR`).
+
+1. CLIP: the contrastive loop (`encoders.train`, the fused loss of mmfuse.kernels) on rendered
+   scenes and their captions.
+2. VLM (LLaVA format): the CLIP vision tower, a projector and a small Llama decoder, trained with
+   the decoder loop (`decoder.train`) on multi-turn conversations about each scene (caption and
+   every question type, turns shuffled so that each comes first as often), loss on answers only.
+3. n-gram: the C++ SLM over the VLM's token ids of the answers, the speculative drafter.
+4. Text-to-image: see `world.imagine` (VQ tokenizer + Llama decoder over image tokens).
+
+Training scenes are the seeds [0, train_scenes); held-out seeds start at HELD_OUT (never trained
+on). Seeds, thread count and sizes are fixed by `WorldTrainConfig`, so the command reproduces its
+weights on the same software stack.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..decoder.train import IGNORE, DecoderTrainConfig, next_token_loss, train_decoder
+from ..encoders.clip import ClipModel
+from ..encoders.preprocess import ImageProcessor
+from ..encoders.tokens import TextTokenizer
+from ..encoders.train import TrainConfig, tensor_batches, train
+from ..nn.layers import init_weights
+from ..vlm.config import VlmConfig
+from ..vlm.llava import LlavaModel
+from .language import CAPTION_PROMPT, caption, questions
+from .models import (ASSISTANT, BOS, EOS, IMAGE, PAD, PREPROCESSOR, USER, WorldSizes, chat_tokenizer,
+                     llava_hf_config, save_llava, world_clip_config, write_chat_assets, write_clip_assets, write_json)
+from .scene import generate_scene, render
+
+HELD_OUT = 1_000_000  # first held-out seed
+
+
+@dataclass
+class WorldTrainConfig:
+    train_scenes: int = 12000      # seeds [0, train_scenes)
+    seed: int = 0                  # model init and batch order
+    threads: int = 1               # torch intra-op threads (fixed: reproducible, and fastest for models this small on a shared box)
+    device: str = "cpu"
+    clip_steps: int = 500
+    clip_batch: int = 64
+    clip_lr: float = 2e-3
+    vlm_steps: int = 700
+    vlm_batch: int = 16
+    vlm_lr: float = 2e-3
+    ngram_order: int = 6
+    progress: bool = True
+    sizes: WorldSizes = field(default_factory=WorldSizes)
+
+
+def world_images(seeds) -> list:
+    return [render(generate_scene(s)) for s in seeds]
+
+
+def train_clip(cfg: WorldTrainConfig, out: Path) -> ClipModel:
+    folder = out / "clip"
+    vocab = write_clip_assets(folder)
+    seeds = range(cfg.train_scenes)
+    proc = ImageProcessor.from_config(PREPROCESSOR)
+    px = proc(world_images(seeds))
+    ids, _ = TextTokenizer(folder, 40)([caption(generate_scene(s)) for s in seeds])
+    model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=cfg.seed).to(cfg.device)
+    tc = TrainConfig(steps=cfg.clip_steps, lr=cfg.clip_lr, warmup_steps=max(1, cfg.clip_steps // 20),
+                     weight_decay=0.05, progress=cfg.progress)
+    train(model, tensor_batches(px, ids, cfg.clip_batch, seed=cfg.seed), tc)
+    model.save_pretrained(folder)
+    return model
+
+
+def conversation_ids(tok, turns, tokens_per_image: int) -> tuple:
+    """Token ids and labels of a chat about one image, as the chat template renders it:
+    <s> USER: <image>*n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...; labels on answers and </s>."""
+    v = tok.token_to_id
+    ids, labels = [v(BOS)], [IGNORE]
+    for i, (q, a) in enumerate(turns):
+        prompt = [v(USER)] + ([v(IMAGE)] * tokens_per_image if i == 0 else []) + [v(w) for w in q.split()] + [v(ASSISTANT)]
+        answer = [v(w) for w in a.split()] + [v(EOS)]
+        ids += prompt + answer
+        labels += [IGNORE] * len(prompt) + answer
+    return ids, labels
+
+
+def scene_turns(seed: int, rng: np.random.Generator) -> list:
+    scene = generate_scene(seed)
+    turns = [(CAPTION_PROMPT, caption(scene))] + [(qa.question, qa.answer) for qa in questions(scene, seed)]
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
+def build_vlm(cfg: WorldTrainConfig, clip: ClipModel, tok) -> tuple:
+    s = cfg.sizes
+    from ..decoder.save import llama_decoder_config
+
+    text = llama_decoder_config(tok.get_vocab_size(), s.lm_width, s.lm_layers, s.lm_heads, s.lm_ff, s.lm_context,
+                                bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS))
+    hf = llava_hf_config(clip.hf_config, text, tok.token_to_id(IMAGE))
+    vcfg = VlmConfig.from_hf(hf)
+    torch.manual_seed(cfg.seed)
+    model = LlavaModel(vcfg)
+    init_weights(model.projector)
+    init_weights(model.decoder)
+    missing, unexpected = model.tower.load_state_dict(clip.image_tower.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("norm_post", "pool")) for k in missing), (missing, unexpected)
+    return model.to(cfg.device), hf
+
+
+def vlm_loss(model: LlavaModel, batch) -> torch.Tensor:
+    ids, labels, pixels = batch
+    feats = model.tile_features(pixels)  # (B, n, d)
+    x = model.embed_prompt(ids, feats.reshape(-1, feats.shape[-1]))  # (B, T, d)
+    return next_token_loss(model.decoder, ids, labels, embeds=x)
+
+
+def vlm_batches(cfg: WorldTrainConfig, tok, tokens_per_image: int, pixels: torch.Tensor):
+    """Endless shuffled batches (ids (B, T), labels (B, T), pixels (B, 3, H, W)); each epoch shuffles the turns anew."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    pad = tok.token_to_id(PAD)
+    while True:
+        order = rng.permutation(cfg.train_scenes)
+        for s in range(0, len(order) - cfg.vlm_batch + 1, cfg.vlm_batch):
+            idx = order[s:s + cfg.vlm_batch]
+            rows = [conversation_ids(tok, scene_turns(int(i), rng), tokens_per_image) for i in idx]
+            T = max(len(r[0]) for r in rows)
+            ids = torch.full((len(rows), T), pad, dtype=torch.long)
+            labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+            for j, (a, b) in enumerate(rows):
+                ids[j, :len(a)], labels[j, :len(b)] = torch.tensor(a), torch.tensor(b)
+            yield ids.to(cfg.device), labels.to(cfg.device), pixels[torch.as_tensor(idx)].to(cfg.device)
+
+
+def train_vlm(cfg: WorldTrainConfig, out: Path, clip: ClipModel) -> LlavaModel:
+    folder = out / "vlm"
+    tok = chat_tokenizer()
+    write_chat_assets(folder, tok)
+    model, hf = build_vlm(cfg, clip, tok)
+    pixels = ImageProcessor.from_config(PREPROCESSOR)(world_images(range(cfg.train_scenes)))
+    dc = DecoderTrainConfig(steps=cfg.vlm_steps, lr=cfg.vlm_lr, warmup_steps=max(1, cfg.vlm_steps // 20),
+                            weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8, progress=cfg.progress, desc="vlm")
+    train_decoder(model, vlm_batches(cfg, tok, model.cfg.tokens_per_image, pixels), dc, loss_fn=vlm_loss)
+    save_llava(model, folder, hf)
+    return model
+
+
+def answer_corpus(cfg: WorldTrainConfig, tok) -> list:
+    """The VLM's answer streams (ASSISTANT: answer </s>) of every training scene, as token id rows."""
+    rng = np.random.default_rng(cfg.seed + 2)
+    v = tok.token_to_id
+    rows = []
+    for s in range(cfg.train_scenes):
+        for q, a in scene_turns(s, rng):
+            rows.append(np.array([v(w) for w in q.split()] + [v(ASSISTANT)] + [v(w) for w in a.split()] + [v(EOS)]))
+    return rows
+
+
+def train_ngram(cfg: WorldTrainConfig, out: Path):
+    from ..ngram import NGramModel
+
+    folder = out / "ngram"
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = chat_tokenizer()
+    lm = NGramModel.build(answer_corpus(cfg, tok), order=cfg.ngram_order)
+    lm.save(folder / "answers.bin")
+    write_chat_assets(folder, tok, chat_template=False)
+    return lm
+
+
+def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None) -> dict:
+    """Train every model into `out` (clip/, vlm/, ngram/, training.json); returns {model: seconds}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    times = {}
+    t = time.perf_counter()
+    clip = train_clip(cfg, out)
+    times["clip"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_vlm(cfg, out, clip)
+    times["vlm"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_ngram(cfg, out)
+    times["ngram"] = time.perf_counter() - t
+    write_json(out / "training.json", {"command": command or f"mmfuse world train --out {out}",
+                                       "config": asdict(cfg), "seconds": times, "held_out_from_seed": HELD_OUT,
+                                       "torch": torch.__version__})
+    return times

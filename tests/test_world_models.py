@@ -1,0 +1,106 @@
+"""The world's models: training writes folders mmfuse and transformers load alike, the training
+sequences are what the chat template and processor make, `mmfuse world train` and `mmfuse demo`
+run end to end (on a tiny run), and missing shipped files are named with the regenerate command."""
+import json
+
+import pytest
+import torch
+
+from mmfuse.cli import main
+from mmfuse.errors import MissingModelError, VocabularyError
+from mmfuse.vlm.engine import VisionLanguageModel
+from mmfuse.world import shipped
+from mmfuse.world.language import CAPTION_PROMPT, caption, questions
+from mmfuse.world.models import chat_tokenizer
+from mmfuse.world.scene import generate_scene, render
+from mmfuse.world.train import HELD_OUT, WorldTrainConfig, conversation_ids, train_world
+
+TINY = dict(train_scenes=64, clip_steps=3, clip_batch=16, vlm_steps=4, vlm_batch=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    n = torch.get_num_threads()
+    train_world(out, WorldTrainConfig(**TINY))
+    torch.set_num_threads(n)
+    return out
+
+
+def _chat(q):
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+
+
+def test_training_sequences_are_what_the_chat_template_and_processor_make(tiny_world):
+    vlm = VisionLanguageModel.from_pretrained(tiny_world / "vlm")
+    tok = chat_tokenizer()
+    k = vlm.vlm.cfg.tokens_per_image
+    img = render(generate_scene(5))
+    turns = [(CAPTION_PROMPT, caption(generate_scene(5))), ("is there a red circle", "no")]
+    ids, labels = conversation_ids(tok, turns, k)
+    msgs = _chat(turns[0][0]) + [{"role": "assistant", "content": [{"type": "text", "text": turns[0][1]}]},
+                                 {"role": "user", "content": [{"type": "text", "text": turns[1][0]}]}]
+    prompt = vlm.prepare(msgs, [img])
+    assert list(prompt) == ids[:len(prompt)]                       # everything up to the last answer
+    answer = [tok.token_to_id(w) for w in "no".split()] + [tok.token_to_id("</s>")]
+    assert ids[len(prompt):] == answer and labels[len(prompt):] == answer
+    assert labels[:len(prompt)].count(-100) == len(prompt) - len(turns[0][1].split()) - 1
+
+
+def test_trained_vlm_loads_in_transformers_with_the_same_logits_and_greedy_answers(tiny_world):
+    transformers = pytest.importorskip("transformers")
+    vlm = VisionLanguageModel.from_pretrained(tiny_world / "vlm")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tiny_world / "vlm").eval()
+    for seed in (HELD_OUT, HELD_OUT + 1):
+        img = render(generate_scene(seed))
+        p = vlm.prepare(_chat(CAPTION_PROMPT), [img])
+        ids = torch.tensor([list(p)])
+        pixels = torch.cat([im.pixels for im in p.images])
+        with torch.no_grad():
+            ref = hf(input_ids=ids, pixel_values=pixels).logits[0, -1]
+            g = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,
+                            attention_mask=torch.ones_like(ids))
+        ours = vlm.generate(p, temperature=0.0, max_new_tokens=12, logprobs=True)[0]
+        assert ours.token_ids == g[0, ids.shape[1]:].tolist()
+        lp = torch.log_softmax(ref.double(), -1)[ours.token_ids[0]].item()
+        assert ours.logprobs[0] == pytest.approx(lp, abs=1e-4)
+
+
+def test_world_train_and_demo_commands_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["world", "train", "--out", str(out), "--scenes", "64", "--clip-steps", "2", "--vlm-steps", "2",
+                 "-q"]) == 0
+    for f in ("clip/model.safetensors", "vlm/model.safetensors", "vlm/tokenizer.json", "ngram/answers.bin",
+              "training.json"):
+        assert (out / f).is_file(), f
+    capsys.readouterr()
+    assert main(["demo", "--models", str(out), "--scenes", "3", "--retrieval-scenes", "24", "--speculative", "2",
+                 "--json", "--out", str(tmp_path / "report"), "-q"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("vqa", "vqa_count", "caption_attribute_precision", "caption_object_recall", "retrieval_r1",
+                "zero_shot_colour", "zero_shot_shape", "speculative_speedup"):
+        assert m[key] is None or 0 <= m[key] or key == "speculative_speedup", key
+    assert m["speculative_identical"] == 1.0       # speculative greedy decoding gives the greedy tokens
+    assert m["retrieval_images"] == 24 and m["caption_n"] == 3
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("<img") == 3 and (tmp_path / "report" / "images" / f"scene-{HELD_OUT}.png").is_file()
+
+
+def test_missing_shipped_file_names_it_and_the_regenerate_command(tmp_path, monkeypatch, capsys):
+    with pytest.raises(MissingModelError, match="world train") as e:
+        shipped.shipped_path("world-vlm", root=tmp_path)
+    assert str(tmp_path / "vlm" / "config.json") in str(e.value)
+    with pytest.raises(MissingModelError, match="not a shipped model"):
+        shipped.shipped_path("world-gpt")
+    monkeypatch.setattr(shipped, "ROOT", tmp_path)
+    assert main(["chat", "--model", "world-vlm", "--image", "x.png", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "mmfuse world train" in err
+
+
+def test_words_outside_the_world_are_refused_before_model_work():
+    from mmfuse.world.language import VOCABULARY, scene_from_caption
+
+    with pytest.raises(VocabularyError, match="dragon"):
+        scene_from_caption("a large red dragon at the top left")
+    assert all(VOCABULARY.check(qa.question) for qa in questions(generate_scene(1), 1))
