@@ -66,6 +66,11 @@ def entries(table: KeyTable) -> list:
     return [e if isinstance(e, KeyEntry) else KeyEntry(e[0], tuple(e[1])) for e in table]
 
 
+def named_keys(params: dict, modules: dict) -> KeyTable:
+    """Table entries from {our parameter: theirs} and {our module: theirs} (its weight and bias)."""
+    return [(o, [t]) for o, t in params.items()] + [e for o, t in modules.items() for e in module_keys(o, t)]
+
+
 def prefixed(table: KeyTable, prefix: str) -> KeyTable:
     """The table for a model that holds this one as a submodule: `prefix` before each of our names."""
     return [replace(e, ours=prefix + e.ours) for e in entries(table)]

@@ -27,7 +27,7 @@ def load_decoder(folder, dtype="auto", device="cpu", quantize=None) -> Decoder:
     Quantized checkpoints (GPTQ, AWQ, mmfuse's own) load as such; `quantize` (a `QuantConfig` or
     "int8" / "int4" ...) quantizes a float checkpoint's weights at load time."""
     from ..quant import QuantConfig, quantize_decoder
-    from ..quant.model import METHOD, load_mmfuse
+    from ..quant.quantize_model import METHOD, load_mmfuse
     from ..quant.published import parse_published, published_quant
 
     folder = Path(folder)
