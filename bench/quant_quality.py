@@ -22,7 +22,7 @@ from bench_speculative import train_decoder, train_tokenizer  # noqa: E402
 from mmfuse.decoder.config import DecoderConfig  # noqa: E402
 from mmfuse.decoder.transformer import Decoder  # noqa: E402
 from mmfuse.quant import QuantConfig, quantize_decoder  # noqa: E402
-from mmfuse.quant.model import quantized_linears  # noqa: E402
+from mmfuse.quant.quantize_model import quantized_linears  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "kenlm")
 FORMATS = ["int8", "int8-asym", "int4-g32", "int4-g32-asym", "int4-g64", "int4-g128", "int4-g128-asym"]

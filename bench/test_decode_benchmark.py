@@ -28,8 +28,8 @@ def test_decode_step_mmfuse(benchmark, models, batch):
     tok = torch.ones(batch, dtype=torch.long)
 
     def step():
-        if state._host_lengths[0] >= 1000:
-            state.truncate([128] * batch)
+        if state.cache.filled[0] >= 1000:
+            state.cache.truncate([128] * batch)
         state.decode(tok)
 
     benchmark(step)

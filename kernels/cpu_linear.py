@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is a matrix-vector product per weight, so its speed is the rate at which
 the weights stream from memory. MKL's fp32 GEMV reaches about 11 GB/s on our 2-core box; the numba
-kernel splits the output rows over the cores, reads each weight row once and reaches 23-30 GB/s
+kernel (gemv.py) splits the output rows over the cores, reads each weight row once and reaches 23-30 GB/s
 (the measured stream bandwidth) for 1-3 rows.
 
 With more rows (a batch of decodes, a prompt, an image of 50 patches) MKL's GEMM through
@@ -25,7 +25,6 @@ which is also the reference.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -35,6 +34,7 @@ from mmfuse import envs
 
 from .activations import QUICK_GELU_SCALE, activation
 from .frozen_weights import FrozenWeights
+from .gemv import gemv
 
 GEMV_MAX_ROWS = 4  # up to here the numba GEMV beats packed oneDNN (0.85x at 1 row, parity at 4)
 GEMV_UNPACKED_MAX_ROWS = 16  # weights that are not frozen: up to here the GEMV beats MKL's GEMM
@@ -63,46 +63,6 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return activation(act, F.linear(x, weight, bias))
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    """Compile on first use (cached on disk), so importing mmfuse does not import numba."""
-    import numba
-    import numpy as np
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def gemv_rows(w, x, out):  # out (n, N) = x (n, K) @ w (N, K).T, w streamed once
-        n_out, k = w.shape
-        n = x.shape[0]
-        blocks = 32  # a few blocks per core keeps the cores evenly loaded
-        for b in numba.prange(blocks):
-            for j in range(b * n_out // blocks, (b + 1) * n_out // blocks):
-                r = 0
-                while n - r >= 4:  # four input rows share each weight element loaded
-                    a0 = np.float32(0.0)
-                    a1 = np.float32(0.0)
-                    a2 = np.float32(0.0)
-                    a3 = np.float32(0.0)
-                    for i in range(k):
-                        wi = w[j, i]
-                        a0 += wi * x[r, i]
-                        a1 += wi * x[r + 1, i]
-                        a2 += wi * x[r + 2, i]
-                        a3 += wi * x[r + 3, i]
-                    out[r, j] = a0
-                    out[r + 1, j] = a1
-                    out[r + 2, j] = a2
-                    out[r + 3, j] = a3
-                    r += 4
-                while r < n:  # the weight row is still in L1 for the remaining rows
-                    acc = np.float32(0.0)
-                    for i in range(k):
-                        acc += w[j, i] * x[r, i]
-                    out[r, j] = acc
-                    r += 1
-
-    return gemv_rows
-
-
 def freeze(module: torch.nn.Module, refresh: bool = False) -> torch.nn.Module:
     """Mark `module`'s weights (its parameters of 2+ dims) as inference constants, so `linear` may
     keep a oneDNN-packed copy of each. The engine's inference objects (`DecodeState`, `Encoder`) do
@@ -125,9 +85,7 @@ def packed_weight(weight: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str]) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (n, K)
-    out = torch.empty(flat.shape[0], weight.shape[0], dtype=x.dtype)
-    _kernel()(weight.detach().numpy(), flat.detach().numpy(), out.numpy())
+    out = gemv(x.reshape(-1, x.shape[-1]), weight)  # (n, N)
     if bias is not None:
         out += bias
     return activation(act, out.view(*x.shape[:-1], weight.shape[0]))

@@ -1,8 +1,8 @@
 """Weight-only quantized linear layers on the CPU: fused dequantize-and-multiply for 1-16 rows.
 
 Batch-1 decoding streams every weight once per token, so int8 weights (1 byte) and int4 weights
-(half a byte) cut the bytes read 4x and 8x against fp32. The numba kernels here read the packed
-weights once, convert them to fp32 in registers and multiply; the scale (and zero point) of each
+(half a byte) cut the bytes read 4x and 8x against fp32. The numba GEMV (gemv.py) reads the packed
+weights once, converts them to fp32 in registers and multiplies; the scale (and zero point) of each
 group is applied once per group, not per element:
 
     y[r, j] = sum_t s[j, t] * (sum_{i in group t} q[j, i] * x[r, i] - z[j, t] * sum_{i in group t} x[r, i])
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mmfuse import envs
 
 from .activations import activation
+from .gemv import gemv
 
 FUSED_MAX_ROWS = 16  # up to here the fused kernel; above, dequantized blocks through the float GEMM
 DEQUANT_BLOCK = 1024  # output rows dequantized at a time on the GEMM path (4 MiB of fp32 at K = 1024)
@@ -68,124 +69,12 @@ def quant_linear_reference(x: torch.Tensor, q, scales, zeros, bits: int, group_s
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels():
+def _dequant_kernel():
     """Compile on first use (cached on disk), so importing mmfuse does not import numba."""
     import numba
     import numpy as np
 
-    blocks = 32  # a few blocks of output rows per core keeps the cores evenly loaded
-
     u = np.uint64  # unsigned indices: numba then skips the negative-index wraparound that blocks vectorizing
-
-    @numba.njit(fastmath=True, cache=True)
-    def group_sums(x, g):  # (n, Kp) -> (n, G): the zero point's share of each group
-        n, kp = x.shape
-        out = np.zeros((n, kp // g), dtype=np.float32)
-        for r in range(n):
-            for t in range(kp // g):
-                acc = np.float32(0.0)
-                for i in range(g):
-                    acc += x[r, u(t * g + i)]
-                out[r, t] = acc
-        return out
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def w8_gemv(q, s, z, zc, x, out, g):  # out (n, N) = x (n, Kp) @ deq(q (N, Kp)).T
-        n_out, kp = q.shape
-        n, ng = x.shape[0], kp // g
-        has_z = z.shape[0] > 0
-        zc = np.float32(zc)
-        xs = group_sums(x, g)
-        for b in numba.prange(blocks):
-            for j in range(b * n_out // blocks, (b + 1) * n_out // blocks):
-                r = 0
-                while n - r >= 4:  # four input rows share each weight element loaded
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for t in range(ng):
-                        d0 = d1 = d2 = d3 = np.float32(0.0)
-                        for i in range(g):
-                            k = u(t * g + i)
-                            wi = np.float32(q[j, k])
-                            d0 += wi * x[r, k]
-                            d1 += wi * x[r + 1, k]
-                            d2 += wi * x[r + 2, k]
-                            d3 += wi * x[r + 3, k]
-                        zt = np.float32(z[j, t]) if has_z else zc
-                        st = s[j, t]
-                        a0 += st * (d0 - zt * xs[r, t])
-                        a1 += st * (d1 - zt * xs[r + 1, t])
-                        a2 += st * (d2 - zt * xs[r + 2, t])
-                        a3 += st * (d3 - zt * xs[r + 3, t])
-                    out[r, j] = a0
-                    out[r + 1, j] = a1
-                    out[r + 2, j] = a2
-                    out[r + 3, j] = a3
-                    r += 4
-                while r < n:  # the weight row is still in L1 for the remaining rows
-                    acc = np.float32(0.0)
-                    for t in range(ng):
-                        d = np.float32(0.0)
-                        for i in range(g):
-                            k = u(t * g + i)
-                            d += np.float32(q[j, k]) * x[r, k]
-                        zt = np.float32(z[j, t]) if has_z else zc
-                        acc += s[j, t] * (d - zt * xs[r, t])
-                    out[r, j] = acc
-                    r += 1
-
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def w4_gemv(q, s, z, zc, x, out, g):  # out (n, N) = x (n, Kp) @ deq(q (N, Kp/2)).T
-        n_out = q.shape[0]
-        kp = x.shape[1]
-        n, ng, h = x.shape[0], kp // g, g // 2
-        has_z = z.shape[0] > 0
-        zc = np.float32(zc)
-        sixteenth = np.float32(0.0625)
-        xs = group_sums(x, g)
-        for b in numba.prange(blocks):
-            for j in range(b * n_out // blocks, (b + 1) * n_out // blocks):
-                r = 0
-                while n - r >= 4:
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for t in range(ng):
-                        d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = np.float32(0.0)
-                        for i in range(h):
-                            v = q[j, u(t * h + i)]
-                            lo = np.float32(v & np.uint8(15))
-                            hi = np.float32(v) - lo  # 16 * high nibble, without a (64-bit) shift
-                            kl, kh = u(t * g + i), u(t * g + h + i)
-                            d0 += lo * x[r, kl]
-                            d1 += lo * x[r + 1, kl]
-                            d2 += lo * x[r + 2, kl]
-                            d3 += lo * x[r + 3, kl]
-                            e0 += hi * x[r, kh]
-                            e1 += hi * x[r + 1, kh]
-                            e2 += hi * x[r + 2, kh]
-                            e3 += hi * x[r + 3, kh]
-                        zt = np.float32(z[j, t]) if has_z else zc
-                        st = s[j, t]
-                        a0 += st * (d0 + e0 * sixteenth - zt * xs[r, t])
-                        a1 += st * (d1 + e1 * sixteenth - zt * xs[r + 1, t])
-                        a2 += st * (d2 + e2 * sixteenth - zt * xs[r + 2, t])
-                        a3 += st * (d3 + e3 * sixteenth - zt * xs[r + 3, t])
-                    out[r, j] = a0
-                    out[r + 1, j] = a1
-                    out[r + 2, j] = a2
-                    out[r + 3, j] = a3
-                    r += 4
-                while r < n:
-                    acc = np.float32(0.0)
-                    for t in range(ng):
-                        d = e = np.float32(0.0)
-                        for i in range(h):
-                            v = q[j, u(t * h + i)]
-                            lo = np.float32(v & np.uint8(15))
-                            d += lo * x[r, u(t * g + i)]
-                            e += (np.float32(v) - lo) * x[r, u(t * g + h + i)]
-                        zt = np.float32(z[j, t]) if has_z else zc
-                        acc += s[j, t] * (d + e * sixteenth - zt * xs[r, t])
-                    out[r, j] = acc
-                    r += 1
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def dequant(q, s, z, zc, bits, g, out):  # out (M, Kp) fp32 = deq(q rows (M, .))
@@ -207,7 +96,7 @@ def _kernels():
                         out[j, u(t * g + i)] = (np.float32(v & np.uint8(15)) - zt) * st
                         out[j, u(t * g + h + i)] = (np.float32(v >> np.uint8(4)) - zt) * st
 
-    return w8_gemv, w4_gemv, dequant
+    return dequant
 
 
 _NO_ZEROS = torch.empty(0, 0, dtype=torch.uint8)
@@ -230,19 +119,17 @@ def quant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: 
     flat = flat.contiguous()
     n = flat.shape[0]
     zc = 8.0 if bits == 4 else 0.0
-    z = (zeros if zeros is not None else _NO_ZEROS).numpy()
-    w8, w4, deq = _kernels()
     if n <= FUSED_MAX_ROWS and envs.read("MMFUSE_QUANT_FUSED"):
-        out = torch.empty(n, N, dtype=torch.float32)
-        (w8 if bits == 8 else w4)(q.numpy(), scales.numpy(), z, zc, flat.numpy(), out.numpy(), group_size)
+        out = gemv(flat, q, bits, scales, zeros, zc, group_size)
     else:
+        z = (zeros if zeros is not None else _NO_ZEROS).numpy()
         out = torch.empty(n, N, dtype=torch.float32)
         step = max(1, min(N, DEQUANT_BLOCK * 1024 // max(Kp, 1)))
         buf = torch.empty(step, Kp, dtype=torch.float32)
         for j0 in range(0, N, step):
             j1 = min(N, j0 + step)
             blk = buf[: j1 - j0]
-            deq(q[j0:j1].numpy(), scales[j0:j1].numpy(), z[j0:j1] if z.shape[0] else z, zc, bits, group_size,
+            _dequant_kernel()(q[j0:j1].numpy(), scales[j0:j1].numpy(), z[j0:j1] if z.shape[0] else z, zc, bits, group_size,
                 blk.numpy())
             out[:, j0:j1] = flat @ blk.t()
     if bias is not None:

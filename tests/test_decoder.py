@@ -72,7 +72,7 @@ def test_multi_token_verification_and_rollback(gpt2_folder):
     ver.prefill(prompts)
     torch.testing.assert_close(ver.forward(proposals), step_logits, atol=TOL, rtol=0)
     # Keep 2 and 3 of the proposals, roll back the rest, then continue: same as having decoded only those.
-    ver.truncate([7 + 2, 4 + 3])
+    ver.cache.truncate([7 + 2, 4 + 3])
     nxt = torch.tensor([11, 12])
     got = ver.decode(nxt)
     ref = DecodeState(model, 2, 32)

@@ -24,7 +24,7 @@ from mmfuse.encoders.config import vision_tower
 from mmfuse.encoders.siglip import SiglipModel
 from mmfuse.errors import CheckpointError, ConfigError, DeviceError
 from mmfuse.errors import SamplingParamsError
-from mmfuse.generation.sampling import SamplingParams
+from mmfuse.generation.params import SamplingParams
 from mmfuse.hf_config import IgnoredFieldsWarning
 
 transformers = pytest.importorskip("transformers")

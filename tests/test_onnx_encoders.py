@@ -52,40 +52,40 @@ def perturb_norms(model, names=("norm",), scale=0.2):
                 p.add_(torch.randn_like(p) * scale)
 
 
+def save_dual_encoder(tmp_path_factory, kind: str):
+    """A random odd-shaped CLIP or SigLIP checkpoint saved by transformers, with a word tokenizer and
+    the preprocessor config; (folder, the transformers model)."""
+    folder = tmp_path_factory.mktemp(kind)
+    V = write_word_tokenizer(folder, WORDS, CTX)
+    text = dict(vocab_size=V, max_position_embeddings=CTX, eos_token_id=V - 1, bos_token_id=V - 2, pad_token_id=0,
+                **TOWER)
+    vision = dict(image_size=IMG, patch_size=9, **TOWER)
+    clip = kind == "clip"
+    cfg = (transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=22) if clip
+           else transformers.SiglipConfig(text_config=text, vision_config=vision))
+    torch.manual_seed(0 if clip else 1)
+    model = (transformers.CLIPModel if clip else transformers.SiglipModel)(cfg).eval()
+    perturb_norms(model, ("norm",) if clip else ("norm", "logit"))
+    model.save_pretrained(folder)
+    if clip:
+        transformers.CLIPImageProcessor(size={"shortest_edge": IMG},
+                                        crop_size={"height": IMG, "width": IMG}).save_pretrained(folder)
+    else:
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": IMG, "width": IMG},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    return folder, model
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    V = write_word_tokenizer(folder, WORDS, CTX)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=V, max_position_embeddings=CTX, eos_token_id=V - 1, bos_token_id=V - 2,
-                         pad_token_id=0, **TOWER),
-        vision_config=dict(image_size=IMG, patch_size=9, **TOWER), projection_dim=22)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(cfg).eval()
-    perturb_norms(model)
-    model.save_pretrained(folder)
-    transformers.CLIPImageProcessor(size={"shortest_edge": IMG},
-                                    crop_size={"height": IMG, "width": IMG}).save_pretrained(folder)
-    return folder, model
+    return save_dual_encoder(tmp_path_factory, "clip")
 
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("siglip")
-    V = write_word_tokenizer(folder, WORDS, CTX)
-    cfg = transformers.SiglipConfig(
-        text_config=dict(vocab_size=V, max_position_embeddings=CTX, eos_token_id=V - 1, bos_token_id=V - 2,
-                         pad_token_id=0, **TOWER),
-        vision_config=dict(image_size=IMG, patch_size=9, **TOWER))
-    torch.manual_seed(1)
-    model = transformers.SiglipModel(cfg).eval()
-    perturb_norms(model, ("norm", "logit"))
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": IMG, "width": IMG},
-        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
-    return folder, model
+    return save_dual_encoder(tmp_path_factory, "siglip")
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +305,11 @@ def test_bad_export_folders(exports, tmp_path):
         shutil.copytree(exports["clip"], dst)
         return dst
 
+    def record_size(d, name):  # the manifest's record of a file edited in place
+        m = json.loads((d / MANIFEST).read_text())
+        m["files"][name] = (d / name).stat().st_size
+        (d / MANIFEST).write_text(json.dumps(m))
+
     with pytest.raises(ExportFolderError, match=MANIFEST):
         OrtEncoder.from_pretrained(tmp_path)  # not an export
     d = copy("legacy_manifest")  # a folder exported before the manifests were unified
@@ -337,18 +342,14 @@ def test_bad_export_folders(exports, tmp_path):
         OrtEncoder.from_pretrained(d)
     d = copy("swapped_graph_same_size")  # a graph edited in place (the manifest's sizes updated too)
     shutil.copyfile(exports["siglip"] / "text_model.onnx", d / "text_model.onnx")
-    m = json.loads((d / MANIFEST).read_text())
-    m["files"]["text_model.onnx"] = (d / "text_model.onnx").stat().st_size
-    (d / MANIFEST).write_text(json.dumps(m))
+    record_size(d, "text_model.onnx")
     with pytest.raises(ExportFolderError, match=r"text_model.onnx: outputs .* text_embeds of shape \[batch, 22\]"):
         OrtEncoder.from_pretrained(d)
     d = copy("bad_preprocessor")
     cfg = json.loads((d / "preprocessor_config.json").read_text())
     cfg["crop_size"] = {"height": 30, "width": 30}
     (d / "preprocessor_config.json").write_text(json.dumps(cfg))
-    m = json.loads((d / MANIFEST).read_text())
-    m["files"]["preprocessor_config.json"] = (d / "preprocessor_config.json").stat().st_size
-    (d / MANIFEST).write_text(json.dumps(m))
+    record_size(d, "preprocessor_config.json")
     with pytest.raises(ExportFolderError, match=r"preprocessor_config.json: output size \(30, 30\)"):
         OrtEncoder.from_pretrained(d)
     d = copy("corrupt_graph")

@@ -16,7 +16,7 @@ from mmfuse.errors import CheckpointError, ConfigError
 from mmfuse.kernels import quant_cpu
 from mmfuse.kernels.quant_cpu import dequantize, pack_int4, quant_linear, quant_linear_reference, unpack_int4
 from mmfuse.quant import QuantConfig, QuantizedLinear, quantize_weight
-from mmfuse.quant.model import quantized_linears, save_quantized
+from mmfuse.quant.quantize_model import quantized_linears, save_quantized
 
 from conftest import build_hf_decoder
 

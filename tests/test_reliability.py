@@ -20,7 +20,8 @@ from mmfuse.decoder.generate import Engine
 from mmfuse.decoder.loader import load_decoder
 from mmfuse.errors import (CheckpointError, ConfigError, ImageError, MMFuseError, NumericalError, OutputError,
                            PromptError, SamplingParamsError)
-from mmfuse.generation.sampling import Sampler, SamplingParams
+from mmfuse.generation.params import SamplingParams
+from mmfuse.generation.sampling import Sampler
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +490,7 @@ def test_embed_failure_while_writing_keeps_the_old_file(clip_folder, tmp_path, c
 
 def test_saved_encoder_checkpoint_survives_a_failed_save(clip_folder, tmp_path, monkeypatch):
     from mmfuse.encoders import ClipModel
-    import mmfuse.encoders.weights as weights
+    import mmfuse.weight_map as weights
     model = ClipModel.from_pretrained(clip_folder)
     folder = tmp_path / "ck"
     model.save_pretrained(folder)

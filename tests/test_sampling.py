@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmfuse.errors import SamplingParamsError
+from mmfuse.generation.params import SamplingParams
 from mmfuse.generation.sampling import (
     Sampler,
-    SamplingParams,
     apply_min_p,
     apply_penalties,
     apply_top_k,

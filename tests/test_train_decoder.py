@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from mmfuse.decoder.loader import load_decoder
-from mmfuse.decoder.save import llama_decoder_config, save_decoder
+from mmfuse.decoder.train import llama_decoder_config
 from mmfuse.decoder.train import IGNORE, DecoderTrainConfig, next_token_loss, pad_batch, train_decoder
 from mmfuse.decoder.transformer import Decoder
-from mmfuse.errors import ConfigError
 
 
 def small(vocab=37, d=48, layers=2, heads=4, tie=False):
@@ -59,7 +58,7 @@ def test_saved_folder_loads_in_mmfuse_and_transformers_with_the_same_logits(tmp_
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # not the init values
-    save_decoder(model, tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
     ours = load_decoder(tmp_path / "m")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
     ids = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(5))
@@ -68,11 +67,3 @@ def test_saved_folder_loads_in_mmfuse_and_transformers_with_the_same_logits(tmp_
         ref = model(ids, pos)
         torch.testing.assert_close(ours(ids, pos), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hf(ids).logits, ref, atol=1e-4, rtol=1e-4)
-
-
-def test_unsupported_decoders_are_refused_by_name():
-    from mmfuse.decoder.config import DecoderConfig
-
-    with pytest.raises(ConfigError, match="n_kv_head"):
-        save_decoder(Decoder.random(DecoderConfig(vocab_size=10, n_layer=1, n_head=2, n_kv_head=2, d_model=8,
-                                                  head_dim=4, d_ff=8, max_seq_len=8)), "unused")

@@ -365,11 +365,11 @@ def test_prefix_record_lives_on_the_cache_threads_and_rollback(llava):
     got = warm.generate(follow, images=images[0], temperature=0.0, max_new_tokens=12)[0].token_ids
     assert got == cold.generate(follow, images=images[0], temperature=0.0, max_new_tokens=12)[0].token_ids
     state = warm._take_state(1, 8)  # the cache the last call gave back, with its record
-    assert state.keys is not None and len(state.keys) >= state.filled[0]
-    n = state.filled[0]
-    state.truncate([n - 2])
+    assert state.cache.tokens is not None and len(state.cache.tokens) >= state.cache.filled[0]
+    n = state.cache.filled[0]
+    state.cache.truncate([n - 2])
     state.decode(torch.tensor([5]))
-    assert state.keys[n - 2] == 5 and len(state.keys) == n - 1
+    assert state.cache.tokens[n - 2] == 5 and len(state.cache.tokens) == n - 1
 
 
 def test_real_llava_next_and_smolvlm_configs_read_at_full_size(monkeypatch):

@@ -116,6 +116,48 @@ class DecoderConfig:
             msg = str(e)
             raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
+    def to_hf(self) -> dict:
+        """The config.json transformers builds this model from: model_type "gpt2", "llama" or
+        "qwen2" (q/k/v bias without an output bias). Mistral is written as Llama (the same model
+        once the window covers the context)."""
+        act = next(hf for hf, ours in ACTIVATIONS.items() if ours == self.act)
+        tokens = {"bos_token_id": self.bos_token_id,
+                  "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
+                                   self.eos_token_ids[0] if self.eos_token_ids else None)}
+        if self.family == "gpt2":
+            gpt2 = dict(learned_pos=True, norm="layernorm", gated_mlp=False, qkv_bias=True, o_bias=True,
+                        mlp_bias=True, n_kv_head=self.n_head, head_dim=self.d_model // self.n_head)
+            odd = [k for k, v in gpt2.items() if getattr(self, k) != v]
+            if odd:
+                shown = ", ".join(f"{k}={getattr(self, k)}" for k in odd)
+                raise ConfigError(f"a GPT-2 config.json cannot describe {shown}")
+            return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": self.vocab_size,
+                    "n_positions": self.max_seq_len, "n_embd": self.d_model, "n_layer": self.n_layer,
+                    "n_head": self.n_head, "n_inner": self.d_ff, "activation_function": act,
+                    "layer_norm_epsilon": self.norm_eps, "tie_word_embeddings": self.tie_embeddings, **tokens}
+        llama = dict(learned_pos=False, norm="rmsnorm", gated_mlp=True)
+        odd = [k for k, v in llama.items() if getattr(self, k) != v]
+        qwen2 = self.qkv_bias and not self.o_bias
+        if not qwen2 and self.qkv_bias != self.o_bias:
+            odd.append(f"qkv_bias={self.qkv_bias} with o_bias={self.o_bias}")
+        if qwen2 and self.mlp_bias:
+            odd.append("mlp_bias=True with q/k/v bias only")
+        if odd:
+            raise ConfigError(f"a Llama/Qwen2 config.json cannot describe {odd}")
+        out = {"model_type": "qwen2" if qwen2 else "llama",
+               "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+               "vocab_size": self.vocab_size, "hidden_size": self.d_model, "intermediate_size": self.d_ff,
+               "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+               "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "hidden_act": act,
+               "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
+               "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+               "tie_word_embeddings": self.tie_embeddings, **tokens}
+        if qwen2:
+            out["use_sliding_window"] = False
+        else:
+            out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        return out
+
     @classmethod
     def _from_gpt2(cls, cfg, source, common):
         act = cfg.get("activation_function", "gelu_new")

@@ -1,10 +1,10 @@
 """Generation over a static KV cache: batched prefill, decode, streaming, multi-token verification.
 
-`DecodeState` owns one batch's cache and per-row lengths. Prompts of different lengths are right-
-padded for one prefill call; each row then decodes at its own position, so every row gets exactly
-what it would get alone. `forward()` with k tokens and `truncate()` are the verification and
-rollback steps a speculative decoder needs. `Engine` adds tokenization, sampling, stop handling
-and streaming on top.
+`DecodeState` wires a model to one batch's `KVCache` (which owns the writes, per-row lengths and
+rollback). Prompts of different lengths are right-padded for one prefill call; each row then
+decodes at its own position, so every row gets exactly what it would get alone. `forward()` with k
+tokens and `cache.truncate()` are the verification and rollback steps a speculative decoder needs.
+`Engine` adds tokenization, the sampler, stop handling and streaming on top.
 
 Concurrency: a `DecodeState` belongs to one caller at a time. `Engine` is safe to share between
 threads: each `generate()` / `stream()` call decodes in a `DecodeState` of its own, taken from the
@@ -22,10 +22,8 @@ import torch
 
 from mmfuse.kernels.cpu_linear import freeze
 
-from ..errors import CapacityError
 from ..generation.frontend import Generation, GenerationFrontend
-from ..generation.requests import (Completion, RequestOutput, StreamChunk,  # noqa: F401  (re-exported)
-                                   defaults_from_generation_config)
+from ..generation.requests import defaults_from_generation_config
 from ..generation.sampling import Sampler
 from ..tokenizer import load_tokenizer
 from .kv_cache import KVCache
@@ -37,49 +35,18 @@ _CAPTURE_LOCK = threading.Lock()
 
 
 class DecodeState:
-    """The KV cache of a batch of sequences and how many positions each row holds."""
+    """A model and the KV cache of one batch: prefill, multi-token verification and decode steps,
+    with the decode step captured in a CUDA graph when asked. The cache owns its writes, lengths
+    and rollback; this class only decides what each call feeds the model."""
 
     def __init__(self, model: Decoder, batch: int, max_len: int, cuda_graph: bool = False):
         p = model.norm_f.weight  # float in quantized models too
         self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
-        self.cache = KVCache.allocate(model.cfg, batch, max_len, p.dtype, p.device)
+        self.cache = KVCache(model.cfg, batch, max_len, p.dtype, p.device)
         model.ensure_positions(max_len)  # RoPE tables for what the cache holds, built here, not mid-graph
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=p.device)  # (B,) filled positions
-        self._host_lengths = [0] * batch  # mirror of `lengths`, so capacity checks need no device sync
         self.cuda_graph = cuda_graph and p.is_cuda
         self._graph = None
-        # What row 0 holds, position by position, when the owner tracks it for prefix reuse (batch 1);
-        # decode() appends each token it feeds. Kept on the cache, so a caller holding the cache holds it.
-        self.keys: Optional[list] = None
-
-    @property
-    def batch(self) -> int:
-        return self.cache.batch
-
-    def _check_room(self, extra: Sequence[int]) -> None:
-        for b, (n, k) in enumerate(zip(self._host_lengths, extra)):
-            if n + k > self.cache.max_len:
-                raise CapacityError(f"row {b}: {n} cached + {k} new positions exceed the KV cache of "
-                                    f"{self.cache.max_len} positions")
-
-    @property
-    def filled(self) -> list:
-        """Positions each row holds."""
-        return list(self._host_lengths)
-
-    def grow(self, max_len: int) -> None:
-        """Reallocate the cache to `max_len` positions, keeping what every row holds."""
-        if max_len <= self.cache.max_len:
-            return
-        old, n = self.cache, max(self._host_lengths)
-        self.cache = KVCache.allocate(self.model.cfg, self.batch, max_len, old.k.dtype, old.k.device)
-        self.cache.k[..., :n, :] = old.k[..., :n, :]
-        self.cache.v[..., :n, :] = old.v[..., :n, :]
-        self._graph = None  # captured on the old buffers
-
-    def reset(self) -> None:
-        self.lengths.zero_()
-        self._host_lengths = [0] * self.batch
+        self._graph_version = None  # the cache's buffers the graph was captured on
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], embeds: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -89,17 +56,18 @@ class DecodeState:
         From position 0, or after the first `start[b]` cached positions of each row (a reused
         prefix: those stay, the rest is overwritten). `embeds[b]` (T_b, C), where given, replaces
         row b's token embeddings (multimodal prompts); the ids then only fill the bookkeeping."""
-        if len(prompts) != self.batch:
-            raise ValueError(f"prefill got {len(prompts)} prompts for a batch of {self.batch}")
+        cache = self.cache
+        if len(prompts) != cache.batch:
+            raise ValueError(f"prefill got {len(prompts)} prompts for a batch of {cache.batch}")
         lens = [len(p) for p in prompts]
         if min(lens) < 1:
             raise ValueError(f"prompt {lens.index(min(lens))} is empty")
-        start = [0] * self.batch if start is None else [int(s) for s in start]
-        self.truncate(start)
-        self.keys = None  # the owner records what a prefill wrote (see `keys`)
-        T, dev = max(lens), self.lengths.device
-        self._check_room([T] * self.batch)  # padded rows write (and later overwrite) up to T positions
-        ids = torch.zeros(self.batch, T, dtype=torch.long)
+        start = [0] * cache.batch if start is None else [int(s) for s in start]
+        cache.truncate(start)
+        cache.tokens = None  # the owner records what a prefill wrote (see `KVCache.tokens`)
+        T, dev = max(lens), cache.lengths.device
+        cache.check_room([T] * cache.batch)  # padded rows write (and later overwrite) up to T positions
+        ids = torch.zeros(cache.batch, T, dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.long)
         ids = ids.to(dev)
@@ -111,49 +79,30 @@ class DecodeState:
                     if e.shape != (lens[b], x.shape[-1]):
                         raise ValueError(f"row {b}: embeddings of shape {tuple(e.shape)}, expected ({lens[b]}, {x.shape[-1]})")
                     x[b, : lens[b]] = e.to(x.dtype)
-        first = torch.as_tensor(start, device=dev)
-        positions = first[:, None] + torch.arange(T, device=dev)  # (B, T)
+        positions = cache.next_positions(T)  # (B, T) from each row's start
         last = torch.as_tensor(lens, device=dev) - 1
-        logits = self.model(ids, positions, self.cache, kv_len=first + T, logits_index=last, embeds=x)[:, 0]  # (B, V)
-        self.lengths.copy_(first + last + 1)
-        self._host_lengths = [s + n for s, n in zip(start, lens)]
+        logits = self.model(ids, positions, cache, kv_len=cache.lengths + T, logits_index=last, embeds=x)[:, 0]  # (B, V)
+        cache.advance(lens)
         return logits
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append k tokens per row (B, k) after each row's cached positions; logits (B, k, V).
 
-        With k > 1 this verifies proposed tokens in one call; `truncate()` rolls back the rejected ones."""
+        With k > 1 this verifies proposed tokens in one call; `cache.truncate()` rolls back the rejected ones."""
         B, k = tokens.shape
-        self._check_room([k] * B)
-        if self.keys is not None:
-            self._record(tokens[0].tolist())
-        positions = self.lengths[:, None] + torch.arange(k, device=tokens.device)  # (B, k)
-        logits = self.model(tokens, positions, self.cache, kv_len=self.lengths + k)
-        self.lengths += k
-        self._host_lengths = [n + k for n in self._host_lengths]
+        cache = self.cache
+        cache.check_room([k] * B)
+        if cache.tokens is not None:
+            cache.record(tokens[0].tolist())
+        logits = self.model(tokens, cache.next_positions(k), cache, kv_len=cache.lengths + k)
+        cache.advance(k)
         return logits
-
-    def _record(self, row0: list) -> None:
-        """Keep `keys` in step with row 0 before a write: drop what `truncate` rolled back, append the
-        tokens written; a gap (positions written without a record) ends the record."""
-        n = self._host_lengths[0]
-        if len(self.keys) < n:
-            self.keys = None
-            return
-        del self.keys[n:]
-        self.keys.extend(row0)
-
-    def truncate(self, lengths: Sequence[int]) -> None:
-        """Roll rows back to `lengths` cached positions (never forward); later writes overwrite the rest."""
-        if any(n > m or n < 0 for n, m in zip(lengths, self._host_lengths)) or len(lengths) != self.batch:
-            raise ValueError(f"truncate to {list(lengths)}: must be one length per row within {self._host_lengths}")
-        self._host_lengths = list(lengths)
-        self.lengths.copy_(torch.as_tensor(self._host_lengths, device=self.lengths.device))
 
     def _decode_step(self, tok: torch.Tensor) -> torch.Tensor:
         """(B, 1) tokens at each row's next position -> (B, V); reads only tensors, so it can be graphed."""
-        return self.model(tok, self.lengths[:, None], self.cache, kv_len=self.lengths + 1)[:, 0]
+        cache = self.cache
+        return self.model(tok, cache.lengths[:, None], cache, kv_len=cache.lengths + 1)[:, 0]
 
     def _capture(self, tok: torch.Tensor) -> None:
         self._tok = tok.clone()
@@ -169,28 +118,25 @@ class DecodeState:
         # One capture at a time; "thread_local" lets other threads' decode calls run meanwhile.
         with _CAPTURE_LOCK, torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._logits = self._decode_step(self._tok)
+        self._graph_version = self.cache.version
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One token per row (B,); rows where `active` is False do not advance. Logits (B, V)."""
         tok = tokens.view(-1, 1)
-        self._check_room([1] * self.batch)
-        if self.keys is not None and (active is None or bool(active[0])):
-            self._record([int(tok[0, 0])])
+        cache = self.cache
+        cache.check_room([1] * cache.batch)
+        if cache.tokens is not None and (active is None or bool(active[0])):
+            cache.record([int(tok[0, 0])])
         if self.cuda_graph:
-            if self._graph is None:
+            if self._graph is None or self._graph_version != cache.version:
                 self._capture(tok)
             self._tok.copy_(tok)
             self._graph.replay()
             logits = self._logits
         else:
             logits = self._decode_step(tok)
-        if active is None:
-            self.lengths += 1
-            self._host_lengths = [n + 1 for n in self._host_lengths]
-        else:
-            self.lengths += active.to(self.lengths.dtype)
-            self._host_lengths = [n + int(a) for n, a in zip(self._host_lengths, active.tolist())]
+        cache.advance(1 if active is None else active)
         return logits
 
 
@@ -229,7 +175,7 @@ class Engine(GenerationFrontend):
         """The idle cache (and its CUDA graph) when the batch matches and it is large enough, else a new one."""
         with self._idle_lock:
             s, self._idle = self._idle, None
-        if s is not None and (s.batch != batch or s.cache.max_len < max_len):
+        if s is not None and (s.cache.batch != batch or s.cache.max_len < max_len):
             s = None  # free the idle cache before allocating the new one
         return s if s is not None else DecodeState(self.model, batch, max_len, cuda_graph=self.cuda_graph)
 

@@ -2,7 +2,7 @@
 
 A drafter proposes up to k next tokens; the decoder scores [last token, d1..dk] in one forward
 of k+1 query tokens against its KV cache (`DecodeState.forward`), the longest acceptable prefix
-is kept and the cache is rolled back past the rest (`DecodeState.truncate`). Greedy requests give
+is kept and the cache is rolled back past the rest (`KVCache.truncate`). Greedy requests give
 exactly the tokens of plain greedy decoding. Sampling requests use the standard speculative
 acceptance rule for a deterministic draft (q is one-hot at d): accept d with probability p(d),
 otherwise draw from p with d removed and renormalised, which leaves the output distributed
@@ -21,9 +21,11 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from .generate import Completion, DecodeState, Engine, RequestOutput
+from .generate import DecodeState, Engine
 from ..errors import SamplingParamsError
-from ..generation.sampling import Sampler, SamplingParams, sample_inverse_cdf
+from ..generation.requests import Completion, StopTracker
+from ..generation.params import SamplingParams
+from ..generation.sampling import Sampler, sample_inverse_cdf
 
 
 class Drafter(Protocol):
@@ -114,7 +116,7 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
     dev = model.norm_f.weight.device
     state = DecodeState(model, 1, len(ids) + p.max_new_tokens + k)
     sampler = Sampler([p], model.cfg.vocab_size, dev, [ids])
-    out = RequestOutput(p, engine.tokenizer, ids)
+    out = StopTracker(p, engine.tokenizer, ids)
     comp = Completion([], "" if engine.tokenizer else None, [] if p.logprobs else None, "length")
     stats = SpeculativeStats()
 
@@ -162,4 +164,4 @@ def speculative_generate(engine: Engine, prompt, drafter: Drafter, k: int = 4,
             finished = emit(int(tok), logits[len(draft)])
         if finished:
             return comp, stats
-        state.truncate([cached + len(comp.token_ids) - (len(context) - len(ids))])
+        state.cache.truncate([cached + len(comp.token_ids) - (len(context) - len(ids))])

@@ -4,7 +4,7 @@ fine-tuning), beside the contrastive loop of `mmfuse.encoders.train`, whose opti
 
 A batch is whatever `loss_fn(model, batch)` reads; by default (ids (B, T), labels (B, T)) with
 label -100 where no loss is taken (padding, prompts). Save the result with
-`mmfuse.decoder.save.save_decoder` (a Hugging Face folder that mmfuse and transformers load).
+`Decoder.save_pretrained` (a Hugging Face folder that mmfuse and transformers load).
 """
 from __future__ import annotations
 
@@ -16,9 +16,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..optim import OptimConfig, lr_at, make_optimizer
+from .config import DecoderConfig
 from .transformer import Decoder
 
 IGNORE = -100  # label of positions without a loss
+
+
+def llama_decoder_config(vocab_size: int, d_model: int, n_layer: int, n_head: int, d_ff: int, max_seq_len: int,
+                         bos_token_id=None, eos_token_id=None, tie_embeddings: bool = True) -> DecoderConfig:
+    """A small bias-free Llama `DecoderConfig` for training from scratch."""
+    return DecoderConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model,
+                         head_dim=d_model // n_head, d_ff=d_ff, max_seq_len=max_seq_len, family="llama",
+                         norm="rmsnorm", norm_eps=1e-6, act="silu", gated_mlp=True, learned_pos=False,
+                         qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=tie_embeddings,
+                         bos_token_id=bos_token_id, eos_token_ids=() if eos_token_id is None else (eos_token_id,))
 
 
 @dataclass

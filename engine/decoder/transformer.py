@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ from ..nn.layers import Block, init_weights, make_norm, project
 from ..nn.rope import rope_inv_freq, rope_tables
 from .config import DecoderConfig
 from .kv_cache import KVCache
+from .weights import save_decoder
 
 
 class Decoder(nn.Module):
@@ -27,10 +29,13 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         if not cfg.learned_pos:
             # RoPE tables grow on demand (`ensure_positions`) to what the KV caches in use hold:
-            # a context of 10^8 positions would otherwise cost gigabytes per table up front.
+            # a context of 10^8 positions would otherwise cost gigabytes per table up front. They
+            # start empty on the CPU, real even when the model is built on the meta device by a
+            # loader, and move to the weights' device as they grow.
             self.rope_inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # (D/2,) CPU
-            self.register_buffer("rope_cos", torch.zeros(0, cfg.head_dim // 2), persistent=False)  # (T, D/2)
-            self.register_buffer("rope_sin", torch.zeros(0, cfg.head_dim // 2), persistent=False)
+            empty = torch.zeros(0, cfg.head_dim // 2, device="cpu")  # (T, D/2) fp32
+            self.register_buffer("rope_cos", empty, persistent=False)
+            self.register_buffer("rope_sin", empty.clone(), persistent=False)
             self._rope_lock = threading.Lock()
 
     @classmethod
@@ -53,10 +58,15 @@ class Decoder(nn.Module):
             if have >= n:
                 return
             size = min(self.cfg.max_seq_len, max(n, 2 * have, 64))
-            cos, sin = rope_tables(self.rope_inv_freq, have, size)  # (size - have, D/2) each
-            dev, dt = self.rope_cos.device, self.rope_cos.dtype
-            self.rope_cos = torch.cat([self.rope_cos, cos.to(dev, dt)])
-            self.rope_sin = torch.cat([self.rope_sin, sin.to(dev, dt)])
+            cos, sin = rope_tables(self.rope_inv_freq, have, size)  # (size - have, D/2) each, fp32
+            dev = self.norm_f.weight.device
+            self.rope_cos = torch.cat([self.rope_cos.to(dev, torch.float32), cos.to(dev)])
+            self.rope_sin = torch.cat([self.rope_sin.to(dev, torch.float32), sin.to(dev)])
+
+    def save_pretrained(self, folder) -> Path:
+        """A Hugging Face checkpoint folder (config.json + model.safetensors, written atomically)
+        that transformers' AutoModelForCausalLM and `load_decoder` load as this model."""
+        return save_decoder(self, folder)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -66,9 +76,9 @@ class Decoder(nn.Module):
                 embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for token ids (B, T) at absolute positions (B, T).
 
-        With a cache, this call's keys/values are written at `positions` and attention covers the
-        cache up to `kv_len` (B,); positions[:, 0] is each row's first query position. Prefill,
-        decode and multi-token verification are the same call. `logits_index` (B,) picks one
+        With a cache, each layer writes this call's keys/values at `positions` (`KVCache.update`)
+        and attention covers the cache up to `kv_len` (B,); positions[:, 0] is each row's first
+        query position. Prefill, decode and multi-token verification are the same call. `logits_index` (B,) picks one
         position per row for the LM head (e.g. the last prompt token), giving (B, 1, V). `embeds`
         (B, T, C), when given, replaces the token embeddings (e.g. image features spliced into a
         multimodal prompt); `ids` may then be None.
@@ -85,8 +95,8 @@ class Decoder(nn.Module):
             rope = (cos, sin)
         q_start = positions[:, 0] if cache is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, rope=rope, cache=None if cache is None else cache.layer(i),
-                      positions=positions, kv_len=kv_len, q_start=q_start)
+            x = block(x, causal=True, rope=rope, cache=cache, layer=i, positions=positions, kv_len=kv_len,
+                      q_start=q_start)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, C)
         return project(self.lm_head, self.norm_f(x))

@@ -23,7 +23,6 @@ from ..errors import ConfigError
 from ..tokenizer import load_tokenizer
 from .bert import SentenceEncoder
 from .clip import ClipModel
-from .dual import DualEncoder
 from .preprocess import ImageProcessor
 from .retrieval import search
 from .siglip import SiglipModel
@@ -42,7 +41,7 @@ class Encoder:
 
     @property
     def has_images(self) -> bool:
-        return isinstance(self.model, DualEncoder)
+        return isinstance(self.model, ClipModel)  # SiglipModel too
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from ..checkpoint import Checkpoint, path_in_folder, read_config, read_json
 from ..errors import ConfigError
 from ..nn.layers import Block, make_norm
+from ..weight_map import load_weights, module_keys
 from .config import TowerConfig, bert_tower
-from .weights import block_keys, load_weights, module_keys
+from .weights import block_keys
 
 
 class BertEncoder(nn.Module):

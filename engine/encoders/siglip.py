@@ -1,23 +1,44 @@
-"""SigLIP (Hugging Face `SiglipModel` checkpoints): ViT image tower without a class token, pooled by
-a multi-head attention probe; bidirectional text tower pooled from the last token through a
-biased `head`; independent sigmoid scores from exp(logit_scale) * cos + logit_bias."""
+"""SigLIP (Hugging Face `SiglipModel` checkpoints): CLIP (clip.py) with a ViT image tower without
+a class token, pooled by a multi-head attention probe (vit.AttentionPool); a bidirectional text
+tower pooled from the last token through a biased `head`; no image projection (the text is
+projected to the image width); independent sigmoid scores from exp(logit_scale) * cos + logit_bias.
+
+    model = SiglipModel.from_pretrained("path/to/siglip")
+    img, txt = model(pixels, ids)                  # L2-normalised (B, E) each
+    probs = model.scores(model.logits(img, txt))   # a sigmoid per (image, text) pair
+"""
 from __future__ import annotations
 
 from ..errors import ConfigError
 from ..hf_config import int_field, screen_fields
+from ..weight_map import named_keys
+from .clip import ClipModel
 from .config import sub_config, text_tower, vision_tower
-from .dual import DualEncoder
-from .weights import module_keys
 
+_HEAD = "vision_model.head."
+# SigLIP's own Hugging Face keys: our parameter -> theirs, and our module -> theirs (weight and bias).
+SIGLIP_PARAMS = {"image_tower.pool.probe": _HEAD + "probe",
+                 "image_tower.pool.in_proj.weight": _HEAD + "attention.in_proj_weight",
+                 "image_tower.pool.in_proj.bias": _HEAD + "attention.in_proj_bias", "logit_bias": "logit_bias"}
+SIGLIP_MODULES = {"image_tower.patch_embed": "vision_model.embeddings.patch_embedding",
+                  "image_tower.pool.out_proj": _HEAD + "attention.out_proj", "image_tower.pool.norm": _HEAD + "layernorm",
+                  "image_tower.pool.mlp.up": _HEAD + "mlp.fc1", "image_tower.pool.mlp.down": _HEAD + "mlp.fc2",
+                  "text_proj": "text_model.head"}
+
+# config.json fields SiglipModel reads at the top level; others are screened by hf_config.
 _TOP_FIELDS = {"text_config", "vision_config", "initializer_factor"}
 
 
-class SiglipModel(DualEncoder):
+class SiglipModel(ClipModel):
     model_type = "siglip"
     class_token = False
     proj_bias = True
     has_bias = True
     logit_scale_shape = (1,)
+
+    def scores(self, logits):
+        """Per-image class probabilities: an independent sigmoid per (image, text) pair."""
+        return logits.sigmoid()
 
     @classmethod
     def parse_config(cls, cfg, source):
@@ -35,25 +56,8 @@ class SiglipModel(DualEncoder):
 
     @classmethod
     def key_table(cls, vision, text):
-        h = "vision_model.head."
-        return [
-            *cls.tower_keys(vision, text),
-            *module_keys("image_tower.patch_embed", "vision_model.embeddings.patch_embedding"),
-            ("image_tower.pool.probe", [h + "probe"]),
-            ("image_tower.pool.in_proj.weight", [h + "attention.in_proj_weight"]),
-            ("image_tower.pool.in_proj.bias", [h + "attention.in_proj_bias"]),
-            *module_keys("image_tower.pool.out_proj", h + "attention.out_proj"),
-            *module_keys("image_tower.pool.norm", h + "layernorm"),
-            *module_keys("image_tower.pool.mlp.up", h + "mlp.fc1"),
-            *module_keys("image_tower.pool.mlp.down", h + "mlp.fc2"),
-            *module_keys("text_proj", "text_model.head"),
-            ("logit_scale", ["logit_scale"]),
-            ("logit_bias", ["logit_bias"]),
-        ]
+        return cls.layer_keys(vision, text) + named_keys(SIGLIP_PARAMS, SIGLIP_MODULES)
 
     def init_logits(self) -> None:
         self.logit_scale.data.fill_(2.302585)  # log(10), SigLIP's initial temperature
         self.logit_bias.data.fill_(-10.0)
-
-    def scores(self, logits):
-        return logits.sigmoid()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mmfuse.kernels import clip_loss, siglip_loss
 
 from ..optim import OptimConfig, lr_at, make_optimizer
-from .dual import DualEncoder
+from .clip import ClipModel
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrainConfig(OptimConfig):
     assets_from: Optional[str] = None # folder whose tokenizer/preprocessor files each checkpoint gets
 
 
-def contrastive_loss(model: DualEncoder, img: torch.Tensor, txt: torch.Tensor, live_scale: bool = True):
+def contrastive_loss(model: ClipModel, img: torch.Tensor, txt: torch.Tensor, live_scale: bool = True):
     """The model family's loss on normalised features; `live_scale=False` detaches scale and bias."""
     scale = model.logit_scale.exp()
     bias = model.logit_bias
@@ -69,7 +69,7 @@ def _features(model, pixels, ids):
     return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
 
 
-def train_step(model: DualEncoder, pixels: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig, autocast,
+def train_step(model: ClipModel, pixels: torch.Tensor, ids: torch.Tensor, cfg: TrainConfig, autocast,
                scaler=None) -> float:
     """Forward/backward of one global batch split into cfg.accum_steps micro-batches; returns the loss."""
     micro_px, micro_ids = pixels.chunk(cfg.accum_steps), ids.chunk(cfg.accum_steps)
@@ -106,7 +106,7 @@ def tensor_batches(pixels: torch.Tensor, ids: torch.Tensor, batch_size: int, see
             yield pixels[idx], ids[idx]
 
 
-def train(model: DualEncoder, batches: Iterable, cfg: TrainConfig) -> list[float]:
+def train(model: ClipModel, batches: Iterable, cfg: TrainConfig) -> list[float]:
     """Train `model` in place on (pixels (B, 3, H, W), ids (B, T)) global batches; returns the losses."""
     if cfg.steps < 1 or cfg.accum_steps < 1:
         raise ValueError(f"steps={cfg.steps} and accum_steps={cfg.accum_steps} must be positive")

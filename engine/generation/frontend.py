@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from ..errors import CapacityError, PromptError, SamplingParamsError
 from ..tokenizer import check_text
 from .params import ALIASES, SamplingParams, resolve_aliases
-from .requests import Completion, RequestOutput, StreamChunk
+from .requests import Completion, StopTracker, StreamChunk
 
 
 class Generation:
@@ -98,7 +98,7 @@ class GenerationFrontend:
         if ignore_eos:
             params = [self.without_eos(p) for p in params]
         B = len(prompts)
-        rows = [RequestOutput(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
+        rows = [StopTracker(p, self.tokenizer, ids) for p, ids in zip(params, prompts)]
         gen = self._start(prompts, params)
         try:
             done = [False] * B

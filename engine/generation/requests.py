@@ -1,6 +1,6 @@
 """What one generation request produces and how its tokens become output: `Completion` and
-`StreamChunk`, `RequestOutput` (incremental text, stop ids, stop strings, length), and the defaults
-read from generation_config.json. Torch-free: both the PyTorch and the ONNX Runtime engine use it."""
+`StreamChunk`, `StopTracker` (one row's incremental text and when it stops: stop ids, stop strings,
+length), and the defaults read from generation_config.json. Torch-free: both the PyTorch and the ONNX Runtime engine use it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +44,9 @@ def defaults_from_generation_config(folder) -> dict:
     return out
 
 
-class RequestOutput:
-    """Bookkeeping of one generated sequence: incremental text, stop ids, stop strings, length."""
+class StopTracker:
+    """Per-row stop bookkeeping of one generated sequence: its incremental text and whether it ends
+    (stop id, stop string, length)."""
 
     def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int]):
         self.params = params

@@ -67,9 +67,9 @@ class MLP(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head / grouped-query self-attention with one fused q/k/v projection.
 
-    With a KV cache the new keys/values are written in place at `positions` and attention runs
-    over the cache (`kv_len` says how much of it is valid); without one it runs over this call's
-    keys only (encoders, cache-free scoring).
+    With a KV cache, the cache writes the new keys/values of layer `layer` at `positions` and
+    attention runs over what it returns (`kv_len` says how much of it is valid); without one it runs
+    over this call's keys only (encoders, cache-free scoring).
     """
 
     def __init__(self, cfg):
@@ -78,7 +78,8 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
 
-    def forward(self, x, *, causal: bool, rope=None, cache=None, positions=None, kv_len=None, q_start=None):
+    def forward(self, x, *, causal: bool, rope=None, cache=None, layer: int = 0, positions=None, kv_len=None,
+                q_start=None):
         B, T, _ = x.shape
         qkv = project(self.qkv, x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
@@ -87,11 +88,7 @@ class SelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k_cache, v_cache = cache  # (B, Hkv, T_max, D) each, written in place
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # index (B, T) -> (B, T, Hkv, D)
-            v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
-            k, v = k_cache, v_cache
+            k, v = cache.update(layer, k, v, positions)  # (B, Hkv, T_max, D) each
         y = attention(q, k, v, causal=causal, q_start=q_start, kv_len=kv_len)  # (B, Hq, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return project(self.o, y)

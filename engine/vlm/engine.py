@@ -17,8 +17,9 @@ import torch
 
 from mmfuse.kernels.cpu_linear import freeze
 
-from ..decoder.generate import DecodeState, Engine, defaults_from_generation_config
-from ..generation.sampling import SamplingParams
+from ..decoder.generate import DecodeState, Engine
+from ..generation.params import SamplingParams
+from ..generation.requests import defaults_from_generation_config
 from .loader import load_vlm
 from .multimodal import MultimodalModel
 from .processor import MultimodalPrompt, VlmProcessor
@@ -106,8 +107,8 @@ class VisionLanguageModel(Engine):
         """Batch 1 keeps its cache across requests (for prefix reuse), growing it with its contents."""
         with self._idle_lock:
             s = self._idle
-            if batch == 1 and s is not None and s.batch == 1 and s.cache.max_len < max_len:
-                s.grow(min(self.model.cfg.max_seq_len, max(max_len, 2 * s.cache.max_len)))
+            if batch == 1 and s is not None and s.cache.batch == 1 and s.cache.max_len < max_len:
+                s.cache.grow(min(self.model.cfg.max_seq_len, max(max_len, 2 * s.cache.max_len)))
         return super()._take_state(batch, max_len)
 
     def image_features(self, images: list) -> list:
@@ -119,8 +120,8 @@ class VisionLanguageModel(Engine):
         single = len(prompts) == 1 and isinstance(prompts[0], MultimodalPrompt)
         keys = prompts[0].keys() if single else None
         start = [0] * len(prompts)
-        if single and self.prefix_reuse and state.keys is not None:
-            held = state.keys[: state.filled[0]]  # the cache's own record: safe while this call owns it
+        if single and self.prefix_reuse and state.cache.tokens is not None:
+            held = state.cache.tokens[: state.cache.filled[0]]  # the cache's own record: safe while this call owns it
             start = [min(common_prefix(held, keys), len(keys) - 1)]
         self.reused_positions = start[0] if single else 0
         # The tower runs once per distinct image that the prefill still needs.
@@ -133,7 +134,7 @@ class VisionLanguageModel(Engine):
         embeds = [self._row_embeddings(p, s, feats) if isinstance(p, MultimodalPrompt) else None
                   for p, s in zip(prompts, start)]
         logits = state.prefill([list(p[s:]) for p, s in zip(prompts, start)], embeds, start=start)
-        state.keys = list(keys) if single and self.prefix_reuse else None
+        state.cache.tokens = list(keys) if single and self.prefix_reuse else None
         return logits
 
     def _row_embeddings(self, p: MultimodalPrompt, start: int, feats: dict) -> Optional[torch.Tensor]:

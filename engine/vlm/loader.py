@@ -17,8 +17,9 @@ import torch
 
 from ..checkpoint import Checkpoint, read_config, resolve_dtype
 from ..decoder.loader import DECODER_IGNORED, decoder_from_checkpoint
-from ..encoders.weights import block_keys, module_keys
+from ..encoders.weights import block_keys
 from ..errors import CheckpointError
+from ..weight_map import module_keys, read_state
 from .config import Idefics3Config, vlm_config
 from .idefics3 import Idefics3Model
 from .llava import LlavaModel
@@ -93,13 +94,8 @@ def _load(build, cfg, ck: Checkpoint, dtype, device, body: str, head: str, v: st
     with torch.device("meta"):
         model = build(cfg)
     depth = len(model.tower.blocks)
-    expected = dict(model.state_dict())
-    sd = {}
-    for ours, theirs in tower_key_table(cfg, model, v) + table:
-        shape = list(expected[ours].shape)
-        shape[0] //= len(theirs)
-        parts = [ck.take(t, tuple(shape), dtype=dtype, device=device) for t in theirs]
-        sd[ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    sd = read_state(ck, tower_key_table(cfg, model, v) + table,
+                    {k: tuple(t.shape) for k, t in model.state_dict().items()}, dtype, device)
     decoder = decoder_from_checkpoint(ck, cfg.text, dtype=dtype, device=device, prefix=body, head_prefix=head)
     skipped = [k for k in ck.unused() if k.startswith(v) and (
         k.startswith((v + "post_layernorm.", v + "head."))

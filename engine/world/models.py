@@ -13,11 +13,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from ..decoder.save import llama_config, llama_key_table
+from ..decoder.weights import llama_table
 from ..encoders.clip import clip_config
 from ..encoders.synthetic import write_word_tokenizer
-from ..encoders.weights import module_keys, save_weights
 from ..files import atomic_open, atomic_path
+from ..weight_map import module_keys, prefixed, save_weights
 from .language import VOCABULARY
 from .scene import IMAGE_SIZE
 
@@ -102,7 +102,7 @@ def write_chat_assets(folder, tok: Tokenizer, chat_template: bool = True) -> Non
 def llava_hf_config(clip_cfg: dict, text_cfg, image_token_id: int) -> dict:
     """config.json of a LLaVA whose tower is the CLIP vision tower of `clip_cfg`, last layer, class token dropped."""
     vision = dict(clip_cfg["vision_config"])
-    text = llama_config(text_cfg)
+    text = text_cfg.to_hf()
     text.pop("architectures")
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "vision_config": vision,
             "text_config": text, "image_token_index": image_token_id, "vision_feature_layer": -1,
@@ -119,7 +119,7 @@ def save_llava(model, folder, hf_config: dict) -> Path:
     table = tower_key_table(model.cfg, model, "model.vision_tower.vision_model.")
     for lin in ("linear_1", "linear_2"):
         table += module_keys(f"projector.{lin}", f"model.multi_modal_projector.{lin}")
-    table += llama_key_table(model.cfg.text, ours="decoder.", body="model.language_model.", head="lm_head.")
+    table += prefixed(llama_table(model.cfg.text, body="model.language_model.", head="lm_head."), "decoder.")
     folder = save_weights(model, folder, table, hf_config)
     write_json(folder / "preprocessor_config.json", PREPROCESSOR)
     return folder

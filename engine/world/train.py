@@ -14,7 +14,6 @@ weights on the same software stack.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..decoder.train import IGNORE, DecoderTrainConfig, next_token_loss, train_decoder
+from ..decoder.train import IGNORE, DecoderTrainConfig, llama_decoder_config, next_token_loss, train_decoder
 from ..encoders.clip import ClipModel
 from ..encoders.preprocess import ImageProcessor
 from ..encoders.tokens import TextTokenizer
@@ -95,8 +94,6 @@ def scene_turns(seed: int, rng: np.random.Generator) -> list:
 
 def build_vlm(cfg: WorldTrainConfig, clip: ClipModel, tok) -> tuple:
     s = cfg.sizes
-    from ..decoder.save import llama_decoder_config
-
     text = llama_decoder_config(tok.get_vocab_size(), s.lm_width, s.lm_layers, s.lm_heads, s.lm_ff, s.lm_context,
                                 bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS))
     hf = llava_hf_config(clip.hf_config, text, tok.token_to_id(IMAGE))

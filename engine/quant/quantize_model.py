@@ -146,9 +146,6 @@ def load_mmfuse(folder, cfg, qdesc: dict, dtype="fp32", device="cpu") -> nn.Modu
         raise CheckpointError(f"{folder}: tensors missing {missing}, unexpected {unexpected}")
     if cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.embed.weight
-    if not cfg.learned_pos:  # buffers created on meta: real (empty) ones, grown on use
-        model.rope_cos = torch.zeros(0, cfg.head_dim // 2, device=device)
-        model.rope_sin = torch.zeros(0, cfg.head_dim // 2, device=device)
     qc = {k: qdesc[k] for k in QuantConfig.__dataclass_fields__ if k in qdesc}
     model.quant_config = QuantConfig(**qc) if qc else None
     return model.eval()
