@@ -30,38 +30,9 @@ class VlmPrompter:
         self.image_token = tokenizer.id_to_token(image_token_id)
         if self.image_token is None:
             raise ConfigError(f"image_token_id={image_token_id} is not a token of the tokenizer")
-        self.bos_token = template.special_tokens.get("bos_token") if template is not None else None
-
-    def render(self, messages: list) -> tuple:
-        """(text, images given inside the messages' content parts)."""
-        if self.template is None:
-            raise PromptError("the export folder has no chat template: pass a prompt string with image placeholders")
-        found = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            for part in content if isinstance(content, list) else []:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    if part.get("url") is not None:
-                        raise PromptError(f"image URLs are not fetched ({part['url']!r}): pass the image itself")
-                    found += [part[k] for k in ("image", "path") if part.get(k) is not None][:1]
-        return self.template.render(messages, add_generation_prompt=True), found
 
     def __call__(self, prompt, images=None) -> ImagePrompt:
-        images = [] if images is None else ImageProcessor.as_list(images)
-        if isinstance(prompt, str):
-            text, special = prompt, True
-        elif isinstance(prompt, list):
-            text, found = self.render(prompt)
-            if found and images:
-                raise PromptError("images are given both inside the messages and as images=: give them one way")
-            images = images or found
-            special = not (self.bos_token and text.startswith(self.bos_token))
-        else:
-            raise PromptError(f"a prompt is a string or a list of messages, not {type(prompt).__name__}")
-        parts = text.split(self.image_token)
-        if len(parts) - 1 != len(images):
-            raise PromptError(f"the prompt has {len(parts) - 1} image placeholder(s) {self.image_token!r} but "
-                              f"{len(images)} image(s) were given")
+        parts, images, special = split_prompt(prompt, images, self.template, self.image_token)
         pixels = np.stack([self.images.process_one(im, f"image {i}") for i, im in enumerate(images)]) if images else None
         text = (self.image_token * self.tokens_per_image).join(parts)  # each placeholder -> one token per feature
         ids = self.tokenizer.encode(text, add_special_tokens=special).ids
@@ -70,3 +41,43 @@ class VlmPrompter:
             raise PromptError(f"the prompt tokenizes to {n} image tokens {self.image_token!r} where its images "
                               f"need {want} (is the image token split or typed into the text?)")
         return ImagePrompt(ids, pixels)
+
+
+def render_messages(template, messages: list, add_generation_prompt: bool = True) -> tuple:
+    """(text, images given inside the messages' content parts) of a conversation."""
+    if template is None:
+        raise PromptError("the folder has no chat template (chat_template.json, chat_template.jinja or "
+                          "tokenizer_config.json): pass a prompt string with image placeholders instead")
+    found = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image":
+                if part.get("url") is not None:
+                    raise PromptError(f"image URLs are not fetched ({part['url']!r}): pass the image itself")
+                found += [part[k] for k in ("image", "path") if part.get(k) is not None][:1]
+    return template.render(messages, add_generation_prompt=add_generation_prompt), found
+
+
+def split_prompt(prompt, images, template, image_token: str, add_generation_prompt: bool = True) -> tuple:
+    """A prompt string (with image placeholders) or a conversation and its images (one, a list or None)
+    -> (text pieces around the placeholders, the images, whether the tokenizer adds special tokens:
+    not when the rendered conversation already starts with the BOS). The checks (prompt type, images
+    given twice, placeholders vs images) happen here. Torch-free: mmfuse.vlm's processor can use it."""
+    images = [] if images is None else ImageProcessor.as_list(images)
+    if isinstance(prompt, str):
+        text, special = prompt, True
+    elif isinstance(prompt, list):
+        text, found = render_messages(template, prompt, add_generation_prompt)
+        if found and images:
+            raise PromptError("images are given both inside the messages and as images=: give them one way")
+        images = images or found
+        bos = template.special_tokens.get("bos_token")
+        special = not (bos and text.startswith(bos))
+    else:
+        raise PromptError(f"a prompt is a string or a list of messages, not {type(prompt).__name__}")
+    parts = text.split(image_token)
+    if len(parts) - 1 != len(images):
+        raise PromptError(f"the prompt has {len(parts) - 1} image placeholder(s) {image_token!r} but "
+                          f"{len(images)} image(s) were given")
+    return parts, images, special
