@@ -141,15 +141,17 @@ class ImageProcessor:
             if image.ndim == 3 and image.shape[2] == 1:
                 image = image[:, :, 0]
             if image.ndim == 2:
-                return Image.fromarray(image, mode="L")
+                return self._check_pixels(Image.fromarray(image, mode="L"), where)
             if image.ndim != 3 or image.shape[2] not in (3, 4):
                 raise ImageError(f"{where}: array of shape {image.shape}, expected (H, W) or (H, W, C) "
                                  "with C = 1, 3 or 4 channels")
-            return Image.fromarray(image, mode="RGB" if image.shape[2] == 3 else "RGBA")
+            return self._check_pixels(Image.fromarray(image, mode="RGB" if image.shape[2] == 3 else "RGBA"), where)
         raise ImageError(f"{where}: unsupported image type {type(image).__name__} "
                          "(expected a PIL image, a path or a uint8 array)")
 
     def _check_pixels(self, im: Image.Image, where: str) -> Image.Image:
+        if im.width < 1 or im.height < 1:
+            raise ImageError(f"{where}: an empty image ({im.width} x {im.height} pixels)")
         if im.width * im.height > self.max_pixels:
             raise ImageError(f"{where}: {im.width} x {im.height} pixels exceed the budget of {self.max_pixels} "
                              "(ImageProcessor.max_pixels)")

@@ -1,6 +1,6 @@
 """Export checkpoints to ONNX: `export_onnx(model_dir, out_dir, ...)` reads config.json and picks
 the layout: decoders (GPT-2, Llama, Mistral, Qwen2) go to `onnx_decoder`, encoders (CLIP, SigLIP,
-BERT sentence encoders) to `onnx_encoder`. Every export is checked before it is reported done."""
+BERT sentence encoders) to `onnx_encoder`, vision-language models (LLaVA) to `onnx_vlm`. Every export is checked before it is reported done."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ from ..errors import ConfigError
 
 DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ENCODER_TYPES = ("clip", "siglip", "bert")
+VLM_TYPES = ("llava",)
 QUANTIZE = (None, "int8")
 
 
@@ -33,5 +34,11 @@ def export_onnx(model_dir, out_dir, dtype: str = "fp32", quantize: Optional[str]
         from .onnx_encoder import export_encoder
 
         return export_encoder(model_dir, out_dir, dtype, opset, quantize)
+    if mt in VLM_TYPES:
+        if inputs_embeds:
+            raise ConfigError(f"--inputs-embeds: a {mt} export always has an inputs_embeds decoder; drop the flag")
+        from .onnx_vlm import export_llava
+
+        return export_llava(model_dir, out_dir, dtype=dtype, opset=opset, optimize=optimize, quantize=quantize)
     raise ConfigError(f"{model_dir / 'config.json'}: model_type {mt!r} has no ONNX export "
-                      f"(supported: {sorted(DECODER_TYPES + ENCODER_TYPES)})")
+                      f"(supported: {sorted(DECODER_TYPES + ENCODER_TYPES + VLM_TYPES)})")

@@ -23,7 +23,7 @@ from ..decoder.config import DecoderConfig
 from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open
 from ..ort.decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
-from ..ort.manifest import MANIFEST, write_manifest
+from ..ort.manifest import publish, write_manifest
 from ..ort.session import make_session
 from .decoder_graph import MIN_OPSET, ONNX_DTYPES, DecoderExportOptions, DecoderGraph, check_opset, weights_from_model
 from .genai_config import genai_config
@@ -45,16 +45,18 @@ INT8_TOLERANCE = 0.25
 
 def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPSET, optimize: bool = False,
                    inputs_embeds: bool = False, quantize: Optional[str] = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, model=None, hf: Optional[dict] = None) -> dict:
     """Export, check and write the folder; returns the manifest (with the check's differences).
     quantize="int8": the fp32 graph is exported and checked, then quantized (`quantize.quantize_int8`)
-    and checked against it; the folder holds the int8 graph."""
+    and checked against it; the folder holds the int8 graph. `model` and `hf`: an fp32 `Decoder`
+    already loaded and its config dict (the text model of a vision-language checkpoint in
+    `model_dir`); then no checkpoint files are copied beside the graph."""
     import torch
 
     from ..decoder.loader import load_decoder
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    hf = read_config(model_dir)
+    hf = read_config(model_dir) if hf is None else hf
     cfg = DecoderConfig.from_hf(hf, source=str(model_dir / "config.json"))  # refuses unsupported fields
     if dtype not in ONNX_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: expected one of {sorted(ONNX_DTYPES)}")
@@ -73,7 +75,8 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
         raise ConfigError(f"--out {out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model = load_decoder(model_dir, dtype="fp32")
+    own = model is None
+    model = load_decoder(model_dir, dtype="fp32") if own else model
     model.ensure_positions(cfg.max_seq_len)  # RoPE tables for the whole context (they grow on demand)
     rope = None if cfg.learned_pos else (model.rope_cos.numpy(), model.rope_sin.numpy())
     graph = DecoderGraph(cfg, weights_from_model(model), rope, opts).build()
@@ -81,7 +84,7 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
     try:
         save_with_external_data(graph, tmp / GRAPH_FILE)
         del graph
-        copied = [f for f in COPIED_FILES if (model_dir / f).is_file()]
+        copied = [f for f in COPIED_FILES if own and (model_dir / f).is_file()]
         for f in copied:
             shutil.copyfile(model_dir / f, tmp / f)
         with atomic_open(tmp / "genai_config.json", encoding="utf-8") as f:
@@ -103,9 +106,7 @@ def export_decoder(model_dir, out_dir, dtype: str = "fp32", opset: int = MIN_OPS
             diffs["last_logits"] = check_runtime_graph(tmp, manifest, embed, log=log)
         files.append(RUNTIME_GRAPH)
         manifest = write_manifest(tmp, "decoder", files, **fields, check=diffs)
-        for f in files:  # the manifest last: a folder without it is not a finished export
-            os.replace(tmp / f, out_dir / f)
-        os.replace(tmp / MANIFEST, out_dir / MANIFEST)
+        publish(tmp, out_dir, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

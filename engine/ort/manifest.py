@@ -10,6 +10,7 @@ Kinds: "decoder" (mmfuse.ort.engine), "clip" / "siglip" / "bert" (mmfuse.ort.enc
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -29,6 +30,15 @@ def write_manifest(folder: Path, kind: str, files: list, **fields) -> dict:
     with atomic_open(folder / MANIFEST, encoding="utf-8") as f:
         json.dump(data, f, indent=2)
     return data
+
+
+def publish(tmp: Path, out_dir: Path, files: list) -> None:
+    """Move an export's `files` (and subfolders) from the folder `tmp` it was built in into
+    `out_dir`, the manifest last: a folder without it is not a finished export."""
+    for f in files:
+        (Path(out_dir) / f).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(tmp) / f, Path(out_dir) / f)
+    os.replace(Path(tmp) / MANIFEST, Path(out_dir) / MANIFEST)
 
 
 def manifest_path(folder: Path) -> Path:

@@ -1,0 +1,142 @@
+"""`OrtVLM`: generation from images and text on an mmfuse LLaVA ONNX export, without torch.
+
+A request is prepared by `VlmPrompter` (template, tokens, placeholder expansion, numpy image
+preprocessing, every check) before any model work. Prefill: embedding.onnx gives the prompt's
+token embeddings, vision.onnx the images' features (once for all images of the call), which replace
+the image-token rows in order; the decoder graph (inputs_embeds) fills its KV cache through
+`DecoderSession`. Each decoded token goes through embedding.onnx again. Sampling, stop handling,
+streaming and output objects are `GenerationFrontend`'s, as in `OrtEngine` and the PyTorch engine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..chat_template import ChatTemplate
+from ..encoders.preprocess import ImageProcessor
+from ..errors import ExportFolderError, ImageError
+from ..generation.frontend import Generation, GenerationFrontend
+from ..generation.requests import defaults_from_generation_config
+from ..generation.sampling_np import NumpySampler
+from ..tokenizer import load_tokenizer
+from .decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
+from .engine import OrtModelConfig
+from .manifest import read_manifest
+from .session import make_session
+from .vlm_prompt import ImagePrompt, VlmPrompter
+
+
+class OrtVLM(GenerationFrontend):
+    """A LLaVA export: `generate(prompt or messages, images=...)`, `stream()`, `image_features()`."""
+
+    def __init__(self, vision, embedding, decoder, manifest: dict, decoder_manifest: dict, prompter: VlmPrompter,
+                 defaults: Optional[dict] = None):
+        self.vision, self.embedding, self.decoder = vision, embedding, decoder  # InferenceSessions
+        self.manifest, self.decoder_manifest = manifest, decoder_manifest
+        self.prompter, self.tokenizer = prompter, prompter.tokenizer
+        c = decoder_manifest["config"]
+        self.config = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
+        self.defaults = dict(defaults or {})
+
+    @property
+    def cfg(self) -> OrtModelConfig:
+        return self.config
+
+    @classmethod
+    def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                        graph_optimization_level: str = "all", spinning: bool = False) -> "OrtVLM":
+        """Open an export folder of `mmfuse export onnx` on a LLaVA checkpoint (options are checked
+        before anything is read)."""
+        make_session(None, threads, providers, graph_optimization_level)
+        folder = Path(onnx_dir)
+        manifest = read_manifest(folder, "llava")
+        dec_dir = folder / manifest["decoder"]
+        dec = read_manifest(dec_dir, "decoder")
+        if not dec.get("inputs_embeds"):
+            raise ExportFolderError(f"{dec_dir}: the decoder of a llava export must take inputs_embeds")
+
+        def session(path):
+            return make_session(path, threads, providers, graph_optimization_level, spinning)
+
+        graph = RUNTIME_GRAPH if RUNTIME_GRAPH in dec.get("files", {}) else GRAPH_FILE
+        images = ImageProcessor.from_config(manifest["image_processor"], f"{folder / 'mmfuse_export.json'} image_processor")
+        prompter = VlmPrompter(load_tokenizer(folder), images, ChatTemplate.from_folder(folder),
+                               manifest["image_token_id"], manifest["tokens_per_image"])
+        return cls(session(folder / manifest["vision"]["file"]), session(folder / manifest["embedding"]["file"]),
+                   session(dec_dir / graph), manifest, dec, prompter, defaults_from_generation_config(folder))
+
+    # ---- requests
+    def prepare(self, prompt, images=None) -> ImagePrompt:
+        """Template, tokenize, expand placeholders and preprocess images; raises on bad input."""
+        return prompt if isinstance(prompt, ImagePrompt) else self.prompter(prompt, images)
+
+    def encode(self, prompt, where: str = "prompt") -> list:
+        return prompt if isinstance(prompt, ImagePrompt) else self.prompter(prompt)
+
+    def _batch(self, prompts, images) -> list:
+        if isinstance(prompts, (str, ImagePrompt)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            return [self.prepare(prompts, images)]
+        prompts = list(prompts)
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+        return [self.prepare(p, im) for p, im in zip(prompts, images)]
+
+    def generate(self, prompts, images=None, params=None, *, ignore_eos: bool = False, **overrides) -> list:
+        """One request (a prompt string with `<image>` placeholders, or chat messages) with `images`
+        (one or a list), or a batch of requests with `images` a list of per-request image lists.
+        -> a list of `Completion`."""
+        batch = self._batch(prompts, images)
+        if not batch:
+            raise ValueError("generate() got no prompts")
+        return super().generate(batch, params, ignore_eos=ignore_eos, **overrides)
+
+    def stream(self, prompt, images=None, params=None, *, ignore_eos: bool = False, **overrides) -> Iterator:
+        """Yield a `StreamChunk` per generated token of one request."""
+        (req,) = self._batch(prompt, images)
+        yield from super().stream(req, params, ignore_eos=ignore_eos, **overrides)
+
+    # ---- graphs
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels (N, 3, S, S) float32 -> projected features (N, tokens_per_image, d)."""
+        S = self.manifest["image_size"]
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, S, S):
+            raise ImageError(f"pixels of shape {tuple(pixels.shape)}: the vision graph takes (N, 3, {S}, {S})")
+        return self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (B, T) -> embeddings (B, T, d)."""
+        return self.embedding.run(None, {"input_ids": np.ascontiguousarray(ids, np.int64)})[0]
+
+    def prompt_embeddings(self, prompts: list) -> list:
+        """Each prompt's input embeddings (T, d): token embeddings, image-token rows replaced in order by
+        the features of its images (the vision graph runs once on all images of the call)."""
+        pix = [p.pixels for p in prompts if getattr(p, "pixels", None) is not None]
+        feats = self.image_features(np.concatenate(pix)) if pix else None  # (N_all, k, d)
+        out, used = [], 0
+        image_id = self.manifest["image_token_id"]
+        for p in prompts:
+            ids = np.asarray(p, np.int64)
+            mask = ids == image_id  # (T,)
+            x = self.embed(np.where(mask, 0, ids)[None])[0]  # (T, d); the id may lie outside the vocabulary
+            n = 0 if getattr(p, "pixels", None) is None else len(p.pixels)
+            if n:
+                x[mask] = feats[used: used + n].reshape(-1, x.shape[-1])
+            used += n
+            out.append(x)
+        return out
+
+    def _start(self, prompts: list, params: list) -> Generation:
+        s = DecoderSession(self.decoder, self.decoder_manifest)  # per call: concurrent calls share no cache
+        s.allocate(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
+        sampler = NumpySampler(params, self.config.vocab_size, prompts)
+        logits = s.prefill([e.astype(s.dtype) for e in self.prompt_embeddings(prompts)])
+
+        def step(tokens, active):  # (B,) -> logits (B, V)
+            x = self.embed(np.asarray(tokens, np.int64).reshape(-1, 1)).astype(s.dtype)  # (B, 1, d)
+            return s.extend(x, active)[:, 0]
+
+        return Generation(sampler, logits, step)

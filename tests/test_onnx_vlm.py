@@ -1,0 +1,180 @@
+"""ONNX export of LLaVA checkpoints and the torch-free OrtVLM, against mmfuse.vlm on tiny random-init
+odd-shaped checkpoints (CLIP tower + Llama with the "default" select strategy; CLIP tower with three
+feature layers, "full" strategy, pad-to-square images and a tied Llama)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vlm_models import build_llava, random_image  # noqa: E402
+
+from mmfuse.errors import ConfigError, ExportFolderError, ImageError, PromptError  # noqa: E402
+from mmfuse.export import export_onnx  # noqa: E402
+from mmfuse.ort.manifest import MANIFEST  # noqa: E402
+from mmfuse.ort.vlm import OrtVLM  # noqa: E402
+from mmfuse.vlm.engine import VisionLanguageModel  # noqa: E402
+
+NAMES = ("clip_llama", "clip_list_pad")
+
+
+def _ask(text, n_images=1):
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (checkpoint folder, export folder)."""
+    out = {}
+    for name in NAMES:
+        folder = tmp_path_factory.mktemp(name)
+        build_llava(name, folder)
+        dest = tmp_path_factory.mktemp(f"{name}_onnx")
+        export_onnx(folder, dest)
+        out[name] = folder, dest
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(exported):
+    return {n: (VisionLanguageModel.from_pretrained(f), OrtVLM.from_pretrained(d)) for n, (f, d) in exported.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prompts_and_pixels_equal_the_pytorch_processor(engines, name):
+    vlm, ort = engines[name]
+    images = [random_image(37, 23, 1), random_image(19, 44, 2, "RGBA")]
+    for prompt in (_ask("what is in the image", 2), "USER: <image> a cat <image> ASSISTANT:"):
+        ref, got = vlm.prepare(prompt, images), ort.prepare(prompt, images)
+        assert list(got) == list(ref)
+        np.testing.assert_array_equal(got.pixels, np.concatenate([im.pixels.numpy() for im in ref.images]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_features_match_mmfuse_vlm(engines, name):
+    vlm, ort = engines[name]
+    S = ort.manifest["image_size"]
+    pixels = np.random.default_rng().standard_normal((3, 3, S, S)).astype(np.float32)  # another batch than the trace
+    with torch.no_grad():
+        ref = vlm.vlm.tile_features(torch.from_numpy(pixels)).numpy()
+    got = ort.image_features(pixels)
+    assert got.shape == ref.shape == (3, vlm.vlm.cfg.tokens_per_image, vlm.vlm.cfg.text.d_model)
+    assert np.abs(got - ref).max() <= 1e-4
+    # the prompt's embeddings: the features at the image tokens, in order; token embeddings elsewhere
+    req = ort.prepare("USER: <image> a cat <image> ASSISTANT:", [random_image(20, 31, 1), random_image(44, 12, 2)])
+    emb = ort.prompt_embeddings([req])[0]  # (T, d)
+    mask = np.asarray(req) == ort.manifest["image_token_id"]
+    np.testing.assert_array_equal(emb[mask], ort.image_features(req.pixels).reshape(-1, emb.shape[1]))
+    with torch.no_grad():
+        feats = vlm.vlm.tile_features(torch.from_numpy(req.pixels)).flatten(0, 1)
+        ref_emb = vlm.vlm.embed_prompt(torch.tensor(req), feats).numpy()
+    assert np.abs(emb - ref_emb).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_tokens_equal_mmfuse_vlm(engines, name):
+    vlm, ort = engines[name]
+    image = random_image(33, 51, 3)
+    msgs = _ask("describe a red photo")
+    ref = vlm.generate(msgs, images=image, temperature=0.0, max_new_tokens=20, ignore_eos=True)[0]
+    got = ort.generate(msgs, images=image, temperature=0.0, max_new_tokens=20, ignore_eos=True)[0]
+    assert len(got.token_ids) == 20
+    assert got.token_ids == ref.token_ids and got.text == ref.text
+    streamed = [c.token_id for c in ort.stream(msgs, images=image, temperature=0.0, max_new_tokens=20, ignore_eos=True)]
+    assert streamed == ref.token_ids
+
+
+def test_batch_of_different_image_counts_equals_one_by_one(engines):
+    vlm, ort = engines["clip_llama"]
+    a, b = random_image(30, 30, 4), random_image(17, 40, 5, "L")
+    reqs = [_ask("what is in the image", 2), "USER: a cat ASSISTANT:", "<image>USER: photo ASSISTANT:"]
+    imgs = [[a, b], None, [b]]
+    opts = dict(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    batched = [c.token_ids for c in ort.generate(reqs, images=imgs, **opts)]
+    alone = [ort.generate(r, images=i, **opts)[0].token_ids for r, i in zip(reqs, imgs)]
+    ref = [c.token_ids for c in vlm.generate(reqs, images=imgs, **opts)]
+    assert batched == alone == ref
+
+
+def test_sampled_tokens_follow_the_seed(engines):
+    _, ort = engines["clip_llama"]
+    image = random_image(20, 20, 7)
+    opts = dict(temperature=1.0, top_k=20, max_new_tokens=10, seed=3, ignore_eos=True)
+    a = ort.generate(_ask("a cat"), images=image, **opts)[0].token_ids
+    assert a == ort.generate(_ask("a cat"), images=image, **opts)[0].token_ids
+
+
+def test_bad_requests_are_typed_errors(engines):
+    _, ort = engines["clip_llama"]
+    with pytest.raises(PromptError, match="1 image placeholder"):
+        ort.generate(_ask("a cat"), max_new_tokens=2)  # the image is missing
+    with pytest.raises(PromptError, match="0 image placeholder"):
+        ort.generate("USER: a cat ASSISTANT:", images=random_image(9, 9, 1), max_new_tokens=2)
+    S = ort.manifest["image_size"]
+    with pytest.raises(ImageError, match=rf"\(1, 3, {S + 1}, {S}\)"):
+        ort.image_features(np.zeros((1, 3, S + 1, S), np.float32))  # the wrong image size
+    with pytest.raises(ImageError):
+        ort.generate(_ask("a cat"), images=np.zeros((0, 5, 3), np.uint8), max_new_tokens=2)  # an empty image
+
+
+def test_unsupported_vlm_types_and_options_are_refused_naming_them(exported, tmp_path):
+    with pytest.raises(ConfigError, match="int8"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int8")
+    with pytest.raises(ConfigError, match="inputs-embeds"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "e", inputs_embeds=True)
+    for mt in ("llava_next", "idefics3"):
+        d = tmp_path / mt
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": mt}))
+        with pytest.raises(ConfigError, match=mt):
+            export_onnx(d, tmp_path / f"{mt}_out")
+
+
+def test_damaged_folder_is_a_typed_error(exported, tmp_path):
+    import shutil
+
+    dest = tmp_path / "copy"
+    shutil.copytree(exported["clip_llama"][1], dest)
+    with open(dest / "vision.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ExportFolderError, match="vision.onnx"):
+        OrtVLM.from_pretrained(dest)
+    (dest / MANIFEST).unlink()
+    with pytest.raises(ExportFolderError):
+        OrtVLM.from_pretrained(dest)
+
+
+def test_runtime_imports_no_torch(engines, exported, tmp_path):
+    """OrtVLM in a subprocess where `import torch` fails; same tokens as mmfuse.vlm."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    folder = exported["clip_list_pad"][1]
+    image = tmp_path / "image.png"
+    random_image(41, 29, 9).save(image)
+    code = textwrap.dedent(f"""
+        import json, sys
+        from mmfuse.ort.vlm import OrtVLM
+        m = OrtVLM.from_pretrained({str(folder)!r})
+        msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "a dog"}}]}}]
+        out = m.generate(msgs, images={str(image)!r}, temperature=0.0, max_new_tokens=20, ignore_eos=True)
+        assert not any(k == "torch" or k.startswith("torch.") for k in sys.modules)
+        print(json.dumps(out[0].token_ids))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub.parent), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    vlm, _ = engines["clip_list_pad"]
+    ref = vlm.generate(_ask("a dog"), images=str(image), temperature=0.0, max_new_tokens=20,
+                       ignore_eos=True)[0].token_ids
+    assert got == ref and len(got) == 20
