@@ -16,6 +16,7 @@ from mmfuse.encoders.preprocess import ImageError
 from mmfuse.errors import CapacityError, CheckpointError, ConfigError, PromptError
 from mmfuse.vlm.engine import VisionLanguageModel
 from mmfuse.vlm.loader import detect_layout
+from mmfuse.vlm.prompt import render_messages
 from mmfuse.checkpoint import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,7 +53,7 @@ def test_full_multimodal_prompt_logits_match_transformers(llava):
     images = [random_image(37, 23, 1), random_image(19, 44, 2, "RGBA"), random_image(70, 90, 3)]
     msgs = _ask("what is in the image", 3)
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    assert vlm.processor.render(msgs)[0] == text
+    assert render_messages(vlm.processor.template, msgs)[0] == text
     inputs = proc(images=images, text=text, return_tensors="pt")
     req = vlm.prepare(msgs, images)
     assert list(req) == inputs["input_ids"][0].tolist()

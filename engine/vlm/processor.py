@@ -30,6 +30,7 @@ from ..tokenizer import load_tokenizer
 from .anyres import AnyresTiler, feature_count
 from .config import Idefics3Config, VlmConfig
 from .image_splitting import ImageSplitter, prompt_text
+from .prompt import split_prompt
 
 # preprocessor_config.json settings mmfuse implements, per family (anything else is an error naming it).
 _COMMON_KEYS = {"do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
@@ -234,7 +235,6 @@ class VlmProcessor:
         self.image_token = tokenizer.id_to_token(cfg.image_token_id)
         if self.image_token is None:
             raise ConfigError(f"image_token_index={cfg.image_token_id} is not a token of the tokenizer")
-        self.bos_token = template.special_tokens.get("bos_token") if template is not None else None
 
     @classmethod
     def from_pretrained(cls, folder, cfg) -> "VlmProcessor":
@@ -244,41 +244,10 @@ class VlmProcessor:
             raise ConfigError(f"{folder}: image_token_id={cfg.image_token_id} is not a token of the tokenizer")
         return cls(tok, images_for(folder, cfg, image_token), ChatTemplate.from_folder(folder), cfg)
 
-    def render(self, messages: list, add_generation_prompt: bool = True) -> tuple:
-        """(prompt text, images found in the messages' content parts) of a conversation."""
-        if self.template is None:
-            raise PromptError("the checkpoint folder has no chat template (chat_template.json, chat_template.jinja "
-                              "or tokenizer_config.json): pass a prompt string with image placeholders instead")
-        found = []
-        for m in messages if isinstance(messages, list) else []:
-            content = m.get("content") if isinstance(m, dict) else None
-            for part in content if isinstance(content, list) else []:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    for key in ("image", "path", "url"):
-                        if part.get(key) is not None:
-                            if key == "url":
-                                raise PromptError(f"image URLs are not fetched ({part['url']!r}): pass the image itself")
-                            found.append(part[key])
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt), found
-
     def __call__(self, prompt, images=None, add_generation_prompt: bool = True) -> MultimodalPrompt:
         """A prompt string (with image placeholders) or a conversation, and its images (one, a list, or
         None) -> a `MultimodalPrompt`."""
-        images = [] if images is None else ImageProcessor.as_list(images)
-        if isinstance(prompt, str):
-            text, special = prompt, True
-        elif isinstance(prompt, list):
-            text, found = self.render(prompt, add_generation_prompt)
-            if found and images:
-                raise PromptError("images are given both inside the messages and as images=: give them one way")
-            images = images or found
-            special = not (self.bos_token and text.startswith(self.bos_token))
-        else:
-            raise PromptError(f"a prompt is a string or a list of messages, not {type(prompt).__name__}")
-        parts = text.split(self.image_token)
-        if len(parts) - 1 != len(images):
-            raise PromptError(f"the prompt has {len(parts) - 1} image placeholder(s) {self.image_token!r} but "
-                              f"{len(images)} image(s) were given")
+        parts, images, special = split_prompt(prompt, images, self.template, self.image_token, add_generation_prompt)
         prepared = [self.images(im, f"image {i}") for i, im in enumerate(images)]
         text = parts[0] + "".join(p.text + rest for p, rest in zip(prepared, parts[1:]))
         ids = self.tokenizer.encode(text, add_special_tokens=special).ids
