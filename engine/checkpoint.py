@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, ConfigError
-from .jsonfile import HUB_ID, not_a_folder_message, read_config, read_json  # noqa: F401  (checkpoint readers use them from here)
+from .jsonfile import HUB_ID, read_json
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

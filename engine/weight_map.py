@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import Checkpoint, read_config, resolve_dtype
+from .checkpoint import Checkpoint, resolve_dtype
+from .jsonfile import read_config
 from .device import check_device
 from .errors import CheckpointError, OutputError
 from .files import atomic_open, atomic_path

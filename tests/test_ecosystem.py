@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfuse.checkpoint import read_config, resolve_dtype
+from mmfuse.checkpoint import resolve_dtype
+from mmfuse.jsonfile import read_config
 from mmfuse.decoder.config import DecoderConfig
 from mmfuse.decoder.generate import Engine
 from mmfuse.decoder.loader import load_decoder

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..checkpoint import Checkpoint, resolve_dtype
+from ..jsonfile import read_config
 from ..device import check_device
 from ..errors import CheckpointError, ConfigError
 from ..weight_map import read_state

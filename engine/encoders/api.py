@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from mmfuse.kernels.cpu_linear import freeze
 
-from ..checkpoint import read_config, read_json, resolve_dtype
+from ..checkpoint import resolve_dtype
+from ..jsonfile import read_config, read_json
 from ..device import check_device
 from ..errors import ConfigError
 from ..tokenizer import load_tokenizer

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint, path_in_folder, read_config, read_json
+from ..checkpoint import Checkpoint, path_in_folder
+from ..jsonfile import read_config, read_json
 from ..errors import ConfigError
 from ..nn.layers import Block, make_norm
 from ..weight_map import load_weights, module_keys

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import read_config
+from ..jsonfile import read_config
 from ..errors import ConfigError
 from ..files import atomic_path
 from ..hf_config import int_field, screen_fields

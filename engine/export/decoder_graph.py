@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -134,7 +133,7 @@ class DecoderGraph:
 
     def build(self):
         cfg, g, F = self.cfg, self.g, self.onnx_dtype
-        Hq, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        Hkv, D = cfg.n_kv_head, cfg.head_dim
         share = self.opts.optimize
         past_len = "max_sequence_length" if share else "past_sequence_length"
         present_len = "max_sequence_length" if share else "total_sequence_length"

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..checkpoint import read_config
+from ..jsonfile import read_config
 from ..decoder.config import DecoderConfig
 from ..errors import ConfigError, ExportCheckError
 from ..files import atomic_open

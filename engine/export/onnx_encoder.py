@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import read_config
+from ..jsonfile import read_config
 from ..encoders.api import load_encoder
 from ..encoders.zeroshot import l2_normalize
 from ..errors import ConfigError, ExportCheckError

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import read_config
+from ..jsonfile import read_config
 from ..errors import ConfigError, ExportCheckError
 from ..ort.manifest import MANIFEST, publish, write_manifest
 from .decoder_graph import MIN_OPSET, check_opset

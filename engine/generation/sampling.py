@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .params import SamplingParams, check_rows, non_finite_logits, resolve_aliases
+from .params import SamplingParams, check_rows, non_finite_logits
 
 NEG_INF = float("-inf")
 TOP_P_CANDIDATES = 256  # first guess at how many tokens hold the top-p mass

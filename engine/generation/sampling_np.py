@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import SamplingParamsError
 from .params import SamplingParams, check_rows, non_finite_logits
 
 NEG_INF = np.float32(-np.inf)

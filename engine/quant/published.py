@@ -25,7 +25,8 @@ import torch
 
 from mmfuse.kernels.quant_cpu import pack_int4
 
-from ..checkpoint import Checkpoint, read_json
+from ..checkpoint import Checkpoint
+from ..jsonfile import read_json
 from ..errors import CheckpointError, ConfigError
 from .linear import ZERO_DTYPES, QuantizedLinear
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, read_config, resolve_dtype
+from ..checkpoint import Checkpoint, resolve_dtype
+from ..jsonfile import read_config
 from ..decoder.loader import DECODER_IGNORED, decoder_from_checkpoint
 from ..encoders.weights import block_keys
 from ..errors import CheckpointError

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..chat_template import ChatTemplate
-from ..checkpoint import read_json
+from ..jsonfile import read_json
 from ..encoders.preprocess import ImageError, ImageProcessor
 from ..errors import CheckpointError, ConfigError, PromptError
 from ..hf_config import bool_field, int_field
