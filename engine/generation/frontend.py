@@ -40,10 +40,7 @@ class GenerationFrontend:
 
     tokenizer = None
     defaults: dict
-
-    @property
-    def cfg(self):
-        raise NotImplementedError
+    cfg = None  # the backend's: vocab_size, eos_token_ids, max_seq_len (an attribute or a property)
 
     def _start(self, prompts: list, params: list) -> Generation:
         raise NotImplementedError

@@ -44,14 +44,10 @@ class OrtEngine(GenerationFrontend):
         self.session = session  # the idle DecoderSession (None while every one is in use)
         self._graph = session.session  # the InferenceSession all of them run
         self._idle_lock = threading.Lock()
-        self.config = config
+        self.cfg = config
         self.tokenizer = tokenizer
         self.defaults = dict(defaults or {})
         self.manifest = manifest or {}
-
-    @property
-    def cfg(self) -> OrtModelConfig:
-        return self.config
 
     @classmethod
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
@@ -86,7 +82,7 @@ class OrtEngine(GenerationFrontend):
         s = self._take_session()
         try:
             s.allocate(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
-            sampler = NumpySampler(params, self.config.vocab_size, prompts)
+            sampler = NumpySampler(params, self.cfg.vocab_size, prompts)
             logits = s.prefill(prompts)
         except BaseException:
             self._give_back(s)

@@ -37,12 +37,8 @@ class OrtVLM(GenerationFrontend):
         self.manifest, self.decoder_manifest = manifest, decoder_manifest
         self.prompter, self.tokenizer = prompter, prompter.tokenizer
         c = decoder_manifest["config"]
-        self.config = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
+        self.cfg = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
         self.defaults = dict(defaults or {})
-
-    @property
-    def cfg(self) -> OrtModelConfig:
-        return self.config
 
     @classmethod
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
@@ -132,7 +128,7 @@ class OrtVLM(GenerationFrontend):
     def _start(self, prompts: list, params: list) -> Generation:
         s = DecoderSession(self.decoder, self.decoder_manifest)  # per call: concurrent calls share no cache
         s.allocate(len(prompts), max(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)))
-        sampler = NumpySampler(params, self.config.vocab_size, prompts)
+        sampler = NumpySampler(params, self.cfg.vocab_size, prompts)
         logits = s.prefill([e.astype(s.dtype) for e in self.prompt_embeddings(prompts)])
 
         def step(tokens, active):  # (B,) -> logits (B, V)
