@@ -10,7 +10,6 @@ vision-language models all describe their checkpoints this way.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +22,7 @@ from .checkpoint import Checkpoint, resolve_dtype
 from .jsonfile import read_config
 from .device import check_device
 from .errors import CheckpointError, OutputError
-from .files import atomic_open, atomic_path
+from .files import atomic_path, write_json
 
 
 @dataclass(frozen=True)
@@ -130,8 +129,7 @@ def write_checkpoint(folder, tensors: dict, config: dict) -> Path:
         raise OutputError(f"{folder}: cannot create the checkpoint folder ({e.strerror or e})") from None
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with atomic_open(folder / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    write_json(folder / "config.json", config)
     return folder
 
 

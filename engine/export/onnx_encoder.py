@@ -27,7 +27,6 @@ ExportCheckError (the graph is not written).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -43,7 +42,7 @@ from ..jsonfile import read_config
 from ..encoders.api import load_encoder
 from ..encoders.zeroshot import l2_normalize
 from ..errors import ConfigError, ExportCheckError
-from ..files import atomic_open, atomic_path
+from ..files import atomic_path, write_json
 from ..ort.manifest import LEGACY, MANIFEST, write_manifest
 
 KINDS = ("clip", "siglip", "bert")
@@ -135,8 +134,7 @@ def export_encoder(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int]
         model = enc.model
         vc, tc = model.vision_cfg, model.text_cfg
         if not (model_dir / "preprocessor_config.json").is_file():  # record the defaults load_encoder used
-            with atomic_open(out_dir / "preprocessor_config.json") as f:
-                json_dump(enc.processor.to_config(), f)
+            write_json(out_dir / "preprocessor_config.json", enc.processor.to_config())
             written.append("preprocessor_config.json")
         S, C = vc.image_size, vc.num_channels
         checks["vision_model.onnx"] = export_graph(
@@ -178,11 +176,6 @@ def export_encoder(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int]
     manifest["checks"] = checks
     write_manifest(out_dir, kind, sorted(written + list(checks)), **manifest)
     return out_dir
-
-
-def json_dump(obj, f) -> None:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
 
 
 def text_ids(tc, B: int, T: int, pad_id: int, g: torch.Generator) -> torch.Tensor:

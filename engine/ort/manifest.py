@@ -9,13 +9,12 @@ Kinds: "decoder" (mmfuse.ort.engine), "clip" / "siglip" / "bert" (mmfuse.ort.enc
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence, Union
 
 from ..errors import CheckpointError, ExportFolderError
-from ..files import atomic_open
+from ..files import write_json
 from ..jsonfile import read_json
 
 MANIFEST = "mmfuse_export.json"
@@ -27,8 +26,7 @@ def write_manifest(folder: Path, kind: str, files: list, **fields) -> dict:
     """Record `files` (names inside `folder`) with their sizes, plus `fields`; returns the manifest."""
     folder = Path(folder)
     data = {"format": FORMAT, "kind": kind, **fields, "files": {f: (folder / f).stat().st_size for f in files}}
-    with atomic_open(folder / MANIFEST, encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+    write_json(folder / MANIFEST, data)
     return data
 
 

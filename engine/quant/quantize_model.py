@@ -8,7 +8,6 @@ stored tensors: nothing is quantized again.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import Checkpoint, resolve_dtype
 from ..errors import CheckpointError
-from ..files import atomic_open, atomic_path
+from ..files import atomic_path, write_json
 from .config import QuantConfig
 from .linear import QuantizedEmbedding, QuantizedLinear, quantize_weight
 
@@ -89,8 +88,7 @@ def save_quantized(model: nn.Module, folder, source_config: dict, source_folder=
     cfg["quantization_config"] = desc
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt", "quant_method": METHOD})
-    with atomic_open(folder / "config.json") as f:
-        json.dump(cfg, f, indent=2)
+    write_json(folder / "config.json", cfg)
     if source_folder is not None:
         for name in _COPIED:
             src = Path(source_folder) / name

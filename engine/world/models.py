@@ -7,7 +7,6 @@ tokenizer.json, ...), loaded by the ordinary mmfuse entry points (`load_encoder`
 `VisionLanguageModel.from_pretrained`, `Engine.from_pretrained`)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from ..decoder.weights import llama_table
 from ..encoders.clip import clip_config
 from ..encoders.synthetic import write_word_tokenizer
-from ..files import atomic_open, atomic_path
+from ..files import atomic_path, write_json
 from ..weight_map import module_keys, prefixed, save_weights
 from .language import VOCABULARY
 from .scene import IMAGE_SIZE
@@ -51,11 +50,6 @@ class WorldSizes:
     lm_heads: int = 4
     lm_ff: int = 384
     lm_context: int = 256
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
 
 
 def write_clip_assets(folder) -> int:

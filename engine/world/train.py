@@ -24,6 +24,7 @@ import torch
 from ..decoder.train import IGNORE, DecoderTrainConfig, llama_decoder_config, next_token_loss, train_decoder
 from ..encoders.clip import ClipModel
 from ..encoders.preprocess import ImageProcessor
+from ..files import write_json
 from ..encoders.tokens import TextTokenizer
 from ..encoders.train import TrainConfig, tensor_batches, train
 from ..nn.layers import init_weights
@@ -31,7 +32,7 @@ from ..vlm.config import VlmConfig
 from ..vlm.llava import LlavaModel
 from .language import CAPTION_PROMPT, caption, questions
 from .models import (ASSISTANT, BOS, EOS, IMAGE, PAD, PREPROCESSOR, USER, WorldSizes, chat_tokenizer,
-                     llava_hf_config, save_llava, world_clip_config, write_chat_assets, write_clip_assets, write_json)
+                     llava_hf_config, save_llava, world_clip_config, write_chat_assets, write_clip_assets)
 from .scene import generate_scene, render
 
 HELD_OUT = 1_000_000  # first held-out seed
