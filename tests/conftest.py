@@ -1,8 +1,15 @@
 """Shared test set-up: Triton runs in its CPU interpreter; tiny random-init Hugging Face decoder
 checkpoints (with a trained byte-level BPE tokenizer) are built once per session."""
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+# `python -m pytest` puts the repository root on sys.path, where our top-level kernels/ folder would
+# shadow Hugging Face's `kernels` distribution that transformers imports (mmfuse.kernels is found
+# through the editable install, not through the root).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.realpath(_ROOT)]
 
 import pytest
 import torch
