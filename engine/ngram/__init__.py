@@ -4,15 +4,21 @@
 The names below are loaded on first use, so that importing `mmfuse.ngram` (the `mmfuse` CLI does)
 works where the C++ extension was not built; using them then raises ExtensionError saying how to
 build it."""
+import importlib
+
 from ..errors import ExtensionError
 
 __all__ = ["EOS_TOKEN", "UNK_TOKEN", "BuildConfig", "NGramModel", "Perplexity", "TokenScore", "build", "build_arpa", "load"]
 
 
-def language_model_module():
-    """`mmfuse.ngram.language_model`, or ExtensionError where the extension `mmfuse._ngram` is missing."""
+_BUILDER_NAMES = ("BuildConfig", "build_arpa")  # the build side, which needs no numpy
+
+
+def ngram_module(name: str = "language_model"):
+    """`mmfuse.ngram.language_model` (or `.builder`), or ExtensionError where the extension
+    `mmfuse._ngram` is missing."""
     try:
-        from . import language_model
+        module = importlib.import_module(f"{__name__}.{name}")
     except ImportError as e:
         if "_ngram" not in str(e):
             raise
@@ -20,10 +26,10 @@ def language_model_module():
             f"the n-gram models need the C++ extension mmfuse._ngram, which this installation lacks ({e}). "
             "Install a C++17 compiler (e.g. `apt-get install g++`) and reinstall mmfuse "
             "(`pip install -e . --no-build-isolation`); the decoder and encoder commands work without it") from None
-    return language_model
+    return module
 
 
 def __getattr__(name):
     if name in __all__:
-        return getattr(language_model_module(), name)
+        return getattr(ngram_module("builder" if name in _BUILDER_NAMES else "language_model"), name)
     raise AttributeError(f"module 'mmfuse.ngram' has no attribute {name!r}")

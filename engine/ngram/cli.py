@@ -11,7 +11,7 @@ import sys
 
 from ..cli_options import check_output, emit_json
 from ..errors import NGramError
-from . import language_model_module
+from . import ngram_module
 
 _UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
@@ -92,19 +92,19 @@ def _build(args) -> int:
     for option, path in (("--arpa", args.arpa), ("--binary", args.binary)):
         if path:
             _check_output(path, option)  # before the counting, not after
-    m = language_model_module()
+    b = ngram_module("builder")  # without numpy: an ARPA-only build starts like a C++ tool
     fallback = None if args.discount_fallback is None else (args.discount_fallback or [0.5, 1.0, 1.5])
-    cfg = m.BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
+    cfg = b.BuildConfig(order=args.order, memory_mb=args.memory, tmp_dir=args.temp_prefix, threads=args.threads,
                       prune=args.prune, interpolate_unigrams=not args.no_interpolate_unigrams,
                       discount_fallback=fallback, skip_symbols=args.skip_symbols, progress=not args.quiet,
                       verbose=args.verbose)
     if args.binary:
-        with m.output_path(args.binary) as binary:  # the temporary file exists before the work
-            model = m.NGramModel.build(corpus, config=cfg, arpa_path=args.arpa)
+        with b.output_path(args.binary) as binary:  # the temporary file exists before the work
+            model = ngram_module().NGramModel.build(corpus, config=cfg, arpa_path=args.arpa)
             model.save(binary, "binary")
         s = model.summary
     else:  # ARPA only: no query structures needed
-        s = m.build_arpa(corpus, args.arpa, config=cfg)
+        s = b.build_arpa(corpus, args.arpa, config=cfg)
     err = sys.stderr  # the summary, as lmplz prints it (also with -q, which silences progress only)
     print(f"tokens {s['tokens']:,}  lines {s['lines']:,}  types {s['types']:,} (incl. <unk>, <s>, </s>)", file=err)
     for n, (count, d) in enumerate(zip(s["ngrams"], s["discounts"]), 1):
@@ -117,7 +117,7 @@ def _build(args) -> int:
 
 
 def _query(args) -> int:
-    m = language_model_module()
+    m = ngram_module()
     model = m.NGramModel.load(args.model)
     context = not args.no_sentence_context
     lines = list(_stdin_lines()) if args.text == "-" else args.text
@@ -153,7 +153,7 @@ def _check_output(path: str, option: str) -> None:
 
 
 def _perplexity(args) -> int:
-    model = language_model_module().NGramModel.load(args.model)
+    model = ngram_module().NGramModel.load(args.model)
     context = not args.no_sentence_context
     text = _stdin_lines() if args.text == "-" else args.text
     _print_perplexity(model.corpus_perplexity(text, bos=context, eos=context), args.json)
@@ -161,7 +161,7 @@ def _perplexity(args) -> int:
 
 
 def _convert(args) -> int:
-    m = language_model_module()
+    m = ngram_module()
     _check_output(args.out, "out")
     model = m.NGramModel.load(args.model)
     to = args.to or ("arpa" if m.is_binary_model(args.model) else "binary")
