@@ -1,6 +1,7 @@
 """Whole-process time of CLI commands that need no torch (`mmfuse --help`, `mmfuse ngram build`),
 as they run now and with torch imported first (what every command paid before the CLI imported
-torch lazily), interleaved run by run; KenLM's lmplz too where it is on PATH.
+torch lazily), and through the `mmfuse` console script, interleaved run by run; KenLM's lmplz too
+where it is on PATH, with its default -S (80% of memory, allocated first) and two smaller budgets.
 
     python bench/bench_startup.py [--corpus FILE] [--order 5] [--runs 7]
 """
@@ -50,8 +51,11 @@ def main() -> None:
                  "mmfuse --help, torch imported first": cli(["--help"], True),
                  f"mmfuse ngram build -o {args.order}": cli(build, False),
                  f"mmfuse ngram build -o {args.order}, torch imported first": cli(build, True)}
-        if shutil.which("lmplz"):
-            cases[f"lmplz -o {args.order}"] = ["sh", "-c", f"lmplz -o {args.order} < {corpus} > {arpa} 2>/dev/null"]
+        if shutil.which("mmfuse"):  # the console script, as a user runs it
+            cases[f"`mmfuse ngram build -o {args.order}`"] = ["mmfuse"] + build
+        if shutil.which("lmplz"):  # its default -S (80% of memory) allocates that much first; smaller -S start faster
+            for memory in ("", " -S 1G", " -S 100M"):
+                cases[f"lmplz -o {args.order}{memory}"] = ["sh", "-c", f"lmplz -o {args.order}{memory} < {corpus} > {arpa} 2>/dev/null"]
         times = {k: [] for k in cases}
         for _ in range(args.runs):
             for name, cmd in cases.items():
