@@ -120,8 +120,12 @@ def test_bad_requests_are_typed_errors(engines):
 
 
 def test_unsupported_vlm_types_and_options_are_refused_naming_them(exported, tmp_path):
-    with pytest.raises(ConfigError, match="int8"):
-        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int8")
+    with pytest.raises(ConfigError, match="int4"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int4")
+    with pytest.raises(ConfigError, match="--dtype fp16"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int8", dtype="fp16")
+    with pytest.raises(ConfigError, match="bf16"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", dtype="bf16")
     with pytest.raises(ConfigError, match="inputs-embeds"):
         export_onnx(exported["clip_llama"][0], tmp_path / "e", inputs_embeds=True)
     for mt in ("llava_onevision", "qwen2_vl"):
@@ -130,6 +134,29 @@ def test_unsupported_vlm_types_and_options_are_refused_naming_them(exported, tmp
         (d / "config.json").write_text(json.dumps({"model_type": mt}))
         with pytest.raises(ConfigError, match=mt):
             export_onnx(d, tmp_path / f"{mt}_out")
+
+
+@pytest.mark.parametrize("name", ["next_siglip_qwen2", "smolvlm"])
+@pytest.mark.parametrize("variant", ["fp16", "int8"])
+def test_fp16_and_int8_exports_against_fp32(engines, exported, tmp_path, name, variant):
+    """The smaller graphs, their checks recorded, and prompt embeddings (vision, packing, embedding
+    graphs) near the fp32 export's; greedy generation runs on the converted decoder."""
+    folder, fp32_dir = exported[name]
+    kw = {"dtype": "fp16"} if variant == "fp16" else {"quantize": "int8"}
+    m = export_onnx(folder, tmp_path / variant, **kw)
+    assert (m["dtype"], m["quantize"]) == (("fp16", None) if variant == "fp16" else ("fp32", "int8"))
+    fp32 = json.loads((fp32_dir / MANIFEST).read_text())
+    for f in ("vision.onnx", "embedding.onnx.data", "decoder/model.onnx.data"):
+        assert m["files"][f] < 0.7 * fp32["files"][f], f
+    assert m["check"]["prompt"]["max_rel_diff"] <= m["check"]["prompt"]["tolerance"]
+    _, ref = engines[name]
+    ort = OrtVLM.from_pretrained(tmp_path / variant)
+    req = ref.prepare(_ask("what is in the image", 2), [random_image(50, 23, 1), random_image(31, 66, 2)])
+    a, b = ort.prompt_embeddings([req])[0], ref.prompt_embeddings([req])[0]
+    assert np.abs(a - b).max() <= (2e-2 if variant == "fp16" else 0.25) * max(1.0, np.abs(b).max())
+    assert np.abs(a - b).max() > 0  # really another graph
+    out = ort.generate(req, temperature=0.0, max_new_tokens=8, ignore_eos=True)[0]
+    assert len(out.token_ids) == 8
 
 
 def test_damaged_folder_is_a_typed_error(exported, tmp_path):
