@@ -159,6 +159,37 @@ def test_fp16_and_int8_exports_against_fp32(engines, exported, tmp_path, name, v
     assert len(out.token_ids) == 8
 
 
+@pytest.mark.parametrize("name", ["clip_list_pad", "next_clip_llama", "smolvlm"])
+def test_onnxruntime_genai_runs_the_export_with_our_tokens(engines, exported, name):
+    """genai loads the folder's top-level genai_config.json (its gemma3 multimodal pipeline) and, fed
+    mmfuse's prompt ids and pixels, gives mmfuse.vlm's greedy tokens; llava_next has no genai
+    config (its anyres packing is no genai pipeline's)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = exported[name][1]
+    if name.startswith("next"):
+        assert not (folder / "genai_config.json").exists()
+        return
+    vlm, _ = engines[name]
+    req = vlm.prepare(_ask("describe a red photo", 2), [random_image(43, 29, 4), random_image(25, 61, 5)])
+    n_new = 20
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(req) + n_new, min_length=len(req) + n_new, do_sample=False)
+    gen = og.Generator(model, params)
+    inputs = og.NamedTensors()
+    inputs["input_ids"] = np.asarray([list(req)], np.int32)
+    pixels = np.concatenate([im.pixels for im in req.images])  # (tiles, 3, S, S)
+    inputs["pixel_values"] = pixels
+    # genai sizes the vision output (its leading pixel_values dimension, num_image_tokens, d): features per tile
+    inputs["num_image_tokens"] = np.asarray([sum(im.tokens for im in req.images) // len(pixels)], np.int64)
+    gen.set_inputs(inputs)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert theirs == vlm.generate(req, temperature=0.0, max_new_tokens=n_new, ignore_eos=True)[0].token_ids
+
+
 def test_damaged_folder_is_a_typed_error(exported, tmp_path):
     import shutil
 

@@ -6,16 +6,21 @@ against `mmfuse.vlm`.
                           tile's projected features, traced from mmfuse.vlm's `tile_features` (llava:
                           tower at the feature layers + MLP projector; idefics3: tower + pixel
                           shuffle + projection); llava_next adds the output image_newline (d_text,)
-    out/embedding.onnx    input_ids (B, T) int64 -> inputs_embeds (B, T, d_text): one Gather (+ .data)
+    out/embedding.onnx    input_ids (B, T) int64, image_features (N, K, d_text) float32 -> inputs_embeds
+                          (B, T, d_text): token embeddings with the image tokens' rows replaced in
+                          order by the N * K feature rows ((0, 0, d_text) for text) (+ .data)
     out/decoder/          the text model, `onnx_decoder`'s inputs_embeds export (its own manifest)
+    out/genai_config.json onnxruntime-genai's multimodal layout (vision, embedding, decoder sections;
+                          model type gemma3, whose pipeline these graphs fit); not for llava_next,
+                          whose tile packing no genai pipeline does
     out/...               config, tokenizer, chat template, processor and generation files: the
                           runtime prepares prompts and images with mmfuse.vlm's torch-free processor
     out/mmfuse_export.json  kind "vlm": model type, image token id, tile size, the checks'
                           differences, every file's size (written last)
 
 An image's tiles' features fill its placeholder tokens in order (llava_next: the base tile, then
-the unpadded tile grid with image_newline after each row, `anyres.pack_order`); a prompt's
-embeddings are embedding.onnx's rows with the image tokens' replaced by them.
+the unpadded tile grid with image_newline after each row, `anyres.pack_order`), and embedding.onnx
+splices them into the prompt's token embeddings.
 `mmfuse.ort.vlm.OrtVLM` runs the folder without torch.
 """
 from __future__ import annotations
@@ -30,10 +35,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..jsonfile import read_config
 from ..errors import ConfigError, ExportCheckError
+from ..files import write_json
+from ..jsonfile import read_config, read_json
 from ..ort.manifest import MANIFEST, publish, write_manifest
 from .decoder_graph import MIN_OPSET, check_opset
+from .genai_config import GENAI_VLM_TYPE, vlm_genai_config
 from .graph import GraphBuilder, save_with_external_data, topological_sort
 from .onnx_decoder import check_graph, export_decoder
 
@@ -86,13 +93,16 @@ def export_vlm(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int] = N
     try:
         with torch.no_grad():
             vision = export_vision(model, tmp / VISION_FILE, opset, log)
-            embedding = export_embedding(model.decoder, tmp / EMBEDDING_FILE, opset, log)
+            embedding = export_embedding(model.decoder, cfg.image_token_id, tmp / EMBEDDING_FILE, opset, log)
         if variant != "fp32":
             S = cfg.vision.image_size
             vision[variant] = convert_graph(tmp / VISION_FILE, {"pixel_values": np.random.default_rng().standard_normal(
                 (2, 3, S, S)).astype(np.float32)}, variant, log)
-            embedding[variant] = convert_graph(tmp / EMBEDDING_FILE, {"input_ids": np.random.default_rng().integers(
-                0, cfg.text.vocab_size, (2, 9))}, variant, log)
+            ids = np.random.default_rng().integers(0, cfg.text.vocab_size, (2, 9))
+            ids[ids == cfg.image_token_id] = (cfg.image_token_id + 1) % cfg.text.vocab_size
+            ids[0, 3:6] = cfg.image_token_id
+            embedding[variant] = convert_graph(tmp / EMBEDDING_FILE, {"input_ids": ids, "image_features": np.random.default_rng(
+                ).standard_normal((1, 3, cfg.text.d_model)).astype(np.float32)}, variant, log)
         decoder = export_decoder(model_dir, tmp / DECODER_DIR, dtype=dtype, opset=max(opset, MIN_OPSET),
                                  optimize=optimize, inputs_embeds=True, quantize=quantize, log=log, model=model.decoder,
                                  hf=cfg.text.to_hf())
@@ -103,12 +113,17 @@ def export_vlm(model_dir, out_dir, dtype: str = "fp32", opset: Optional[int] = N
             shutil.copyfile(model_dir / f, tmp / f)
         files = [VISION_FILE, EMBEDDING_FILE, EMBEDDING_FILE + ".data", *copied,
                  *(f"{DECODER_DIR}/{f}" for f in (*decoder["files"], MANIFEST))]
+        genai = getattr(cfg, "grid_pinpoints", None) is None  # llava_next's tile packing is no genai pipeline's
+        if genai:
+            write_json(tmp / "genai_config.json", vlm_genai_config(
+                read_json(tmp / DECODER_DIR / "genai_config.json"), DECODER_DIR, VISION_FILE, EMBEDDING_FILE), indent=4)
+            files.append("genai_config.json")
         manifest = write_manifest(
             tmp, "vlm", files, dtype=dtype, quantize=quantize, opset=opset, model_type=mt, variant=decoder["variant"],
             image_token_id=cfg.image_token_id, image_size=cfg.vision.image_size, d_model=cfg.text.d_model,
-            vocab_size=cfg.text.vocab_size, decoder=DECODER_DIR,
+            vocab_size=cfg.text.vocab_size, decoder=DECODER_DIR, genai_type=GENAI_VLM_TYPE if genai else None,
             vision={"file": VISION_FILE, "inputs": ["pixel_values"], "outputs": vision.pop("outputs")},
-            embedding={"file": EMBEDDING_FILE, "inputs": ["input_ids"], "output": "inputs_embeds"},
+            embedding={"file": EMBEDDING_FILE, "inputs": ["input_ids", "image_features"], "output": "inputs_embeds"},
             check={"vision": vision, "embedding": embedding, "decoder": decoder["check"], "prompt": prompt})
         publish(tmp, out_dir, files)
     finally:
@@ -176,24 +191,39 @@ def outputs_from_nodes(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def export_embedding(decoder, path: Path, opset: int, log: Callable[[str], None] = print) -> dict:
-    """input_ids (B, T) -> inputs_embeds (B, T, d): a Gather of the decoder's token embeddings,
-    checked against `decoder.embed` on random ids."""
+def export_embedding(decoder, image_token_id: int, path: Path, opset: int, log: Callable[[str], None] = print) -> dict:
+    """input_ids (B, T) and image_features (N, K, d) -> inputs_embeds (B, T, d): the decoder's token
+    embeddings with the image-token rows replaced, in order, by the N * K feature rows (as
+    onnxruntime-genai's embedding models do; text and decode steps pass no features: (0, 0, d)). Checked against `decoder.embed` and the splice on random ids and features."""
     from onnx import TensorProto
 
     from ..ort.session import make_session
 
     table = decoder.embed.weight.detach().float().numpy()  # (V, d)
+    d = table.shape[1]
     g = GraphBuilder("embedding", opset)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
-    g.output("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", table.shape[1]])
-    g.op_to("Gather", [g.weight("embed_tokens.weight", table), ids], ["inputs_embeds"], axis=0)
+    feats = g.input("image_features", TensorProto.FLOAT, ["images", "image_tokens", d])  # (0, 0, d) for text
+    g.output("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", d])
+    mask = g.op("Equal", [ids, g.const(image_token_id)])  # (B, T); the id may lie outside the vocabulary
+    rows = g.op("Gather", [g.weight("embed_tokens.weight", table), g.op("Where", [mask, g.const(0), ids])], axis=0)
+    where = g.op("Transpose", [g.op("NonZero", [mask])], perm=[1, 0])  # (n, 2): (row, position) of each image token
+    g.op_to("ScatterND", [rows, where, g.op("Reshape", [feats, g.const([-1, d])])], ["inputs_embeds"])
     save_with_external_data(g.model(), path)
     check_graph(path)
-    x = np.random.default_rng().integers(0, table.shape[0], (2, 7))
-    got = make_session(path).run(None, {"input_ids": x})[0]
-    diff = float(np.abs(got - decoder.embed(torch.as_tensor(x)).float().numpy()).max())
-    log(f"check: {path.name}: largest |embedding difference| vs the decoder {diff:.3g}")
+    rng = np.random.default_rng()
+    x = rng.integers(0, table.shape[0], (2, 9))
+    x[x == image_token_id] = (image_token_id + 1) % table.shape[0]
+    x[0, 2:5] = x[1, 7] = image_token_id
+    f = rng.standard_normal((2, 2, d)).astype(np.float32)
+    sess = make_session(path)
+    got = sess.run(None, {"input_ids": x, "image_features": f})[0]
+    ref = decoder.embed(torch.as_tensor(np.where(x == image_token_id, 0, x))).float().numpy()
+    ref[x == image_token_id] = f.reshape(-1, d)
+    text = x[:, :2]
+    diff = max(float(np.abs(got - ref).max()),
+               float(np.abs(sess.run(None, {"input_ids": text, "image_features": f[:0, :0]})[0] - ref[:, :2]).max()))
+    log(f"check: {path.name}: largest |embedding difference| vs the decoder's with the features spliced in {diff:.3g}")
     if diff != 0.0:
         raise ExportCheckError(f"{path}: embeddings differ from the decoder's by {diff:.3g}")
     return {"max_abs_diff": diff}
@@ -266,10 +296,8 @@ def check_prompt_logits(model, folder: Path, variant: str, log: Callable[[str], 
     embeds = model.embed_prompt(torch.from_numpy(ids), ref_feats)
     ref = model.decoder(None, torch.arange(len(ids))[None], embeds=embeds[None])[0].float().numpy()  # (T, V)
 
-    feats = make_session(folder / VISION_FILE).run(None, {"pixel_values": pixels})[0].reshape(k, -1)
-    mask = ids == cfg.image_token_id
-    x = make_session(folder / EMBEDDING_FILE).run(None, {"input_ids": np.where(mask, 0, ids)[None]})[0][0]
-    x[mask] = feats.astype(x.dtype)
+    feats = make_session(folder / VISION_FILE).run(None, {"pixel_values": pixels})[0]  # (2, K, d)
+    x = make_session(folder / EMBEDDING_FILE).run(None, {"input_ids": ids[None], "image_features": feats})[0][0]
     sess = DecoderSession(make_session(folder / DECODER_DIR / GRAPH_FILE), read_manifest(folder / DECODER_DIR, "decoder"))
     sess.allocate(1, len(ids))
     got = sess.prefill([x.astype(sess.dtype)], all_logits=True)[0].astype(np.float32)  # (T, V)

@@ -4,9 +4,10 @@ llava_next, idefics3 / smolvlm), without torch.
 A request is prepared by mmfuse.vlm's own torch-free `VlmProcessor` (chat template, tokens,
 placeholder expansion, image preprocessing and tiling, every check) from the config and processor
 files copied into the export, before any model work. Prefill: embedding.onnx gives the prompt's
-token embeddings, vision.onnx the tiles' features (once for all images of the call), each image's
-tiles packed into its placeholder rows (in order; llava_next: `anyres.pack_order` with the
-graph's `image_newline`, as the PyTorch model packs them); the decoder graph (inputs_embeds) fills
+token embeddings with the image tokens' rows replaced by the images' features: vision.onnx gives
+the tiles' features (once for all images of the call), packed per image in placeholder order
+(llava_next: `anyres.pack_order` with the graph's `image_newline`, as the PyTorch model packs
+them); the decoder graph (inputs_embeds) fills
 its KV cache through `DecoderSession`. Each decoded token goes through embedding.onnx again.
 Sampling, stop handling, streaming and output objects are `GenerationFrontend`'s.
 """
@@ -124,9 +125,13 @@ class OrtVLM(GenerationFrontend):
             out.append(flat)
         return out
 
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids (B, T) -> embeddings (B, T, d)."""
-        return self.embedding.run(None, {"input_ids": np.ascontiguousarray(ids, np.int64)})[0]
+    def embed(self, ids: np.ndarray, features: Optional[np.ndarray] = None) -> np.ndarray:
+        """Token ids (B, T) -> embeddings (B, T, d), the image tokens' rows replaced in order by the
+        rows of `features` (.., d) (as many as there are image tokens)."""
+        d = self.manifest["d_model"]
+        features = np.zeros((0, 0, d), np.float32) if features is None else features.reshape(1, -1, d)
+        return self.embedding.run(None, {"input_ids": np.ascontiguousarray(ids, np.int64),
+                                         "image_features": np.ascontiguousarray(features, np.float32)})[0]
 
     def prompt_embeddings(self, prompts: list) -> list:
         """Each prompt's input embeddings (T, d): token embeddings, image-token rows replaced in order by
@@ -134,15 +139,9 @@ class OrtVLM(GenerationFrontend):
         images = [im for p in prompts for im in getattr(p, "images", ())]
         feats = iter(self.packed_features(images) if images else ())
         out = []
-        image_id = self.vlm_cfg.image_token_id
         for p in prompts:
-            ids = np.asarray(p, np.int64)
-            mask = ids == image_id  # (T,)
-            x = self.embed(np.where(mask, 0, ids)[None])[0]  # (T, d); the id may lie outside the vocabulary
             mine = [next(feats) for _ in getattr(p, "images", ())]
-            if mine:
-                x[mask] = np.concatenate(mine).astype(x.dtype)
-            out.append(x)
+            out.append(self.embed(np.asarray(p, np.int64)[None], np.concatenate(mine) if mine else None)[0])
         return out
 
     def _start(self, prompts: list, params: list) -> Generation:
