@@ -58,9 +58,9 @@ def build_checkpoint(shape: str, folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
 
-def timed_subprocess(cmd: list) -> float:
+def timed_subprocess(cmd: list, cwd=None) -> float:
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
     return time.perf_counter() - t
@@ -78,7 +78,8 @@ def genai_runner(folder: Path, prompts: list):
 
     def run(n):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, do_sample=False)
+        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, do_sample=False,
+                                  batch_size=ids.shape[0])
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
         while not gen.is_done():
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir (no export timing)")
     ap.add_argument("--engines", nargs="+", default=None, help="only these engine names (see the table)")
     args = ap.parse_args(argv)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_onnx_"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_onnx_")).resolve()
     rows, exports = [], []
     for shape in args.models:
         ckpt, theirs = work / f"{shape}-hf", work / f"{shape}-builder"
@@ -146,7 +147,8 @@ def main(argv=None) -> None:
         if not done(theirs, "genai_config.json"):
             try:
                 t_b = timed_subprocess([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
-                                        "-o", str(theirs), "-p", "fp32", "-e", "cpu"])
+                                        "-o", str(theirs), "-p", "fp32", "-e", "cpu"],
+                                       cwd=work)  # not the repository root, whose kernels/ shadows HF's kernels package
             except RuntimeError as e:
                 print(f"{shape}: the model builder failed: {str(e).splitlines()[-1]}")
         has_builder = (theirs / "genai_config.json").exists()

@@ -1,6 +1,8 @@
-"""ONNX export of LLaVA checkpoints and the torch-free OrtVLM, against mmfuse.vlm on tiny random-init
-odd-shaped checkpoints (CLIP tower + Llama with the "default" select strategy; CLIP tower with three
-feature layers, "full" strategy, pad-to-square images and a tied Llama)."""
+"""ONNX export of vision-language checkpoints and the torch-free OrtVLM, against mmfuse.vlm on tiny
+random-init odd-shaped checkpoints: llava (CLIP tower + Llama with the "default" select strategy;
+CLIP tower with three feature layers, "full" strategy, pad-to-square images and a tied Llama),
+llava_next (anyres tiling: CLIP + Llama; SigLIP with two feature layers + Qwen2, old weight layout)
+and idefics3 / smolvlm (pixel shuffle 2 and 3, tiles plus a global image)."""
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vlm_models import build_llava, random_image  # noqa: E402
+from vlm_models import build_vlm, random_image  # noqa: E402
 
 from mmfuse.errors import ConfigError, ExportFolderError, ImageError, PromptError  # noqa: E402
 from mmfuse.export import export_onnx  # noqa: E402
@@ -24,7 +26,7 @@ from mmfuse.ort.manifest import MANIFEST  # noqa: E402
 from mmfuse.ort.vlm import OrtVLM  # noqa: E402
 from mmfuse.vlm.engine import VisionLanguageModel  # noqa: E402
 
-NAMES = ("clip_llama", "clip_list_pad")
+NAMES = ("clip_llama", "clip_list_pad", "next_clip_llama", "next_siglip_qwen2", "idefics3", "smolvlm")
 
 
 def _ask(text, n_images=1):
@@ -37,7 +39,7 @@ def exported(tmp_path_factory):
     out = {}
     for name in NAMES:
         folder = tmp_path_factory.mktemp(name)
-        build_llava(name, folder)
+        build_vlm(name, folder)
         dest = tmp_path_factory.mktemp(f"{name}_onnx")
         export_onnx(folder, dest)
         out[name] = folder, dest
@@ -50,16 +52,6 @@ def engines(exported):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_prompts_and_pixels_equal_the_pytorch_processor(engines, name):
-    vlm, ort = engines[name]
-    images = [random_image(37, 23, 1), random_image(19, 44, 2, "RGBA")]
-    for prompt in (_ask("what is in the image", 2), "USER: <image> a cat <image> ASSISTANT:"):
-        ref, got = vlm.prepare(prompt, images), ort.prepare(prompt, images)
-        assert list(got) == list(ref)
-        np.testing.assert_array_equal(got.pixels, np.concatenate([im.pixels.numpy() for im in ref.images]))
-
-
-@pytest.mark.parametrize("name", NAMES)
 def test_image_features_match_mmfuse_vlm(engines, name):
     vlm, ort = engines[name]
     S = ort.manifest["image_size"]
@@ -67,17 +59,17 @@ def test_image_features_match_mmfuse_vlm(engines, name):
     with torch.no_grad():
         ref = vlm.vlm.tile_features(torch.from_numpy(pixels)).numpy()
     got = ort.image_features(pixels)
-    assert got.shape == ref.shape == (3, vlm.vlm.cfg.tokens_per_image, vlm.vlm.cfg.text.d_model)
+    assert got.shape == ref.shape and got.shape[0] == 3
     assert np.abs(got - ref).max() <= 1e-4
-    # the prompt's embeddings: the features at the image tokens, in order; token embeddings elsewhere
-    req = ort.prepare("USER: <image> a cat <image> ASSISTANT:", [random_image(20, 31, 1), random_image(44, 12, 2)])
+    # the prompt's embeddings: each image's packed features at its image tokens, in order; token embeddings elsewhere
+    images = [random_image(20, 31, 1), random_image(44, 12, 2), random_image(61, 58, 3)]
+    req = ort.prepare(_ask("what is in the images", 3), images)
     emb = ort.prompt_embeddings([req])[0]  # (T, d)
-    mask = np.asarray(req) == ort.manifest["image_token_id"]
-    np.testing.assert_array_equal(emb[mask], ort.image_features(req.pixels).reshape(-1, emb.shape[1]))
     with torch.no_grad():
-        feats = vlm.vlm.tile_features(torch.from_numpy(req.pixels)).flatten(0, 1)
+        feats = torch.cat(vlm.vlm.image_features(req.images))
         ref_emb = vlm.vlm.embed_prompt(torch.tensor(req), feats).numpy()
-    assert np.abs(emb - ref_emb).max() <= 1e-4
+    assert emb.shape == ref_emb.shape and np.abs(emb - ref_emb).max() <= 1e-4
+    assert sum(len(im.pixels) for im in req.images) > 3 or name.startswith("clip")  # tiled images
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -93,10 +85,11 @@ def test_greedy_tokens_equal_mmfuse_vlm(engines, name):
     assert streamed == ref.token_ids
 
 
-def test_batch_of_different_image_counts_equals_one_by_one(engines):
-    vlm, ort = engines["clip_llama"]
+@pytest.mark.parametrize("name", ["clip_llama", "next_siglip_qwen2", "smolvlm"])
+def test_batch_of_different_image_counts_equals_one_by_one(engines, name):
+    vlm, ort = engines[name]
     a, b = random_image(30, 30, 4), random_image(17, 40, 5, "L")
-    reqs = [_ask("what is in the image", 2), "USER: a cat ASSISTANT:", "<image>USER: photo ASSISTANT:"]
+    reqs = [_ask("what is in the image", 2), _ask("a cat", 0), _ask("photo")]
     imgs = [[a, b], None, [b]]
     opts = dict(temperature=0.0, max_new_tokens=8, ignore_eos=True)
     batched = [c.token_ids for c in ort.generate(reqs, images=imgs, **opts)]
@@ -127,16 +120,74 @@ def test_bad_requests_are_typed_errors(engines):
 
 
 def test_unsupported_vlm_types_and_options_are_refused_naming_them(exported, tmp_path):
-    with pytest.raises(ConfigError, match="int8"):
-        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int8")
+    with pytest.raises(ConfigError, match="int4"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int4")
+    with pytest.raises(ConfigError, match="--dtype fp16"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", quantize="int8", dtype="fp16")
+    with pytest.raises(ConfigError, match="bf16"):
+        export_onnx(exported["clip_llama"][0], tmp_path / "q", dtype="bf16")
     with pytest.raises(ConfigError, match="inputs-embeds"):
         export_onnx(exported["clip_llama"][0], tmp_path / "e", inputs_embeds=True)
-    for mt in ("llava_next", "idefics3"):
+    for mt in ("llava_onevision", "qwen2_vl"):
         d = tmp_path / mt
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": mt}))
         with pytest.raises(ConfigError, match=mt):
             export_onnx(d, tmp_path / f"{mt}_out")
+
+
+@pytest.mark.parametrize("name", ["next_siglip_qwen2", "smolvlm"])
+@pytest.mark.parametrize("variant", ["fp16", "int8"])
+def test_fp16_and_int8_exports_against_fp32(engines, exported, tmp_path, name, variant):
+    """The smaller graphs, their checks recorded, and prompt embeddings (vision, packing, embedding
+    graphs) near the fp32 export's; greedy generation runs on the converted decoder."""
+    folder, fp32_dir = exported[name]
+    kw = {"dtype": "fp16"} if variant == "fp16" else {"quantize": "int8"}
+    m = export_onnx(folder, tmp_path / variant, **kw)
+    assert (m["dtype"], m["quantize"]) == (("fp16", None) if variant == "fp16" else ("fp32", "int8"))
+    fp32 = json.loads((fp32_dir / MANIFEST).read_text())
+    for f in ("vision.onnx", "embedding.onnx.data", "decoder/model.onnx.data"):
+        assert m["files"][f] < 0.7 * fp32["files"][f], f
+    assert m["check"]["prompt"]["max_rel_diff"] <= m["check"]["prompt"]["tolerance"]
+    _, ref = engines[name]
+    ort = OrtVLM.from_pretrained(tmp_path / variant)
+    req = ref.prepare(_ask("what is in the image", 2), [random_image(50, 23, 1), random_image(31, 66, 2)])
+    a, b = ort.prompt_embeddings([req])[0], ref.prompt_embeddings([req])[0]
+    assert np.abs(a - b).max() <= (2e-2 if variant == "fp16" else 0.25) * max(1.0, np.abs(b).max())
+    assert np.abs(a - b).max() > 0  # really another graph
+    out = ort.generate(req, temperature=0.0, max_new_tokens=8, ignore_eos=True)[0]
+    assert len(out.token_ids) == 8
+
+
+@pytest.mark.parametrize("name", ["clip_list_pad", "next_clip_llama", "smolvlm"])
+def test_onnxruntime_genai_runs_the_export_with_our_tokens(engines, exported, name):
+    """genai loads the folder's top-level genai_config.json (its gemma3 multimodal pipeline) and, fed
+    mmfuse's prompt ids and pixels, gives mmfuse.vlm's greedy tokens; llava_next has no genai
+    config (its anyres packing is no genai pipeline's)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = exported[name][1]
+    if name.startswith("next"):
+        assert not (folder / "genai_config.json").exists()
+        return
+    vlm, _ = engines[name]
+    req = vlm.prepare(_ask("describe a red photo", 2), [random_image(43, 29, 4), random_image(25, 61, 5)])
+    n_new = 20
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(req) + n_new, min_length=len(req) + n_new, do_sample=False)
+    gen = og.Generator(model, params)
+    inputs = og.NamedTensors()
+    inputs["input_ids"] = np.asarray([list(req)], np.int32)
+    pixels = np.concatenate([im.pixels for im in req.images])  # (tiles, 3, S, S)
+    inputs["pixel_values"] = pixels
+    # genai sizes the vision output (its leading pixel_values dimension, num_image_tokens, d): features per tile
+    inputs["num_image_tokens"] = np.asarray([sum(im.tokens for im in req.images) // len(pixels)], np.int64)
+    gen.set_inputs(inputs)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert theirs == vlm.generate(req, temperature=0.0, max_new_tokens=n_new, ignore_eos=True)[0].token_ids
 
 
 def test_damaged_folder_is_a_typed_error(exported, tmp_path):
@@ -154,27 +205,28 @@ def test_damaged_folder_is_a_typed_error(exported, tmp_path):
 
 
 def test_runtime_imports_no_torch(engines, exported, tmp_path):
-    """OrtVLM in a subprocess where `import torch` fails; same tokens as mmfuse.vlm."""
+    """OrtVLM in a subprocess where `import torch` fails; same tokens as mmfuse.vlm (llava, anyres
+    llava_next, smolvlm: their preprocessing, tiling and packing run without torch)."""
     stub = tmp_path / "stub" / "torch"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
-    folder = exported["clip_list_pad"][1]
+    names = ["clip_list_pad", "next_siglip_qwen2", "smolvlm"]
+    folders = [str(exported[n][1]) for n in names]
     image = tmp_path / "image.png"
-    random_image(41, 29, 9).save(image)
+    random_image(41, 67, 9).save(image)
     code = textwrap.dedent(f"""
         import json, sys
         from mmfuse.ort.vlm import OrtVLM
-        m = OrtVLM.from_pretrained({str(folder)!r})
         msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "a dog"}}]}}]
-        out = m.generate(msgs, images={str(image)!r}, temperature=0.0, max_new_tokens=20, ignore_eos=True)
+        got = [OrtVLM.from_pretrained(f).generate(msgs, images={str(image)!r}, temperature=0.0, max_new_tokens=20,
+                                                  ignore_eos=True)[0].token_ids for f in {folders!r}]
         assert not any(k == "torch" or k.startswith("torch.") for k in sys.modules)
-        print(json.dumps(out[0].token_ids))
+        print(json.dumps(got))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub.parent), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    vlm, _ = engines["clip_list_pad"]
-    ref = vlm.generate(_ask("a dog"), images=str(image), temperature=0.0, max_new_tokens=20,
-                       ignore_eos=True)[0].token_ids
-    assert got == ref and len(got) == 20
+    ref = [engines[n][0].generate(_ask("a dog"), images=str(image), temperature=0.0, max_new_tokens=20,
+                                  ignore_eos=True)[0].token_ids for n in names]
+    assert got == ref and all(len(g) == 20 for g in got)

@@ -58,7 +58,8 @@ def test_full_multimodal_prompt_logits_match_transformers(llava):
     req = vlm.prepare(msgs, images)
     assert list(req) == inputs["input_ids"][0].tolist()
     want = flat_pixels(inputs, [len(im.pixels) for im in req.images])
-    torch.testing.assert_close(torch.cat([im.pixels for im in req.images]), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(np.concatenate([im.pixels for im in req.images])), want, atol=1e-5,
+                               rtol=0)
     ref = hf(**inputs).logits[0]  # (T, V)
     feats = vlm.image_features(req.images)
     assert [len(f) for f in feats] == [im.tokens for im in req.images]
@@ -194,7 +195,7 @@ def test_tiling_preprocessing_and_token_counts_match_transformers(tiled, h, w, m
     assert list(req) == inputs["input_ids"][0].tolist()
     assert req.images[0].tokens == sum(1 for t in req if t == vlm.vlm.cfg.image_token_id)
     want = flat_pixels(inputs, [len(req.images[0].pixels)])
-    torch.testing.assert_close(req.images[0].pixels, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(req.images[0].pixels), want, atol=1e-5, rtol=0)
 
 
 def test_tiling_settings_errors_name_them(tmp_path):

@@ -3,6 +3,7 @@ sequences are what the chat template and processor make, `mmfuse world train` an
 run end to end (on a tiny run), and missing shipped files are named with the regenerate command."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,7 +56,7 @@ def test_trained_vlm_loads_in_transformers_with_the_same_logits_and_greedy_answe
         img = render(generate_scene(seed))
         p = vlm.prepare(_chat(CAPTION_PROMPT), [img])
         ids = torch.tensor([list(p)])
-        pixels = torch.cat([im.pixels for im in p.images])
+        pixels = torch.from_numpy(np.concatenate([im.pixels for im in p.images]))
         with torch.no_grad():
             ref = hf(input_ids=ids, pixel_values=pixels).logits[0, -1]
             g = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,

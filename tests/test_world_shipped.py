@@ -31,8 +31,9 @@ def test_shipped_vlm_gives_the_greedy_answers_of_transformers(vlm):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
             p = vlm.prepare(msgs, [render(scene)])
             ids = torch.tensor([list(p)])
+            pixels = torch.from_numpy(np.concatenate([im.pixels for im in p.images]))
             with torch.no_grad():
-                g = hf.generate(input_ids=ids, pixel_values=torch.cat([im.pixels for im in p.images]), attention_mask=torch.ones_like(ids),
+                g = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                                 max_new_tokens=40, do_sample=False)
             ours = vlm.generate(p, temperature=0.0, max_new_tokens=40)[0]
             assert ours.token_ids == g[0, ids.shape[1]:].tolist(), q

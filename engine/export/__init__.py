@@ -1,6 +1,6 @@
 """Export checkpoints to ONNX: `export_onnx(model_dir, out_dir, ...)` reads config.json and picks
 the layout: decoders (GPT-2, Llama, Mistral, Qwen2) go to `onnx_decoder`, encoders (CLIP, SigLIP,
-BERT sentence encoders) to `onnx_encoder`, vision-language models (LLaVA) to `onnx_vlm`. Every export is checked before it is reported done."""
+BERT sentence encoders) to `onnx_encoder`, vision-language models (llava, llava_next, idefics3 / smolvlm) to `onnx_vlm`. Every export is checked before it is reported done."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from ..errors import ConfigError
 
 DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ENCODER_TYPES = ("clip", "siglip", "bert")
-VLM_TYPES = ("llava",)
+VLM_TYPES = ("llava", "llava_next", "idefics3", "smolvlm")
 QUANTIZE = (None, "int8")
 
 
@@ -37,8 +37,8 @@ def export_onnx(model_dir, out_dir, dtype: str = "fp32", quantize: Optional[str]
     if mt in VLM_TYPES:
         if inputs_embeds:
             raise ConfigError(f"--inputs-embeds: a {mt} export always has an inputs_embeds decoder; drop the flag")
-        from .onnx_vlm import export_llava
+        from .onnx_vlm import export_vlm
 
-        return export_llava(model_dir, out_dir, dtype=dtype, opset=opset, optimize=optimize, quantize=quantize)
+        return export_vlm(model_dir, out_dir, dtype=dtype, opset=opset, optimize=optimize, quantize=quantize)
     raise ConfigError(f"{model_dir / 'config.json'}: model_type {mt!r} has no ONNX export "
                       f"(supported: {sorted(DECODER_TYPES + ENCODER_TYPES + VLM_TYPES)})")

@@ -1,8 +1,11 @@
 """genai_config.json for an exported decoder, so that `onnxruntime_genai.Model(folder)` runs it:
 model type, sizes, head counts, context length, token ids, input/output names, and search
-defaults from generation_config.json (the fields onnxruntime-genai's model builder writes)."""
+defaults from generation_config.json (the fields onnxruntime-genai's model builder writes); and
+for a vision-language export, the same with vision and embedding sections, as genai lays out its
+multimodal models."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..decoder.config import DecoderConfig
@@ -65,3 +68,23 @@ def genai_config(model_dir: Path, cfg: DecoderConfig, model_type: str, shared_bu
             "top_p": float(gc.get("top_p") or 1.0),
         },
     }
+
+
+# onnxruntime-genai has no llava / idefics3 model type; its gemma3 pipeline is the generic
+# vision (pixel_values -> image_features) -> embedding (input_ids, image_features -> inputs_embeds)
+# -> decoder one that these exports fit (bench/README.md).
+GENAI_VLM_TYPE = "gemma3"
+
+
+def vlm_genai_config(decoder_config: dict, decoder_dir: str, vision_file: str, embedding_file: str) -> dict:
+    """The top-level genai_config.json of a vision-language export: its decoder's, with the
+    decoder's file under `decoder_dir` and the vision and embedding sections added."""
+    cfg = json.loads(json.dumps(decoder_config))  # a deep copy
+    m = cfg["model"]
+    m["type"] = GENAI_VLM_TYPE
+    m["decoder"]["filename"] = f"{decoder_dir}/{m['decoder']['filename']}"
+    m["vision"] = {"filename": vision_file, "inputs": {"pixel_values": "pixel_values"},
+                   "outputs": {"image_features": "image_features"}}
+    m["embedding"] = {"filename": embedding_file, "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+                      "outputs": {"inputs_embeds": "inputs_embeds"}}
+    return cfg

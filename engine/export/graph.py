@@ -98,3 +98,30 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024, convert_attribute=False)
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder `graph`'s nodes so that each follows the producers of its inputs (Kahn's algorithm;
+    onnxruntime's fp16 converter appends the casts it inserts after their users)."""
+    produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    waiting = [sum(1 for x in node.input if x in produced_by) for node in graph.node]  # inputs not yet available
+    users = {}
+    for i, node in enumerate(graph.node):
+        for x in node.input:
+            if x in produced_by:
+                users.setdefault(x, []).append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    order = []
+    while ready:
+        i = ready.pop()
+        order.append(i)
+        for out in graph.node[i].output:
+            for j in users.get(out, ()):
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    ready.append(j)
+    if len(order) != len(graph.node):
+        raise ValueError(f"graph {graph.name!r} has a cycle: {len(graph.node) - len(order)} nodes never become ready")
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)

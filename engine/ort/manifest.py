@@ -3,7 +3,7 @@ vision-language model's graphs). It records the export's `kind`, its settings an
 size; the exporter writes it last and the runtime checks it before any session is created, so a
 missing, truncated or swapped file is an error naming it rather than a crash inside onnxruntime.
 
-Kinds: "decoder" (mmfuse.ort.engine), "clip" / "siglip" / "bert" (mmfuse.ort.encoder), "llava"
+Kinds: "decoder" (mmfuse.ort.engine), "clip" / "siglip" / "bert" (mmfuse.ort.encoder), "vlm"
 (mmfuse.ort.vlm). Encoder folders exported before the manifests were unified hold
 `mmfuse_encoder.json` (format "mmfuse-onnx-encoder/1"): it is read as the same thing.
 """

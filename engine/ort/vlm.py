@@ -1,11 +1,15 @@
-"""`OrtVLM`: generation from images and text on an mmfuse LLaVA ONNX export, without torch.
+"""`OrtVLM`: generation from images and text on an mmfuse vision-language ONNX export (llava,
+llava_next, idefics3 / smolvlm), without torch.
 
-A request is prepared by `VlmPrompter` (template, tokens, placeholder expansion, numpy image
-preprocessing, every check) before any model work. Prefill: embedding.onnx gives the prompt's
-token embeddings, vision.onnx the images' features (once for all images of the call), which replace
-the image-token rows in order; the decoder graph (inputs_embeds) fills its KV cache through
-`DecoderSession`. Each decoded token goes through embedding.onnx again. Sampling, stop handling,
-streaming and output objects are `GenerationFrontend`'s, as in `OrtEngine` and the PyTorch engine.
+A request is prepared by mmfuse.vlm's own torch-free `VlmProcessor` (chat template, tokens,
+placeholder expansion, image preprocessing and tiling, every check) from the config and processor
+files copied into the export, before any model work. Prefill: embedding.onnx gives the prompt's
+token embeddings with the image tokens' rows replaced by the images' features: vision.onnx gives
+the tiles' features (once for all images of the call), packed per image in placeholder order
+(llava_next: `anyres.pack_order` with the graph's `image_newline`, as the PyTorch model packs
+them); the decoder graph (inputs_embeds) fills
+its KV cache through `DecoderSession`. Each decoded token goes through embedding.onnx again.
+Sampling, stop handling, streaming and output objects are `GenerationFrontend`'s.
 """
 from __future__ import annotations
 
@@ -14,28 +18,28 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..chat_template import ChatTemplate
-from ..encoders.preprocess import ImageProcessor
 from ..errors import ExportFolderError, ImageError
 from ..generation.frontend import Generation, GenerationFrontend
 from ..generation.requests import defaults_from_generation_config
 from ..generation.sampling_np import NumpySampler
-from ..tokenizer import load_tokenizer
+from ..jsonfile import read_config
+from ..vlm.anyres import pack_order
+from ..vlm.config import vlm_config
+from ..vlm.processor import MultimodalPrompt, VlmProcessor
 from .decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
 from .engine import OrtModelConfig
 from .manifest import read_manifest
 from .session import make_session
-from .vlm_prompt import ImagePrompt, VlmPrompter
 
 
 class OrtVLM(GenerationFrontend):
-    """A LLaVA export: `generate(prompt or messages, images=...)`, `stream()`, `image_features()`."""
+    """A VLM export: `generate(prompt or messages, images=...)`, `stream()`, `image_features()`."""
 
-    def __init__(self, vision, embedding, decoder, manifest: dict, decoder_manifest: dict, prompter: VlmPrompter,
-                 defaults: Optional[dict] = None):
+    def __init__(self, vision, embedding, decoder, manifest: dict, decoder_manifest: dict, vlm_cfg,
+                 processor: VlmProcessor, defaults: Optional[dict] = None):
         self.vision, self.embedding, self.decoder = vision, embedding, decoder  # InferenceSessions
-        self.manifest, self.decoder_manifest = manifest, decoder_manifest
-        self.prompter, self.tokenizer = prompter, prompter.tokenizer
+        self.manifest, self.decoder_manifest, self.vlm_cfg = manifest, decoder_manifest, vlm_cfg
+        self.processor, self.tokenizer = processor, processor.tokenizer
         c = decoder_manifest["config"]
         self.cfg = OrtModelConfig(c["vocab_size"], c["max_seq_len"], tuple(c["eos_token_ids"]))
         self.defaults = dict(defaults or {})
@@ -43,36 +47,35 @@ class OrtVLM(GenerationFrontend):
     @classmethod
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
                         graph_optimization_level: str = "all", spinning: bool = False) -> "OrtVLM":
-        """Open an export folder of `mmfuse export onnx` on a LLaVA checkpoint (options are checked
-        before anything is read)."""
+        """Open an export folder of `mmfuse export onnx` on a vision-language checkpoint (options are
+        checked before anything is read)."""
         make_session(None, threads, providers, graph_optimization_level)
         folder = Path(onnx_dir)
-        manifest = read_manifest(folder, "llava")
+        manifest = read_manifest(folder, "vlm")
         dec_dir = folder / manifest["decoder"]
         dec = read_manifest(dec_dir, "decoder")
         if not dec.get("inputs_embeds"):
-            raise ExportFolderError(f"{dec_dir}: the decoder of a llava export must take inputs_embeds")
+            raise ExportFolderError(f"{dec_dir}: the decoder of a vision-language export must take inputs_embeds")
+        cfg = vlm_config(read_config(folder), str(folder / "config.json"))
 
         def session(path):
             return make_session(path, threads, providers, graph_optimization_level, spinning)
 
         graph = RUNTIME_GRAPH if RUNTIME_GRAPH in dec.get("files", {}) else GRAPH_FILE
-        images = ImageProcessor.from_config(manifest["image_processor"], f"{folder / 'mmfuse_export.json'} image_processor")
-        prompter = VlmPrompter(load_tokenizer(folder), images, ChatTemplate.from_folder(folder),
-                               manifest["image_token_id"], manifest["tokens_per_image"])
         return cls(session(folder / manifest["vision"]["file"]), session(folder / manifest["embedding"]["file"]),
-                   session(dec_dir / graph), manifest, dec, prompter, defaults_from_generation_config(folder))
+                   session(dec_dir / graph), manifest, dec, cfg, VlmProcessor.from_pretrained(folder, cfg),
+                   defaults_from_generation_config(folder))
 
     # ---- requests
-    def prepare(self, prompt, images=None) -> ImagePrompt:
+    def prepare(self, prompt, images=None) -> MultimodalPrompt:
         """Template, tokenize, expand placeholders and preprocess images; raises on bad input."""
-        return prompt if isinstance(prompt, ImagePrompt) else self.prompter(prompt, images)
+        return prompt if isinstance(prompt, MultimodalPrompt) else self.processor(prompt, images)
 
     def encode(self, prompt, where: str = "prompt") -> list:
-        return prompt if isinstance(prompt, ImagePrompt) else self.prompter(prompt)
+        return prompt if isinstance(prompt, MultimodalPrompt) else self.processor(prompt)
 
     def _batch(self, prompts, images) -> list:
-        if isinstance(prompts, (str, ImagePrompt)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        if isinstance(prompts, (str, MultimodalPrompt)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
             return [self.prepare(prompts, images)]
         prompts = list(prompts)
         images = [None] * len(prompts) if images is None else list(images)
@@ -95,34 +98,50 @@ class OrtVLM(GenerationFrontend):
         yield from super().stream(req, params, ignore_eos=ignore_eos, **overrides)
 
     # ---- graphs
-    def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixels (N, 3, S, S) float32 -> projected features (N, tokens_per_image, d)."""
+    def _vision(self, pixels: np.ndarray) -> list:
         S = self.manifest["image_size"]
         pixels = np.asarray(pixels)
         if pixels.ndim != 4 or pixels.shape[1:] != (3, S, S):
             raise ImageError(f"pixels of shape {tuple(pixels.shape)}: the vision graph takes (N, 3, {S}, {S})")
-        return self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})[0]
+        return self.vision.run(None, {"pixel_values": np.ascontiguousarray(pixels, np.float32)})
 
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids (B, T) -> embeddings (B, T, d)."""
-        return self.embedding.run(None, {"input_ids": np.ascontiguousarray(ids, np.int64)})[0]
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed tiles (N, 3, S, S) float32 -> projected features (N, tokens per tile, d)."""
+        return self._vision(pixels)[0]
+
+    def packed_features(self, images: list) -> list:
+        """Prepared images -> the features of each image's placeholder tokens, in order: (tokens, d)."""
+        tiles, *newline = self._vision(np.concatenate([im.pixels for im in images]))  # (N_all, T, d), [(d,)]
+        out, used = [], 0
+        for im in images:
+            f = tiles[used: used + len(im.pixels)]
+            used += len(im.pixels)
+            flat = f.reshape(-1, f.shape[-1])
+            if newline:  # llava_next: the graph's image_newline follows each row of the unpadded tile grid
+                c = self.vlm_cfg
+                order = pack_order(im.size[0], im.size[1], len(f), c.grid_pinpoints, c.vision.image_size, c.grid_side,
+                                   f.shape[1])
+                flat = np.concatenate([flat, newline[0][None].astype(flat.dtype)])[order]
+            out.append(flat)
+        return out
+
+    def embed(self, ids: np.ndarray, features: Optional[np.ndarray] = None) -> np.ndarray:
+        """Token ids (B, T) -> embeddings (B, T, d), the image tokens' rows replaced in order by the
+        rows of `features` (.., d) (as many as there are image tokens)."""
+        d = self.manifest["d_model"]
+        features = np.zeros((0, 0, d), np.float32) if features is None else features.reshape(1, -1, d)
+        return self.embedding.run(None, {"input_ids": np.ascontiguousarray(ids, np.int64),
+                                         "image_features": np.ascontiguousarray(features, np.float32)})[0]
 
     def prompt_embeddings(self, prompts: list) -> list:
         """Each prompt's input embeddings (T, d): token embeddings, image-token rows replaced in order by
-        the features of its images (the vision graph runs once on all images of the call)."""
-        pix = [p.pixels for p in prompts if getattr(p, "pixels", None) is not None]
-        feats = self.image_features(np.concatenate(pix)) if pix else None  # (N_all, k, d)
-        out, used = [], 0
-        image_id = self.manifest["image_token_id"]
+        its images' packed features (the vision graph runs once on all images of the call)."""
+        images = [im for p in prompts for im in getattr(p, "images", ())]
+        feats = iter(self.packed_features(images) if images else ())
+        out = []
         for p in prompts:
-            ids = np.asarray(p, np.int64)
-            mask = ids == image_id  # (T,)
-            x = self.embed(np.where(mask, 0, ids)[None])[0]  # (T, d); the id may lie outside the vocabulary
-            n = 0 if getattr(p, "pixels", None) is None else len(p.pixels)
-            if n:
-                x[mask] = feats[used: used + n].reshape(-1, x.shape[-1])
-            used += n
-            out.append(x)
+            mine = [next(feats) for _ in getattr(p, "images", ())]
+            out.append(self.embed(np.asarray(p, np.int64)[None], np.concatenate(mine) if mine else None)[0])
         return out
 
     def _start(self, prompts: list, params: list) -> Generation:

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..encoders.preprocess import ImageProcessor
 
@@ -59,6 +58,23 @@ def tile_grid(h: int, w: int, pinpoints, tile: int) -> tuple:
     return bh // tile, bw // tile
 
 
+def pack_order(h: int, w: int, tiles: int, pinpoints, tile: int, side: int, per_tile: int) -> np.ndarray:
+    """The rows, in order, of an (h, w) image's packed features, indexing the table of its `tiles`
+    tiles' features (tiles * per_tile rows: the base image's, then each tile's side x side patches)
+    followed by one `image_newline` row: the base image's rows, then the unpadded patch grid row by
+    row with the newline after each (transformers' pack_image_features, "spatial_unpad"; a lone base
+    image is followed by one newline). The PyTorch model and the ONNX runtime both gather by it."""
+    newline = tiles * per_tile
+    if tiles == 1:
+        return np.arange(per_tile + 1)
+    rows, cols = tile_grid(h, w, pinpoints, tile)
+    top, bottom, left, right = unpad_box(h, w, rows * side, cols * side)
+    r, c = np.arange(top, bottom)[:, None], np.arange(left, right)[None, :]
+    grid = (1 + (r // side) * cols + c // side) * per_tile + (r % side) * side + c % side  # (R, C)
+    grid = np.concatenate([grid, np.full((len(grid), 1), newline)], axis=1)
+    return np.concatenate([np.arange(per_tile), grid.ravel()])
+
+
 def feature_count(h: int, w: int, pinpoints, tile: int, side: int, base: int) -> int:
     """Image features (= placeholder tokens) of an (h, w) image: `base` for the base image, then
     the unpadded grid of `side` x `side` patch features per tile plus one newline per grid row."""
@@ -88,4 +104,4 @@ class AnyresTiler:
         tiles = [canvas[i:i + t, j:j + t] for i in range(0, bh, t) for j in range(0, bw, t)]
         base = im.resize((self.base_size[1], self.base_size[0]), resample=self.proc.resample)
         pixels = [self.proc.process_one(x, where) for x in [base] + tiles]
-        return torch.from_numpy(np.stack(pixels)), (h, w)
+        return np.stack(pixels), (h, w)

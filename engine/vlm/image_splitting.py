@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..encoders.preprocess import ImageProcessor
 
@@ -91,4 +90,4 @@ class ImageSplitter:
                 frames = [np.asarray(im)]
         else:
             frames = [np.asarray(im.resize((t, t), resample=resample))]
-        return torch.from_numpy(np.stack([self.proc.to_pixels(f) for f in frames])), (rows, cols)
+        return np.stack([self.proc.to_pixels(f) for f in frames]), (rows, cols)

@@ -4,6 +4,7 @@ by those features. A family defines `tile_features` (its tower and projection) a
 features are more than its tiles' in order, `pack`."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,7 +23,8 @@ class MultimodalModel(nn.Module):
     @torch.inference_mode()
     def image_features(self, images: list) -> list:
         """Images (each with `.pixels` (tiles, 3, H, W) and `.size`) -> their features, each (tokens, d_text)."""
-        tiles = self.tile_features(torch.cat([im.pixels for im in images]).to(self.tower.pos_embed.device))
+        pixels = torch.from_numpy(np.concatenate([im.pixels for im in images]))
+        tiles = self.tile_features(pixels.to(self.tower.pos_embed.device))
         return [self.pack(f, im.size) for f, im in zip(tiles.split([len(im.pixels) for im in images]), images)]
 
     def embed_prompt(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
+import numpy as np
 
 from ..chat_template import ChatTemplate
 from ..jsonfile import read_json
@@ -52,7 +52,7 @@ PROCESSOR_TYPES = {
 @dataclass
 class PreparedImage:
     """One image ready for the model: its tiles' pixels and what its placeholder becomes."""
-    pixels: torch.Tensor      # (tiles, 3, H, W) float32
+    pixels: np.ndarray        # (tiles, 3, H, W) float32
     size: tuple               # (height, width) of the input image
     tokens: int               # image placeholder tokens (= projected features) it fills
     text: str                 # the text that replaces its placeholder in the prompt
@@ -155,7 +155,7 @@ class LlavaImages:
 
     def __call__(self, image, where: str) -> PreparedImage:
         im = self.proc.load_rgb(image, where)
-        pixels = torch.from_numpy(self.proc.process_one(im, where))[None]
+        pixels = self.proc.process_one(im, where)[None]
         k = self.cfg.tokens_per_image
         return _prepared(pixels, (im.height, im.width), k, self.image_token * k)
 
@@ -189,8 +189,8 @@ class SplitImages:
         return _prepared(pixels, (rows, cols), k * len(pixels), prompt_text(rows, cols, k, self.image_token))
 
 
-def _prepared(pixels: torch.Tensor, size: tuple, tokens: int, text: str) -> PreparedImage:
-    return PreparedImage(pixels, size, tokens, text, hashlib.sha1(pixels.numpy().tobytes()).hexdigest())
+def _prepared(pixels: np.ndarray, size: tuple, tokens: int, text: str) -> PreparedImage:
+    return PreparedImage(pixels, size, tokens, text, hashlib.sha1(pixels.tobytes()).hexdigest())
 
 
 def images_for(folder, cfg, image_token: str):

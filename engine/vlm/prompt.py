@@ -1,6 +1,6 @@
 """A multimodal prompt's text: a prompt string with image placeholders, or a conversation rendered by
 the folder's chat template, split at the placeholders and checked against the images given. Torch-
-free, so that mmfuse.vlm's processor and the ONNX runtime's twin (`mmfuse.ort.vlm_prompt`) share it."""
+free, as is the processor that uses it (`mmfuse.vlm.processor`), which the ONNX runtime (`mmfuse.ort.vlm`) runs too."""
 from __future__ import annotations
 
 from ..encoders.preprocess import ImageProcessor

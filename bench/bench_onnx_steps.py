@@ -1,0 +1,96 @@
+"""Decode-step time of one exported decoder graph run different ways, interleaved: mmfuse's
+`DecoderSession` (OrtEngine's loop) with onnxruntime's spinning off (mmfuse's default) and on, on
+model_last_logits.onnx and model.onnx, with 1 thread; onnxruntime-genai on the same folder and on
+its model builder's export. It separates the graph from the way it is run.
+
+    python bench/bench_onnx.py --workdir W --models smollm2-135m --engines none   # the exports
+    python -m onnxruntime_genai.models.builder -i W/smollm2-135m-hf -o W/smollm2-135m-builder -p fp32 -e cpu
+    python bench/bench_onnx_steps.py --workdir W --steps 16 --rounds 3
+
+Batch 1, a 128-token random prompt, then greedy steps; each round runs every variant once; medians.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmfuse.ort.decoder_session import GRAPH_FILE, RUNTIME_GRAPH, DecoderSession
+from mmfuse.ort.manifest import read_manifest
+from mmfuse.ort.session import make_session
+
+
+def session_runner(folder: Path, graph: str, prompt: np.ndarray, steps: int, **options):
+    sess, manifest = make_session(folder / graph, **options), read_manifest(folder, "decoder")
+
+    def run() -> float:
+        s = DecoderSession(sess, manifest)
+        s.allocate(1, len(prompt) + steps + 1)
+        logits = s.prefill([prompt])
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits = s.decode(np.array([int(np.argmax(logits[0]))]))
+        return (time.perf_counter() - t) / steps
+
+    return run
+
+
+def genai_runner(folder: Path, prompt: np.ndarray, steps: int):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def run() -> float:
+        params = og.GeneratorParams(model)
+        n = len(prompt) + steps + 1
+        params.set_search_options(max_length=n, min_length=n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt[None].astype(np.int32))
+        gen.generate_next_token()
+        t = time.perf_counter()
+        for _ in range(steps):
+            gen.generate_next_token()
+        return (time.perf_counter() - t) / steps
+
+    return run
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True, help="bench_onnx.py's --workdir (with the exports)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    ours, theirs = work / f"{args.model}-optimized", work / f"{args.model}-builder"
+    vocab = read_manifest(ours, "decoder")["config"]["vocab_size"]
+    prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_len)
+    n = args.steps
+    runners = {
+        "DecoderSession, model_last_logits.onnx, spinning off": session_runner(ours, RUNTIME_GRAPH, prompt, n),
+        "DecoderSession, model_last_logits.onnx, spinning on": session_runner(ours, RUNTIME_GRAPH, prompt, n,
+                                                                               spinning=True),
+        "DecoderSession, model.onnx, spinning off": session_runner(ours, GRAPH_FILE, prompt, n),
+        "DecoderSession, model_last_logits.onnx, 1 thread": session_runner(ours, RUNTIME_GRAPH, prompt, n, threads=1),
+        "genai on our optimised export": genai_runner(ours, prompt, n),
+    }
+    if (theirs / "genai_config.json").exists():
+        runners["genai on its builder's export"] = genai_runner(theirs, prompt, n)
+    times = {k: [] for k in runners}
+    for run in runners.values():
+        run()  # warm-up
+    for _ in range(args.rounds):
+        for k, run in runners.items():
+            times[k].append(run())
+    print("| way of running (batch 1) | ms per decode step (median) | rounds |\n|---|---|---|")
+    for k, ts in times.items():
+        print(f"| {k} | {1e3 * statistics.median(ts):.1f} | {', '.join(f'{1e3 * t:.0f}' for t in ts)} |")
+
+
+if __name__ == "__main__":
+    main()
