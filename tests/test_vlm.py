@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmfuse.decoder.generate import DecodeState
 from mmfuse.decoder.speculative import PromptLookupDrafter, speculative_generate
 from mmfuse.encoders.preprocess import ImageError
 from mmfuse.errors import CapacityError, CheckpointError, ConfigError, PromptError
@@ -85,6 +86,19 @@ def test_tower_in_tile_groups_equals_one_call(llava, monkeypatch):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_decode_is_the_engines_decode_step(llava, monkeypatch):
+    """The VLM only overrides prefill: every token after the first comes from the decoder Engine's
+    `DecodeState.decode`, so work on that step (fused kernels, CUDA graphs) serves VLMs too."""
+    name, folder, hf, proc, vlm = llava
+    assert not {"_start", "decode", "_decode_step"} & set(vars(VisionLanguageModel))
+    steps = []
+    real = DecodeState.decode
+    monkeypatch.setattr(DecodeState, "decode", lambda self, tok, active=None: steps.append(len(tok)) or real(self, tok, active))
+    out = vlm.generate(_ask("describe a red photo"), images=random_image(33, 51, 3), temperature=0.0,
+                       max_new_tokens=7, ignore_eos=True)[0]
+    assert len(out.token_ids) == 7 and steps == [1] * 6
 
 
 @torch.no_grad()
