@@ -1,7 +1,7 @@
-"""What every vision-language model here shares: images -> per-image features (the tower runs once
-over all tiles of a call), and a prompt's token embeddings with the image placeholder rows replaced
-by those features. A family defines `tile_features` (its tower and projection) and, when an image's
-features are more than its tiles' in order, `pack`.
+"""What every vision-language model here shares: images -> per-image features (one tower pass
+over all tiles of a call, in groups), and a prompt's token embeddings with the image placeholder
+rows replaced by those features. A family defines `tile_features` (its tower and projection) and,
+when an image's features are more than its tiles' in order, `pack`.
 
 The tower runs over the tiles in groups of at most TOWER_ROWS tokens: its linears are row-wise, so
 larger calls gain nothing in arithmetic, and their (rows, 4 * d) MLP activations no longer stay in
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 TOWER_ROWS = 2048  # most tokens (tiles x tokens per tile) in one tower call; at least one tile
+
 
 class MultimodalModel(nn.Module):
     # set by each family: cfg (with image_token_id and text), tower (a VisionTower), decoder
