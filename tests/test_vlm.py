@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from mmfuse.decoder.generate import DecodeState
 from mmfuse.decoder.speculative import PromptLookupDrafter, speculative_generate
 from mmfuse.encoders.preprocess import ImageError
 from mmfuse.errors import CapacityError, CheckpointError, ConfigError, PromptError
+from mmfuse.vlm import multimodal
 from mmfuse.vlm.engine import VisionLanguageModel
 from mmfuse.vlm.loader import detect_layout
 from mmfuse.vlm.prompt import render_messages
@@ -66,6 +68,38 @@ def test_full_multimodal_prompt_logits_match_transformers(llava):
     x = vlm.vlm.embed_prompt(torch.tensor(req), torch.cat(feats))
     ours = vlm.model(None, torch.arange(len(req))[None], embeds=x[None])[0]
     torch.testing.assert_close(ours, ref, atol=TOL, rtol=0)
+
+
+def test_tower_in_tile_groups_equals_one_call(llava, monkeypatch):
+    """Image features computed one tile per tower call (TOWER_ROWS below one tile) equal one call over
+    all tiles, image by image and in order."""
+    name, folder, hf, proc, vlm = llava
+    images = [random_image(41, 29, 7), random_image(23, 61, 8), random_image(50, 50, 9)]
+    req = vlm.prepare(_ask("what is in the image", 3), images)
+    model = vlm.vlm
+    one_call = model.tile_features(torch.from_numpy(np.concatenate([im.pixels for im in req.images])))
+    want = [model.pack(f, im.size) for f, im in zip(one_call.split([len(im.pixels) for im in req.images]), req.images)]
+    monkeypatch.setattr(multimodal, "TOWER_ROWS", 1)
+    calls = []
+    monkeypatch.setattr(model, "tile_features", lambda px, f=model.tile_features: calls.append(len(px)) or f(px))
+    got = vlm.image_features(req.images)
+    assert calls == [1] * sum(len(im.pixels) for im in req.images)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_decode_is_the_engines_decode_step(llava, monkeypatch):
+    """The VLM only overrides prefill: every token after the first comes from the decoder Engine's
+    `DecodeState.decode`, so work on that step (fused kernels, CUDA graphs) serves VLMs too."""
+    name, folder, hf, proc, vlm = llava
+    assert not {"_start", "decode", "_decode_step"} & set(vars(VisionLanguageModel))
+    steps = []
+    real = DecodeState.decode
+    monkeypatch.setattr(DecodeState, "decode", lambda self, tok, active=None: steps.append(len(tok)) or real(self, tok, active))
+    out = vlm.generate(_ask("describe a red photo"), images=random_image(33, 51, 3), temperature=0.0,
+                       max_new_tokens=7, ignore_eos=True)[0]
+    assert len(out.token_ids) == 7 and steps == [1] * 6
 
 
 @torch.no_grad()
