@@ -22,7 +22,7 @@ from mmfuse.world.scene import BACKGROUND, PALETTE, generate_scene, render
 from mmfuse.world.train import HELD_OUT, train_world
 from mmfuse.world.vq import VQConfig, VQTokenizer, VQTrainConfig
 
-TINY_T2I = ImagineTrainConfig(vq=VQTrainConfig(steps=4, batch=8), vq_sizes=VQConfig(width=24, stem=8, codebook_size=40,
+TINY_T2I = ImagineTrainConfig(vq=VQTrainConfig(steps=4, batch=8), vq_sizes=VQConfig(width=24, stem=8, mask_codes=5,
                               code_dim=6, layers=1), steps=4, batch=8, width=32, layers=2, heads=2, ff=48)
 
 
@@ -41,24 +41,32 @@ def tiny_imagine(tmp_path_factory):
 @pytest.mark.parametrize("patch,codes", [(4, 37), (16, 11)])
 def test_vq_round_trip_shapes_colours_and_determinism(patch, codes):
     torch.manual_seed(patch)
-    vq = VQTokenizer(VQConfig(patch=patch, stem=6, width=10, codebook_size=codes, code_dim=5, layers=1)).eval()
+    vq = VQTokenizer(VQConfig(patch=patch, stem=6, width=10, mask_codes=codes, code_dim=5, layers=1)).eval()
     imgs = _images(np.random.default_rng(patch).integers(0, 10**6, size=3))
     c = vq.encode(imgs)
     g = 64 // patch
-    assert c.shape == (3, g, g) and c.dtype == torch.int64 and int(c.max()) < codes
+    assert c.shape == (3, g, g) and c.dtype == torch.int64 and int(c.max()) < 7 * codes
     assert torch.equal(c, vq.encode(imgs))
+    # the colour factor of each code is its block's object colour (blocks lie inside one grid cell)
+    names = [None, *PALETTE]
+    for b, img in enumerate(imgs):
+        for r in range(g):
+            for q in range(g):
+                block = img[r * patch:(r + 1) * patch, q * patch:(q + 1) * patch].reshape(-1, 3)
+                seen = {names.index(k) for px in map(tuple, block.tolist()) for k, v in PALETTE.items() if v == px}
+                assert len(seen) <= 1 and int(c[b, r, q]) // codes == (seen.pop() if seen else 0)
     out = vq.decode(c)
     assert out.shape == (3, 64, 64, 3) and out.dtype == np.uint8
     allowed = {tuple(BACKGROUND), *map(tuple, PALETTE.values())}
     assert set(map(tuple, out.reshape(-1, 3).tolist())) <= allowed   # decoding picks the world's colours
     assert np.array_equal(out, vq.decode(c.reshape(3, -1)))
     with pytest.raises(ValueError, match="outside"):
-        vq.decode(torch.full((1, g, g), codes))
+        vq.decode(torch.full((1, g, g), 7 * codes))
 
 
 def test_vq_save_load_round_trip_and_bad_files(tmp_path):
     torch.manual_seed(1)
-    vq = VQTokenizer(VQConfig(patch=8, stem=6, width=12, codebook_size=19, code_dim=3, layers=2)).eval()
+    vq = VQTokenizer(VQConfig(patch=8, stem=6, width=12, mask_codes=19, code_dim=3, layers=2)).eval()
     vq.save(tmp_path)
     back = VQTokenizer.load(tmp_path)
     imgs = _images([3, 4])
@@ -137,7 +145,7 @@ def test_imagine_with_guidance_one_is_conditional_sampling(tiny_imagine):
     lo = im.first_image_id
     plain = im.engine.generate([prompt_ids(im.engine.tokenizer, c) for c in caps],
                                [SamplingParams(temperature=0.8, seed=10 + b, max_new_tokens=im.vq.cfg.tokens)
-                                for b in range(3)], ignore_eos=True, logits_processor=AllowedTokens(lo, lo + 40))
+                                for b in range(3)], ignore_eos=True, logits_processor=AllowedTokens(lo, lo + im.codebook_size))
     assert torch.equal(codes, torch.tensor([o.token_ids for o in plain]) - lo)
     imgs = im.imagine(caps, seed=10, temperature=0.8, guidance=1.0)
     assert np.array_equal(imgs, im.vq.decode(codes))

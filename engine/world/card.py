@@ -58,10 +58,10 @@ def imagine_lines(c) -> list:
     if not c:
         return ["Text-to-image is not part of this release."]
     v, vs = c["vq"], c["vq_sizes"]
-    return ["Text-to-image: VQ tokenizer (patch {p}: {g}x{g} codes, codebook {k} x {d}, width {w}) trained {vsteps} "
+    return ["Text-to-image: VQ tokenizer (patch {p}: {g}x{g} codes, {k} colours x {m} shape codes of dim {d}, width {w}) trained {vsteps} "
             "steps x batch {vb}; decoder {l} layers x {dm} wide, {steps} steps x batch {b} (lr {lr}, caption dropout "
             "{cd}); sampled with guidance {gs}, temperature {t}, top-k {tk}.".format(
-                p=vs["patch"], g=vs["image_size"] // vs["patch"], k=vs["codebook_size"], d=vs["code_dim"],
+                p=vs["patch"], g=vs["image_size"] // vs["patch"], k=len(vs["colours"]), m=vs["mask_codes"], d=vs["code_dim"],
                 w=vs["width"], vsteps=v["steps"], vb=v["batch"], l=c["layers"], dm=c["width"], steps=c["steps"],
                 b=c["batch"], lr=c["lr"], cd=c["caption_dropout"], gs=c["guidance"], t=c["temperature"], tk=c["top_k"])]
 
