@@ -23,6 +23,7 @@ def register(sub) -> None:
                    help=f"train only these models ({', '.join(STAGES)}; vlm needs clip); `world install` "
                         "keeps the shipped ones of the others")
     t.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes measured for the model card")
+    t.add_argument("--eval-imagine", type=int, default=200, help="held-out captions turned into images for the card")
     t.add_argument("--install", action="store_true", help="copy the trained models into mmfuse's shipped folder")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
@@ -30,6 +31,7 @@ def register(sub) -> None:
                                       "models with a model card")
     i.add_argument("trained", help="a `mmfuse world train --out` folder")
     i.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes measured for the model card")
+    i.add_argument("--eval-imagine", type=int, default=200, help="held-out captions turned into images for the card")
     i.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     i.set_defaults(func=cmd_install)
     d = sub.add_parser("demo", help="the shipped models on held-out scenes: captions, VQA, retrieval, zero-shot, "
@@ -85,9 +87,9 @@ def cmd_install(args) -> int:
     from .card import install
     from .demo import DemoConfig, run_demo
 
-    demo = DemoConfig(scenes=args.eval_scenes, progress=not args.quiet)
+    demo = DemoConfig(scenes=args.eval_scenes, imagine=args.eval_imagine, progress=not args.quiet)
     m, _ = run_demo(demo, root=args.trained)
-    card = install(Path(args.trained), m, f"mmfuse demo --scenes {args.eval_scenes} --json")
+    card = install(Path(args.trained), m, f"mmfuse demo --scenes {args.eval_scenes} --imagine {args.eval_imagine} --json")
     print(f"installed; model card: {card}")
     return 0
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..decoder.speculative import NGramLMDrafter, speculative_generate
 from .language import CAPTION_PROMPT, QUESTION_TYPES, caption, questions
 from .metrics import accuracy, caption_metrics, parse_matches, recall_at_1, vqa_accuracy
+from .parse import parse_image
 from .scene import COLOURS, POSITIONS, SHAPES, SIZES, generate_scene, render
 from .load import load
 from .shipped import SHIPPED
@@ -118,9 +119,11 @@ def speculative(vlm, lm, items, cfg: DemoConfig) -> dict:
             "plain_caption_ms": 1000 * t_plain / n, "speculative_caption_ms": 1000 * t_spec / n}
 
 
-def text_to_image(model, captions: list, cfg: DemoConfig) -> tuple:
+def text_to_image(model, captions: list, cfg: DemoConfig, truth=None) -> tuple:
     """Images of held-out captions (the model's sampling defaults, seeds 0, 1, ...): the fraction
-    whose parsed objects equal the caption's, and seconds per image; returns (metrics, [(caption, image, match)])."""
+    whose parsed objects equal the caption's, and seconds per image; with `truth` (the renders of
+    the captions' scenes) also the fraction of VQ reconstructions that parse as their scene.
+    Returns (metrics, [(caption, image, match)])."""
     images = []
     t = time.perf_counter()
     for s in tqdm(range(0, len(captions), cfg.batch), desc="imagine", disable=not cfg.progress, leave=False):
@@ -130,9 +133,12 @@ def text_to_image(model, captions: list, cfg: DemoConfig) -> tuple:
     model.imagine(captions[0], seed=0)
     single = time.perf_counter() - t
     match = parse_matches(images, captions)
-    return ({"text_to_image_parse_match": float(np.mean(match)), "text_to_image_n": len(captions),
-             "imagine_ms": 1000 * single, "imagine_batched_ms": 1000 * per},
-            list(zip(captions, images, match)))
+    m = {"text_to_image_parse_match": float(np.mean(match)), "text_to_image_n": len(captions),
+         "imagine_ms": 1000 * single, "imagine_batched_ms": 1000 * per}
+    if truth is not None:
+        rec = model.vq.decode(model.vq.encode(np.stack(truth)))
+        m["vq_reconstruction_parse_match"] = float(np.mean([parse_image(r) == parse_image(t) for r, t in zip(rec, truth)]))
+    return m, list(zip(captions, images, match))
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), models=None, root=None) -> tuple:
@@ -140,7 +146,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), models=None, root=None) -> tuple:
     torch.manual_seed(0)
     models = models or load_models(root)
     vlm, clip = models["vlm"], models["clip"]
-    seeds = [cfg.first_seed + i for i in range(max(cfg.scenes, cfg.retrieval_scenes))]
+    seeds = [cfg.first_seed + i for i in range(max(cfg.scenes, cfg.retrieval_scenes, cfg.imagine))]
     scenes = [generate_scene(s) for s in seeds]
     images = [render(s) for s in scenes]
     n = cfg.scenes
@@ -159,7 +165,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), models=None, root=None) -> tuple:
     m.update(speculative(vlm, models["ngram"], [(images[i], CAPTION_PROMPT) for i in range(min(cfg.speculative, n))], cfg))
     generated = []
     if cfg.imagine:
-        t2i, generated = text_to_image(models["imagine"], [caption(s) for s in scenes[:cfg.imagine]], cfg)
+        k = cfg.imagine
+        t2i, generated = text_to_image(models["imagine"], [caption(s) for s in scenes[:k]], cfg, images[:k])
         m.update(t2i)
     records = [{"seed": seeds[i], "image": images[i], "caption": caps[i], "truth": caption(scenes[i]),
                 "qa": [(qa.kind, qa.question, a, qa.answer) for (j, qa), a in zip(qas, answers) if j == i]}

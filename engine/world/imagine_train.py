@@ -22,9 +22,9 @@ from .vq import VQConfig, VQTrainConfig, train_vq
 
 @dataclass
 class ImagineTrainConfig:
-    vq: VQTrainConfig = field(default_factory=VQTrainConfig)   # tokenizer training
-    vq_sizes: VQConfig = field(default_factory=lambda: VQConfig(width=64, layers=1))
-    steps: int = 1500              # decoder optimizer steps
+    vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch=32))  # tokenizer training
+    vq_sizes: VQConfig = field(default_factory=lambda: VQConfig(width=64, layers=1, mask_codes=512))
+    steps: int = 1000              # decoder optimizer steps
     batch: int = 32                # sequences per step
     lr: float = 3e-3
     caption_dropout: float = 0.1   # fraction of sequences trained without their caption (for guidance)
@@ -34,7 +34,7 @@ class ImagineTrainConfig:
     ff: int = 384
     context: int = 128             # positions: <s> + the longest caption (35 words) + <boi> + 64 image tokens fit
     guidance: float = 3.0          # sampling defaults written to generation_config.json (guidance_scale)
-    temperature: float = 1.0
+    temperature: float = 0.7
     top_k: int = 0
     seed: int = 0
 
