@@ -193,6 +193,9 @@ def test_imagine_decoder_loads_in_transformers_with_the_same_logits(tiny_imagine
 
 
 def test_world_train_stage_selection_and_partial_install_merge(tmp_path):
+    from mmfuse.world import cli, train
+
+    assert cli.STAGES == train.STAGES
     with pytest.raises(ValueError, match="vlm needs clip"):
         train_world(tmp_path, stages=("vlm",))
     with pytest.raises(ValueError, match="choose from"):

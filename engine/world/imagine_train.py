@@ -56,6 +56,13 @@ def image_sequences(batch_size: int, tok, captions: list, codes: torch.Tensor, c
             yield pad_batch(rows, pad, [len(h) for h in heads])
 
 
+def write_generation_config(folder, cfg: ImagineTrainConfig, dcfg) -> None:
+    """generation_config.json: the sampling defaults of `cfg` (guidance_scale as transformers names it)."""
+    write_json(Path(folder) / "generation_config.json", {
+        "do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "guidance_scale": cfg.guidance,
+        "bos_token_id": dcfg.bos_token_id, "eos_token_id": dcfg.eos_token_ids[0]})
+
+
 def train_imagine(cfg: ImagineTrainConfig, folder, images: np.ndarray, captions: list, device="cpu",
                   progress: bool = True) -> tuple:
     """Train the VQ tokenizer and the decoder on (renders (N, H, W, 3) uint8, captions); write the
@@ -78,8 +85,6 @@ def train_imagine(cfg: ImagineTrainConfig, folder, images: np.ndarray, captions:
     losses = train_decoder(model, batches, tc)
     model.cpu().save_pretrained(folder)
     write_chat_assets(folder, tok, chat_template=False)
-    write_json(folder / "generation_config.json", {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k,
-                                                   "guidance_scale": cfg.guidance, "bos_token_id": dcfg.bos_token_id,
-                                                   "eos_token_id": dcfg.eos_token_ids[0]})
+    write_generation_config(folder, cfg, dcfg)
     vq.cpu().save(folder)
     return vq, model, losses

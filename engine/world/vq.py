@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ImageError, MissingModelError
 from ..files import atomic_path, write_json
 from ..jsonfile import read_json
-from .scene import BACKGROUND, IMAGE_SIZE, PALETTE
+from .scene import BACKGROUND, CELL, IMAGE_SIZE, PALETTE
 
 WEIGHTS, CONFIG = "vq.safetensors", "vq.json"
 
@@ -74,8 +74,8 @@ class ResBlock(nn.Module):
 class VQTokenizer(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        if cfg.image_size % cfg.patch or cfg.patch % 2:
-            raise CheckpointError(f"VQConfig: patch {cfg.patch} must be even and divide image_size {cfg.image_size}")
+        if CELL % cfg.patch or cfg.patch % 2:
+            raise CheckpointError(f"VQConfig: patch {cfg.patch} must be even and divide the grid cell ({CELL} pixels)")
         self.cfg = cfg
         c = cfg.width
         self.stem = nn.Conv2d(1, cfg.stem, 3, stride=2, padding=1)                  # (B, stem, H/2, W/2)
