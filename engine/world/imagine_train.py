@@ -33,8 +33,8 @@ class ImagineTrainConfig:
     heads: int = 4
     ff: int = 384
     context: int = 128             # positions: <s> + the longest caption (35 words) + <boi> + 64 image tokens fit
-    guidance: float = 3.0          # sampling defaults written to generation_config.json (guidance_scale)
-    temperature: float = 0.7
+    guidance: float = 1.5          # sampling defaults written to generation_config.json (guidance_scale)
+    temperature: float = 0.3
     top_k: int = 0
     seed: int = 0
 
