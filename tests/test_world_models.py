@@ -11,12 +11,15 @@ from mmfuse.cli import main
 from mmfuse.errors import MissingModelError, VocabularyError
 from mmfuse.vlm.engine import VisionLanguageModel
 from mmfuse.world import shipped
+from mmfuse.world.imagine_train import ImagineTrainConfig
+from mmfuse.world.vq import VQTrainConfig
 from mmfuse.world.language import CAPTION_PROMPT, caption, questions
 from mmfuse.world.models import chat_tokenizer
 from mmfuse.world.scene import generate_scene, render
 from mmfuse.world.train import HELD_OUT, WorldTrainConfig, conversation_ids, train_world
 
-TINY = dict(train_scenes=64, clip_steps=3, clip_batch=16, vlm_steps=4, vlm_batch=8, progress=False)
+TINY = dict(train_scenes=64, clip_steps=3, clip_batch=16, vlm_steps=4, vlm_batch=8, progress=False,
+            imagine=ImagineTrainConfig(vq=VQTrainConfig(steps=2, batch=8), steps=2, batch=8, width=32, layers=1))
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +73,22 @@ def test_trained_vlm_loads_in_transformers_with_the_same_logits_and_greedy_answe
 def test_world_train_and_demo_commands_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["world", "train", "--out", str(out), "--scenes", "64", "--clip-steps", "2", "--vlm-steps", "2",
-                 "-q"]) == 0
+                 "--vq-steps", "2", "--imagine-steps", "2", "-q"]) == 0
     for f in ("clip/model.safetensors", "vlm/model.safetensors", "vlm/tokenizer.json", "ngram/answers.bin",
-              "training.json"):
+              "imagine/model.safetensors", "imagine/vq.safetensors", "training.json"):
         assert (out / f).is_file(), f
     capsys.readouterr()
     assert main(["demo", "--models", str(out), "--scenes", "3", "--retrieval-scenes", "24", "--speculative", "2",
-                 "--json", "--out", str(tmp_path / "report"), "-q"]) == 0
+                 "--imagine", "2", "--json", "--out", str(tmp_path / "report"), "-q"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("vqa", "vqa_count", "caption_attribute_precision", "caption_object_recall", "retrieval_r1",
-                "zero_shot_colour", "zero_shot_shape", "speculative_speedup"):
+                "zero_shot_colour", "zero_shot_shape", "speculative_speedup", "text_to_image_parse_match"):
         assert m[key] is None or 0 <= m[key] or key == "speculative_speedup", key
     assert m["speculative_identical"] == 1.0       # speculative greedy decoding gives the greedy tokens
-    assert m["retrieval_images"] == 24 and m["caption_n"] == 3
+    assert m["retrieval_images"] == 24 and m["caption_n"] == 3 and m["text_to_image_n"] == 2 and m["imagine_ms"] > 0
     html = (tmp_path / "report" / "report.html").read_text()
-    assert html.count("<img") == 3 and (tmp_path / "report" / "images" / f"scene-{HELD_OUT}.png").is_file()
+    assert html.count("<img") == 3 + 2 and (tmp_path / "report" / "images" / f"scene-{HELD_OUT}.png").is_file()
+    assert (tmp_path / "report" / "images" / f"imagined-{HELD_OUT + 1}.png").is_file()
 
 
 def test_missing_shipped_file_names_it_and_the_regenerate_command(tmp_path, monkeypatch, capsys):

@@ -40,9 +40,10 @@ def test_shipped_vlm_gives_the_greedy_answers_of_transformers(vlm):
 
 
 def test_demo_chat_and_embed_run_on_the_shipped_models(tmp_path, capsys):
-    assert main(["demo", "--scenes", "2", "--retrieval-scenes", "20", "--speculative", "1", "--json", "-q"]) == 0
+    assert main(["demo", "--scenes", "2", "--retrieval-scenes", "20", "--speculative", "1", "--imagine", "2", "--json",
+                 "-q"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert m["speculative_identical"] == 1.0 and m["vqa_n"] >= 8
+    assert m["speculative_identical"] == 1.0 and m["vqa_n"] >= 8 and m["text_to_image_n"] == 2
     Image.fromarray(render(generate_scene(HELD_OUT))).save(tmp_path / "x.png")
     assert main(["chat", "--model", "world-vlm", "--image", str(tmp_path / "x.png"), "--prompt",
                  "how many objects are there", "--temperature", "0"]) == 0
@@ -50,6 +51,9 @@ def test_demo_chat_and_embed_run_on_the_shipped_models(tmp_path, capsys):
     assert main(["embed", "--model", "world-clip", "--images", str(tmp_path / "x.png"), "--out",
                  str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (1, load("world-clip").embedding_dim)
+    assert main(["imagine", "--prompt", "a large red circle at the top left", "--out", str(tmp_path / "i.png"),
+                 "--scale", "1"]) == 0
+    assert np.asarray(Image.open(tmp_path / "i.png")).shape == (64, 64, 3)
 
 
 def test_model_card_checksums_and_size():

@@ -17,6 +17,8 @@ from ..tokenizer import check_text
 from .params import ALIASES, SamplingParams, resolve_aliases
 from .requests import Completion, StopTracker, StreamChunk
 
+LogitsProcessor = Callable[[object, int], object]  # (logits (B, V), step) -> logits (B, V), the backend's array type
+
 
 class Generation:
     """One batch in flight: the backend's sampler, and logits (B, V) for the next token."""
@@ -88,7 +90,8 @@ class GenerationFrontend:
         eos = set(self.cfg.eos_token_ids)
         return replace(p, stop_token_ids=tuple(t for t in p.stop_token_ids if t not in eos))
 
-    def _run(self, prompts: list, params: list, ignore_eos: bool = False) -> Iterator[tuple]:
+    def _run(self, prompts: list, params: list, ignore_eos: bool = False,
+             logits_processor: Optional[LogitsProcessor] = None) -> Iterator[tuple]:
         """Yield (row, token_id, text_piece, logprob, finish_reason) for every generated token."""
         for b, (ids, p) in enumerate(zip(prompts, params)):
             self.check_request(b, ids, p)
@@ -101,7 +104,8 @@ class GenerationFrontend:
             done = [False] * B
             step = 0
             while not all(done):
-                tokens, logprobs = gen.sampler.sample(gen.logits, step)
+                logits = gen.logits if logits_processor is None else logits_processor(gen.logits, step)
+                tokens, logprobs = gen.sampler.sample(logits, step)
                 gen.sampler.update(tokens)
                 toks = tokens.tolist()
                 lps = logprobs.tolist() if logprobs is not None else [None] * B
@@ -117,11 +121,13 @@ class GenerationFrontend:
             gen.close()  # a stream closed early ends here too
 
     def generate(self, prompts, params: Optional[SamplingParams] = None, *, ignore_eos: bool = False,
-                 **overrides) -> list:
+                 logits_processor: Optional[LogitsProcessor] = None, **overrides) -> list:
         """Complete one prompt (str or ids) or a list of them; returns a list of `Completion`, `n`
         per prompt in prompt order (n > 1: the j-th of a prompt uses seed + j when a seed is set).
 
-        `params` may also be a list with one SamplingParams per prompt."""
+        `params` may also be a list with one SamplingParams per prompt. `logits_processor(logits (B, V),
+        step) -> (B, V)` rewrites the whole batch's logits before sampling (rows may read each other:
+        classifier-free guidance, see `generation.processors`); logprobs then describe its output."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         if not prompts:
@@ -135,7 +141,7 @@ class GenerationFrontend:
         plist = [replace(p, n=1, seed=None if p.seed is None else (p.seed + j) % 2**64)
                  for p in plist for j in range(p.n)]
         out = [Completion([], "" if self.tokenizer else None, [] if p.logprobs else None, "length") for p in plist]
-        for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos):
+        for b, t, piece, lp, reason in self._run(ids, plist, ignore_eos, logits_processor):
             c = out[b]
             c.token_ids.append(t)
             if c.text is not None:

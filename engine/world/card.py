@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..files import atomic_open
+from ..files import atomic_open, write_json
 from .demo import table
 from .shipped import ROOT, SHIPPED
 
@@ -32,7 +32,9 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         "| world-clip | clip/ | CLIP dual encoder (contrastive loss of mmfuse.kernels): retrieval, zero-shot |",
         "| world-vlm | vlm/ | LLaVA: world-clip's vision tower, MLP projector, Llama decoder: captions, VQA |",
         "| world-ngram | ngram/ | token n-gram model of the VLM's answers (C++ SLM): speculative drafter |",
+        "| world-imagine | imagine/ | text-to-image: VQ image tokenizer + Llama decoder over its codes, CFG |",
         "", "## Reproduce", "", f"    {training['command']}",
+        *(f"    {c}   # retrained {stage} only" for stage, c in training.get("stage_commands", {}).items()),
         *([] if "--install" in training["command"] else ["    mmfuse world install DIR   # DIR: the --out folder above"]), "",
         f"Seeds: model init and batch order seed {cfg['seed']}; training scenes are the seeds "
         f"0..{cfg['train_scenes'] - 1}; held-out scenes start at seed {training['held_out_from_seed']}. "
@@ -46,21 +48,51 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         + f"; total {sum(training['seconds'].values()):.0f}.", "",
         "Sizes: " + json.dumps(cfg["sizes"]), "",
         f"## Metrics (held-out scenes, `{demo_command}`)", "", "```", table(metrics), "```", "",
-        "Text-to-image (VQ tokenizer + decoder over image tokens) is not part of this release.", "",
+        *imagine_lines(cfg.get("imagine")), "",
         f"## Files ({total / 1e6:.2f} MB)", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| {p.relative_to(folder)} | {p.stat().st_size} | {sha256(p)} |" for p in files]
     return "\n".join(lines) + "\n"
+
+
+def imagine_lines(c) -> list:
+    if not c:
+        return ["Text-to-image is not part of this release."]
+    v, vs = c["vq"], c["vq_sizes"]
+    return ["Text-to-image: VQ tokenizer (patch {p}: {g}x{g} codes, {k} colours x {m} shape codes of dim {d}, width {w}) trained {vsteps} "
+            "steps x batch {vb}; decoder {l} layers x {dm} wide, {steps} steps x batch {b} (lr {lr}, caption dropout "
+            "{cd}); sampled with guidance {gs}, temperature {t}, top-k {tk}.".format(
+                p=vs["patch"], g=vs["image_size"] // vs["patch"], k=len(vs["colours"]), m=vs["mask_codes"], d=vs["code_dim"],
+                w=vs["width"], vsteps=v["steps"], vb=v["batch"], l=c["layers"], dm=c["width"], steps=c["steps"],
+                b=c["batch"], lr=c["lr"], cd=c["caption_dropout"], gs=c["guidance"], t=c["temperature"], tk=c["top_k"])]
+
+
+def merge_training(old: dict, new: dict) -> dict:
+    """training.json of a partial run (`world train --only`) merged into the shipped one: its
+    stages' seconds and config, and its command beside the original."""
+    out = json.loads(json.dumps(old))
+    stages = list(new["seconds"])
+    out["seconds"].update(new["seconds"])
+    if "imagine" in stages:
+        out["config"]["imagine"] = new["config"]["imagine"]
+    out.setdefault("stage_commands", {}).update({s: new["command"] for s in stages})
+    return out
 
 
 def install(trained: Path, metrics: dict, demo_command: str, root: Path = ROOT) -> Path:
     """Copy the trained models into `root` and write root/MODEL_CARD.md; returns the card's path."""
     trained, root = Path(trained), Path(root)
     training = json.loads((trained / "training.json").read_text())
-    for sub, _ in SHIPPED.values():
+    subs = [sub for sub, _ in SHIPPED.values()]
+    partial = not all((trained / sub).is_dir() for sub in subs)
+    if partial:  # `world train --only`: keep the shipped models of the other stages
+        training = merge_training(json.loads((root / "training.json").read_text()), training)
+    for sub in subs:
+        if not (trained / sub).is_dir():
+            continue
         if (root / sub).exists():
             shutil.rmtree(root / sub)
         shutil.copytree(trained / sub, root / sub)
-    shutil.copyfile(trained / "training.json", root / "training.json")
+    write_json(root / "training.json", training)
     with atomic_open(root / "MODEL_CARD.md", "w", encoding="utf-8") as f:
         f.write(model_card(root, training, metrics, demo_command))
     return root / "MODEL_CARD.md"

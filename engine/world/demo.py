@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from ..decoder.speculative import NGramLMDrafter, speculative_generate
 from .language import CAPTION_PROMPT, QUESTION_TYPES, caption, questions
-from .metrics import accuracy, caption_metrics, recall_at_1, vqa_accuracy
+from .metrics import accuracy, caption_metrics, parse_matches, recall_at_1, vqa_accuracy
+from .parse import parse_image
 from .scene import COLOURS, POSITIONS, SHAPES, SIZES, generate_scene, render
 from .load import load
+from .shipped import SHIPPED
 from .train import HELD_OUT
 
 TARGETS = {"vqa": 0.95, "caption_attribute_precision": 0.95, "caption_object_recall": 0.90, "retrieval_r1": 0.90,
@@ -31,14 +33,19 @@ class DemoConfig:
     scenes: int = 100              # held-out scenes captioned and questioned
     retrieval_scenes: int = 1000   # held-out scenes for retrieval and zero-shot classification
     speculative: int = 20          # captions decoded speculatively (and plainly, to compare)
-    batch: int = 16                # VLM requests per generate call
+    batch: int = 16                # VLM requests per generate call (and captions per imagine call)
+    imagine: int = 20              # held-out captions turned into images (0: skip text-to-image)
     first_seed: int = HELD_OUT
     progress: bool = True
 
 
 def load_models(root=None) -> dict:
-    """The shipped models (or those of a `mmfuse world train --out` folder `root`)."""
-    return {"clip": load("world-clip", root), "vlm": load("world-vlm", root), "ngram": load("world-ngram", root)}
+    """The shipped models, or those of a `mmfuse world train --out` folder `root` (a model whose
+    folder `root` lacks, as after `world train --only ...`, is the shipped one)."""
+    def where(name):
+        return root if root is not None and (Path(root) / SHIPPED[name][0]).is_dir() else None
+
+    return {key: load(f"world-{key}", where(f"world-{key}")) for key in ("clip", "vlm", "ngram", "imagine")}
 
 
 def chat(question: str) -> list:
@@ -112,12 +119,34 @@ def speculative(vlm, lm, items, cfg: DemoConfig) -> dict:
             "plain_caption_ms": 1000 * t_plain / n, "speculative_caption_ms": 1000 * t_spec / n}
 
 
+def text_to_image(model, captions: list, cfg: DemoConfig, truth=None) -> tuple:
+    """Images of held-out captions (the model's sampling defaults, seeds 0, 1, ...): the fraction
+    whose parsed objects equal the caption's, and seconds per image; with `truth` (the renders of
+    the captions' scenes) also the fraction of VQ reconstructions that parse as their scene.
+    Returns (metrics, [(caption, image, match)])."""
+    images = []
+    t = time.perf_counter()
+    for s in tqdm(range(0, len(captions), cfg.batch), desc="imagine", disable=not cfg.progress, leave=False):
+        images += list(model.imagine(captions[s:s + cfg.batch], seed=s))
+    per = (time.perf_counter() - t) / len(captions)
+    t = time.perf_counter()
+    model.imagine(captions[0], seed=0)
+    single = time.perf_counter() - t
+    match = parse_matches(images, captions)
+    m = {"text_to_image_parse_match": float(np.mean(match)), "text_to_image_n": len(captions),
+         "imagine_ms": 1000 * single, "imagine_batched_ms": 1000 * per}
+    if truth is not None:
+        rec = model.vq.decode(model.vq.encode(np.stack(truth)))
+        m["vq_reconstruction_parse_match"] = float(np.mean([parse_image(r) == parse_image(t) for r, t in zip(rec, truth)]))
+    return m, list(zip(captions, images, match))
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), models=None, root=None) -> tuple:
     """(metrics dict, per-scene records for the report)."""
     torch.manual_seed(0)
     models = models or load_models(root)
     vlm, clip = models["vlm"], models["clip"]
-    seeds = [cfg.first_seed + i for i in range(max(cfg.scenes, cfg.retrieval_scenes))]
+    seeds = [cfg.first_seed + i for i in range(max(cfg.scenes, cfg.retrieval_scenes, cfg.imagine))]
     scenes = [generate_scene(s) for s in seeds]
     images = [render(s) for s in scenes]
     n = cfg.scenes
@@ -134,10 +163,16 @@ def run_demo(cfg: DemoConfig = DemoConfig(), models=None, root=None) -> tuple:
     m.update(retrieval(clip, images[:r], scenes[:r]))
     m.update(zero_shot(clip, images[:r], scenes[:r]))
     m.update(speculative(vlm, models["ngram"], [(images[i], CAPTION_PROMPT) for i in range(min(cfg.speculative, n))], cfg))
-    m["text_to_image_parse_match"] = None  # not built (see the model card)
+    generated = []
+    if cfg.imagine:
+        k = cfg.imagine
+        t2i, generated = text_to_image(models["imagine"], [caption(s) for s in scenes[:k]], cfg, images[:k])
+        m.update(t2i)
     records = [{"seed": seeds[i], "image": images[i], "caption": caps[i], "truth": caption(scenes[i]),
                 "qa": [(qa.kind, qa.question, a, qa.answer) for (j, qa), a in zip(qas, answers) if j == i]}
                for i in range(n)]
+    for r, (_, img, match) in zip(records, generated):
+        r["generated"], r["generated_match"] = img, match
     return m, records
 
 
@@ -170,10 +205,16 @@ def write_report(folder, m: dict, records: list) -> Path:
         Image.fromarray(r["image"]).resize((128, 128), Image.NEAREST).save(folder / name)
         qa = "".join(f"<li{'' if a == t else ' class=bad'}>[{k}] {html.escape(q)}? <b>{html.escape(a)}</b>"
                      f"{'' if a == t else ' (true: ' + html.escape(t) + ')'}</li>" for k, q, a, t in r["qa"])
+        gen = ""
+        if "generated" in r:
+            Image.fromarray(r["generated"]).resize((128, 128), Image.NEAREST).save(folder / f"images/imagined-{r['seed']}.png")
+            gen = (f"<td><img src='images/imagined-{r['seed']}.png' width=128><br><small"
+                   f"{'' if r['generated_match'] else ' class=bad'}>imagined from the true caption: "
+                   f"{'parses as the caption' if r['generated_match'] else 'does not parse as the caption'}</small></td>")
         cls = "" if r["caption"] == r["truth"] else " class=bad"
         parts.append(f"<tr><td><img src='{name}' width=128></td><td>seed {r['seed']}<br><span{cls}>"
                      f"{html.escape(r['caption'])}</span><br><small>truth: {html.escape(r['truth'])}</small>"
-                     f"<ul>{qa}</ul></td></tr>")
+                     f"<ul>{qa}</ul></td>{gen}</tr>")
     parts.append("</table>")
     with atomic_open(folder / "report.html", "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

@@ -16,6 +16,7 @@ SHIPPED = {
     "world-vlm": ("vlm", ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                           "preprocessor_config.json")),
     "world-ngram": ("ngram", ("answers.bin", "tokenizer.json")),
+    "world-imagine": ("imagine", ("config.json", "model.safetensors", "tokenizer.json", "vq.json", "vq.safetensors")),
 }
 
 

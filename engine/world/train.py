@@ -6,7 +6,7 @@
    the decoder loop (`decoder.train`) on multi-turn conversations about each scene (caption and
    every question type, turns shuffled so that each comes first as often), loss on answers only.
 3. n-gram: the C++ SLM over the VLM's token ids of the answers, the speculative drafter.
-4. Text-to-image: see `world.imagine` (VQ tokenizer + Llama decoder over image tokens).
+4. Text-to-image: a VQ tokenizer and a Llama decoder over image tokens (`world.imagine_train`).
 
 Training scenes are the seeds [0, train_scenes); held-out seeds start at HELD_OUT (never trained
 on). Seeds, thread count and sizes are fixed by `WorldTrainConfig`, so the command reproduces its
@@ -30,12 +30,14 @@ from ..encoders.train import TrainConfig, tensor_batches, train
 from ..nn.layers import init_weights
 from ..vlm.config import VlmConfig
 from ..vlm.llava import LlavaModel
+from .imagine_train import ImagineTrainConfig, train_imagine
 from .language import CAPTION_PROMPT, caption, questions
 from .models import (ASSISTANT, BOS, EOS, IMAGE, PAD, PREPROCESSOR, USER, WorldSizes, chat_tokenizer,
                      llava_hf_config, save_llava, world_clip_config, write_chat_assets, write_clip_assets)
 from .scene import generate_scene, render
 
 HELD_OUT = 1_000_000  # first held-out seed
+STAGES = ("clip", "vlm", "ngram", "imagine")  # in training order; vlm starts from clip's vision tower
 
 
 @dataclass
@@ -53,6 +55,7 @@ class WorldTrainConfig:
     ngram_order: int = 6
     progress: bool = True
     sizes: WorldSizes = field(default_factory=WorldSizes)
+    imagine: ImagineTrainConfig = field(default_factory=ImagineTrainConfig)  # text-to-image stage
 
 
 def world_images(seeds) -> list:
@@ -168,21 +171,34 @@ def train_ngram(cfg: WorldTrainConfig, out: Path):
     return lm
 
 
-def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None) -> dict:
-    """Train every model into `out` (clip/, vlm/, ngram/, training.json); returns {model: seconds}."""
+def train_imagine_stage(cfg: WorldTrainConfig, out: Path) -> None:
+    seeds = range(cfg.train_scenes)
+    train_imagine(cfg.imagine, out / "imagine", np.stack(world_images(seeds)),
+                  [caption(generate_scene(s)) for s in seeds], device=cfg.device, progress=cfg.progress)
+
+
+def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None, stages=STAGES) -> dict:
+    """Train the models of `stages` (default: all) into `out` (clip/, vlm/, ngram/, imagine/,
+    training.json); returns {model: seconds}."""
     out = Path(out)
+    bad = [s for s in stages if s not in STAGES]
+    if bad or ("vlm" in stages and "clip" not in stages):
+        raise ValueError(f"stages {list(stages)}: choose from {STAGES} (vlm needs clip)")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     times = {}
-    t = time.perf_counter()
-    clip = train_clip(cfg, out)
-    times["clip"] = time.perf_counter() - t
-    t = time.perf_counter()
-    train_vlm(cfg, out, clip)
-    times["vlm"] = time.perf_counter() - t
-    t = time.perf_counter()
-    train_ngram(cfg, out)
-    times["ngram"] = time.perf_counter() - t
+    clip = None
+    for stage in (s for s in STAGES if s in stages):
+        t = time.perf_counter()
+        if stage == "clip":
+            clip = train_clip(cfg, out)
+        elif stage == "vlm":
+            train_vlm(cfg, out, clip)
+        elif stage == "ngram":
+            train_ngram(cfg, out)
+        else:
+            train_imagine_stage(cfg, out)
+        times[stage] = time.perf_counter() - t
     write_json(out / "training.json", {"command": command or f"mmfuse world train --out {out}",
                                        "config": asdict(cfg), "seconds": times, "held_out_from_seed": HELD_OUT,
                                        "torch": torch.__version__})
