@@ -252,22 +252,19 @@ VNNI static float row_i4(const Linear& L, int j, const int8_t* xq, const float* 
         }
         return hsum256(_mm256_add_ps(a0, a1)) - corr;
     }
-    __m256 acc = _mm256_setzero_ps();
     for (int t = 0; t < G; t++) {  // g a multiple of 64: 32 bytes hold 32 columns of each half
-        a0 = _mm256_setzero_ps();
-        a1 = _mm256_setzero_ps();
+        const float s = sr[t];
         float ds = 0.f;
         for (int c = 0; c < h; c += 32) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + t * h + c));
             const int blo = (t * g + c) / 32, bhi = (t * g + h + c) / 32;
-            a0 = _mm256_fmadd_ps(block(_mm256_and_si256(v, m4), xq, blo), _mm256_set1_ps(d[blo]), a0);
-            a1 = _mm256_fmadd_ps(block(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xq, bhi), _mm256_set1_ps(d[bhi]), a1);
+            a0 = _mm256_fmadd_ps(block(_mm256_and_si256(v, m4), xq, blo), _mm256_set1_ps(s * d[blo]), a0);
+            a1 = _mm256_fmadd_ps(block(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xq, bhi), _mm256_set1_ps(s * d[bhi]), a1);
             ds += dsum[blo] + dsum[bhi];
         }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sr[t]), acc);
-        corr += sr[t] * (zr ? float(zr[t]) : 8.f) * ds;
+        corr += s * (zr ? float(zr[t]) : 8.f) * ds;
     }
-    return hsum256(acc) - corr;
+    return hsum256(_mm256_add_ps(a0, a1)) - corr;
 }
 
 VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
