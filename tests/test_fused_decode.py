@@ -200,6 +200,9 @@ def test_switched_off_and_unsupported_models_fall_back(monkeypatch):
     state.prefill([[1, 2]])
     monkeypatch.setattr(FusedStep, "__call__", lambda *a, **k: pytest.fail("fused step called while switched off"))
     state.decode(torch.tensor([3]))
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    monkeypatch.setenv("MMFUSE_ATTENTION", "sdpa")  # a backend chosen by name: attention runs through it
+    state.decode(torch.tensor([3]))
     assert state._fused == {}
     monkeypatch.undo()
     monkeypatch.setenv("MMFUSE_FUSED_DECODE", "bogus")

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmfuse import envs
+from mmfuse.kernels import get_backend
 from mmfuse.kernels.cpu_linear import freeze
 
 from ..generation.frontend import Generation, GenerationFrontend
@@ -103,8 +104,10 @@ class DecodeState:
         return logits
 
     def _fused_step(self) -> Optional[FusedStep]:
-        """The fused CPU decode step (fused_step.py) when enabled and the model is one it runs."""
-        if self.cuda_graph or self.cache.k.device.type != "cpu" or not envs.read("MMFUSE_FUSED_DECODE"):
+        """The fused CPU decode step (fused_step.py) when enabled, the attention backend is not forced
+        to one of the per-op ones (`set_backend`, MMFUSE_ATTENTION) and the model is one it runs."""
+        if (self.cuda_graph or self.cache.k.device.type != "cpu" or not envs.read("MMFUSE_FUSED_DECODE")
+                or get_backend() != "auto"):
             return None
         int_dots = envs.read("MMFUSE_INT8_ACTIVATIONS")
         if int_dots not in self._fused:
