@@ -86,7 +86,9 @@ def add_n_ctx(folder: Path) -> None:
 
 def to_gguf(src: Path, folder: Path, out: Path) -> None:
     cmd = [sys.executable, "-c", CONVERT, str(src), str(folder), "--outfile", str(out), "--outtype", "f32"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # not from the repository root: `python -c` puts the working directory on sys.path, where our
+    # kernels/ would shadow Hugging Face's `kernels` package that transformers imports for Llama
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     if done.returncode != 0:
         raise SystemExit(f"convert_hf_to_gguf failed:\n{done.stderr[-3000:]}")
 
