@@ -1,6 +1,7 @@
-"""Build script: maps engine/ -> mmfuse and kernels/ -> mmfuse.kernels, builds the C++ extension in
-csrc/. The extension (n-gram models) is optional: where it cannot be compiled (no C++17 compiler),
-the install goes on without it and says so; `mmfuse ngram` then explains what is missing."""
+"""Build script: maps engine/ -> mmfuse and kernels/ -> mmfuse.kernels, builds the C++ extensions in
+csrc/. Both are optional: where one cannot be compiled (no C++17 compiler, no OpenMP), the install
+goes on without it and says so. Without mmfuse._ngram `mmfuse ngram` explains what is missing;
+without mmfuse._decode CPU decoding takes the per-op PyTorch path."""
 import glob
 import sys
 
@@ -16,14 +17,28 @@ ext_modules = [
         extra_compile_args=["-O3", "-pthread"],
         extra_link_args=["-pthread"],
     ),
+    # The fused CPU decode step: portable code with runtime dispatch (no -march=native), so one build
+    # runs on AVX2-only and AVX-512 machines alike.
+    Pybind11Extension(
+        "mmfuse._decode",
+        sorted(glob.glob("csrc/decode/*.cpp")),
+        include_dirs=["csrc/decode"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+                            "-fassociative-math"],
+        extra_link_args=["-fopenmp"],
+    ),
 ]
 
+CONSEQUENCES = {
+    "mmfuse._ngram": "the decoder and encoder commands work; the n-gram models\n(`mmfuse ngram`, mmfuse.ngram) need it.",
+    "mmfuse._decode": "everything works; CPU decoding takes the slower per-op\nPyTorch path.",
+}
 WARNING = """
 ==============================================================================
 mmfuse: could not build the C++ extension {name} ({error}).
-Installing without it: the decoder and encoder commands work; the n-gram models
-(`mmfuse ngram`, mmfuse.ngram) need it. Install a C++17 compiler (e.g.
-`apt-get install g++`) and reinstall to get them.
+Installing without it: {consequence} Install a C++17 compiler
+with OpenMP (e.g. `apt-get install g++`) and reinstall to get it.
 ==============================================================================
 """
 
@@ -45,7 +60,8 @@ class optional_build_ext(build_ext):
 
     @staticmethod
     def _warn(name, error):
-        print(WARNING.format(name=name, error=f"{type(error).__name__}: {error}"), file=sys.stderr)
+        print(WARNING.format(name=name, error=f"{type(error).__name__}: {error}", consequence=CONSEQUENCES[name]),
+              file=sys.stderr)
 
 
 packages = (["mmfuse"] + ["mmfuse." + p for p in find_packages("engine")]

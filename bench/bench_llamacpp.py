@@ -1,7 +1,7 @@
 """mmfuse vs llama.cpp on the CPU: the same random weights, batch-1 prefill and decode, per format.
 
     python bench/bench_llamacpp.py --llama-cpp-src DIR [--models gpt2-124m smollm2-135m]
-        [--formats fp32 int8 int4] [--prompt-len 128] [--new-tokens 128] [--repeats 5]
+        [--formats fp32 int8 int4] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--unfused]
 
 Needs `llama-cpp-python` (built from PyPI's sdist) and the llama.cpp source tree it vendors
 (`DIR` = .../vendor/llama.cpp, for `convert_hf_to_gguf.py` and `gguf-py`). Each shape is saved
@@ -13,7 +13,8 @@ fp32 ~ f32, int8 (per channel) ~ Q8_0, int4 with groups of 32 ~ Q4_0 (blocks of 
 Both sides get the same token ids and decode greedily with eos ignored; both run on the same
 number of threads (torch's). Method as bench_quant: prefill = median time of prompt + 1 token,
 decode step = (median time of prompt + N tokens - prefill) / (N - 1); the engines are timed in
-alternating rounds so load from other jobs spreads over both.
+alternating rounds so load from other jobs spreads over both. `--unfused` adds mmfuse with its
+fused CPU decode step switched off (MMFUSE_FUSED_DECODE=0) as a third engine in the same rounds.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from mmfuse.decoder.loader import load_decoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import SHAPES, save_random_model  # noqa: E402
+from common import unfused  # noqa: E402
 
 PAIRS = {"fp32": ("fp32", "f32"), "int8": ("int8", "q8_0"), "int4": ("int4-g32", "q4_0")}
 
@@ -84,7 +86,9 @@ def add_n_ctx(folder: Path) -> None:
 
 def to_gguf(src: Path, folder: Path, out: Path) -> None:
     cmd = [sys.executable, "-c", CONVERT, str(src), str(folder), "--outfile", str(out), "--outtype", "f32"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # not from the repository root: `python -c` puts the working directory on sys.path, where our
+    # kernels/ would shadow Hugging Face's `kernels` package that transformers imports for Llama
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
     if done.returncode != 0:
         raise SystemExit(f"convert_hf_to_gguf failed:\n{done.stderr[-3000:]}")
 
@@ -129,14 +133,16 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--unfused", action="store_true", help="also time mmfuse without its fused decode step")
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     n_ctx = args.prompt_len + args.new_tokens + 8
     print(f"{threads} threads, batch 1, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
           f"median of {args.repeats} alternating rounds")
+    extra = " unfused tok/s | unfused decode x |" if args.unfused else ""
     print("| model | mmfuse | llama.cpp | mmfuse tok/s | llama.cpp tok/s | decode x | "
-          "mmfuse prefill tok/s | llama.cpp prefill tok/s | prefill x |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"mmfuse prefill tok/s | llama.cpp prefill tok/s | prefill x |{extra}")
+    print("|---" * (9 + 2 * args.unfused) + "|")
     for shape in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "hf"
@@ -158,6 +164,12 @@ def main(argv=None) -> None:
                     "mmfuse": lambda n: engine.generate([prompt], temperature=0.0, max_new_tokens=n, ignore_eos=True),
                     "llama.cpp": lambda n: peer.generate(prompt, n),
                 }
+                if args.unfused:
+                    def run_unfused(n):
+                        with unfused():
+                            return runs["mmfuse"](n)
+
+                    runs["unfused"] = run_unfused
                 t1 = {k: [] for k in runs}
                 tn = {k: [] for k in runs}
                 with torch.inference_mode():
@@ -175,7 +187,9 @@ def main(argv=None) -> None:
                 pf = {k: args.prompt_len / pre[k] for k in runs}
                 print(f"| {shape} | {ours} | {theirs} | {dec['mmfuse']:.1f} | {dec['llama.cpp']:.1f} | "
                       f"{dec['mmfuse'] / dec['llama.cpp']:.2f} | {pf['mmfuse']:.0f} | {pf['llama.cpp']:.0f} | "
-                      f"{pf['mmfuse'] / pf['llama.cpp']:.2f} |", flush=True)
+                      f"{pf['mmfuse'] / pf['llama.cpp']:.2f} |"
+                      + (f" {dec['unfused']:.1f} | {dec['unfused'] / dec['llama.cpp']:.2f} |" if args.unfused else ""),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """Decode speed of quantized weights on the CPU: fp32, bf16, int8, int4 on the same random weights.
 
     python bench/bench_quant.py [--models gpt2-124m smollm2-135m] [--batch 1 8] [--formats fp32 int8 int4]
+        [--unfused]
 
 Random-init transformers models of each shape are saved as checkpoint folders; mmfuse loads them
 once per format (quantizing at load time). Method as `mmfuse bench` (greedy, random prompts, eos
 ignored): prefill = median time of a 1-token run, decode step = (median of a full run - prefill)
 / (new tokens - 1). The formats are timed in alternating rounds, so load from other jobs on a
 shared machine spreads over all of them. The floor is the weight bytes read per step (quantized
-weights, scales and zeros; tied tensors once) / --bandwidth-gbs.
+weights, scales and zeros; tied tensors once) / --bandwidth-gbs. `--unfused` adds each format
+with the fused CPU decode step switched off (MMFUSE_FUSED_DECODE=0), in the same rounds.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -22,6 +25,8 @@ import torch
 from mmfuse.decoder.benchmark import random_prompts, weight_bytes
 from mmfuse.decoder.generate import Engine
 from mmfuse.decoder.loader import load_decoder
+
+from common import unfused
 
 SHAPES = {
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
@@ -56,7 +61,9 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth-gbs", type=float, default=30.0)
+    ap.add_argument("--unfused", action="store_true", help="also time each format without the fused decode step")
     args = ap.parse_args(argv)
+    runs = [(fmt, False) for fmt in args.formats] + ([(fmt, True) for fmt in args.formats] if args.unfused else [])
     threads = torch.get_num_threads()
     print(f"{threads} threads, prompt {args.prompt_len} + {args.new_tokens} new tokens, median of {args.repeats} "
           f"alternating rounds, floor at {args.bandwidth_gbs:.0f} GB/s")
@@ -74,31 +81,36 @@ def main(argv=None) -> None:
                 prompts = random_prompts(models[args.formats[0]].cfg.vocab_size, bs, args.prompt_len)
                 engines = {fmt: Engine(m) for fmt, m in models.items()}
 
-                def timed(fmt, n):
+                def timed(run, n):
+                    fmt, off = run
                     t0 = time.perf_counter()
-                    engines[fmt].generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True)
+                    with unfused() if off else contextlib.nullcontext():
+                        engines[fmt].generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True)
                     return time.perf_counter() - t0
 
                 with torch.inference_mode():
-                    for fmt in args.formats:
-                        timed(fmt, args.new_tokens)  # warm-up: kernels compiled, caches allocated
-                    t1 = {fmt: [] for fmt in args.formats}
-                    tn = {fmt: [] for fmt in args.formats}
+                    for run in runs:
+                        timed(run, args.new_tokens)  # warm-up: kernels compiled, caches allocated
+                    t1 = {run: [] for run in runs}
+                    tn = {run: [] for run in runs}
                     for _ in range(args.repeats):
-                        for fmt in args.formats:
-                            t1[fmt].append(timed(fmt, 1))
-                            tn[fmt].append(timed(fmt, args.new_tokens))
-                step = {f: max(statistics.median(tn[f]) - statistics.median(t1[f]), 1e-9) / (args.new_tokens - 1)
-                        for f in args.formats}
-                for fmt in args.formats:
+                        for run in runs:
+                            t1[run].append(timed(run, 1))
+                            tn[run].append(timed(run, args.new_tokens))
+                step = {r: max(statistics.median(tn[r]) - statistics.median(t1[r]), 1e-9) / (args.new_tokens - 1)
+                        for r in runs}
+                for run in runs:
+                    fmt = run[0]
                     m = models[fmt]
                     nbytes = weight_bytes(m)
                     floor = nbytes / (args.bandwidth_gbs * 1e9)
                     name = fmt if getattr(m, "quant_config", None) is None else m.quant_config.name
-                    rel = f"{step['fp32'] / step[fmt]:.2f}" if "fp32" in step else "-"
-                    print(f"| {shape} | {name} | {bs} | {bs / step[fmt]:.1f} | {step[fmt] * 1e3:.2f} | {rel} | "
-                          f"{nbytes / 1e6:.1f} | {floor * 1e3:.2f} | {step[fmt] / floor:.2f} | "
-                          f"{bs * args.prompt_len / statistics.median(t1[fmt]):.0f} |", flush=True)
+                    name += " (unfused)" if run[1] else ""
+                    base = ("fp32", run[1])
+                    rel = f"{step[base] / step[run]:.2f}" if base in step else "-"
+                    print(f"| {shape} | {name} | {bs} | {bs / step[run]:.1f} | {step[run] * 1e3:.2f} | {rel} | "
+                          f"{nbytes / 1e6:.1f} | {floor * 1e3:.2f} | {step[run] / floor:.2f} | "
+                          f"{bs * args.prompt_len / statistics.median(t1[run]):.0f} |", flush=True)
             del models
 
 

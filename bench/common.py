@@ -1,7 +1,9 @@
-"""What the bench scripts share: timing. (Output poisoning for the GPU checks is in
+"""What the bench scripts share: timing, and a switch for mmfuse's fused CPU decode step. (Output poisoning for the GPU checks is in
 mmfuse.kernels.testing, beside the kernels it checks.)"""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 
@@ -18,3 +20,17 @@ def median_seconds(run, repeats: int, sync=lambda: None) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def unfused():
+    """mmfuse's per-op PyTorch decode path (MMFUSE_FUSED_DECODE=0: the fused step switched off) inside the block."""
+    old = os.environ.get("MMFUSE_FUSED_DECODE")
+    os.environ["MMFUSE_FUSED_DECODE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MMFUSE_FUSED_DECODE"]
+        else:
+            os.environ["MMFUSE_FUSED_DECODE"] = old

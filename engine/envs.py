@@ -49,6 +49,12 @@ ENV_VARS: dict[str, Setting] = {
                                      "packed once"),
     "MMFUSE_QUANT_FUSED": _flag(True, "int8/int4 CPU linear layers of 1-16 rows through the fused "
                                       "dequantize-and-multiply kernel"),
+    "MMFUSE_FUSED_DECODE": _flag(True, "CPU decode steps of fp32/int8/int4 decoders as one fused C++ call "
+                                       "(mmfuse._decode) instead of one PyTorch op at a time, unless an attention "
+                                       "backend other than auto is chosen"),
+    "MMFUSE_INT8_ACTIVATIONS": _flag(True, "the fused decode step's int8/int4 layers quantize their input to "
+                                           "int8 in blocks of 32 for integer dot products (AVX-512 VNNI); 0: "
+                                           "dequantize the weights in registers (fp32 arithmetic)"),
     "MMFUSE_TRACEBACK": _flag(False, "the `mmfuse` command prints the traceback of an internal error "
                                      "(as --traceback does)"),
     "TRITON_INTERPRET": _flag(False, "Triton's interpreter: the kernels run on CPU tensors (tests); read "

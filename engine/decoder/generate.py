@@ -20,12 +20,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from mmfuse import envs
+from mmfuse.kernels import get_backend
 from mmfuse.kernels.cpu_linear import freeze
 
 from ..generation.frontend import Generation, GenerationFrontend
 from ..generation.requests import defaults_from_generation_config
 from ..generation.sampling import Sampler
 from ..tokenizer import load_tokenizer
+from .fused_step import FusedStep
 from .kv_cache import KVCache
 from .loader import load_decoder
 from .transformer import Decoder
@@ -47,6 +50,7 @@ class DecodeState:
         self.cuda_graph = cuda_graph and p.is_cuda
         self._graph = None
         self._graph_version = None  # the cache's buffers the graph was captured on
+        self._fused = {}  # MMFUSE_INT8_ACTIVATIONS -> the fused CPU step (or None: not supported), built on first use
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], embeds: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -99,6 +103,17 @@ class DecodeState:
         cache.advance(k)
         return logits
 
+    def _fused_step(self) -> Optional[FusedStep]:
+        """The fused CPU decode step (fused_step.py) when enabled, the attention backend is not forced
+        to one of the per-op ones (`set_backend`, MMFUSE_ATTENTION) and the model is one it runs."""
+        if (self.cuda_graph or self.cache.k.device.type != "cpu" or not envs.read("MMFUSE_FUSED_DECODE")
+                or get_backend() != "auto"):
+            return None
+        int_dots = envs.read("MMFUSE_INT8_ACTIVATIONS")
+        if int_dots not in self._fused:
+            self._fused[int_dots] = FusedStep.build(self.model, self.cache.batch, int_dots)
+        return self._fused[int_dots]
+
     def _decode_step(self, tok: torch.Tensor) -> torch.Tensor:
         """(B, 1) tokens at each row's next position -> (B, V); reads only tensors, so it can be graphed."""
         cache = self.cache
@@ -134,6 +149,8 @@ class DecodeState:
             self._tok.copy_(tok)
             self._graph.replay()
             logits = self._logits
+        elif (fused := self._fused_step()) is not None:
+            logits = fused(tok, cache, getattr(self.model, "rope_cos", None), getattr(self.model, "rope_sin", None))
         else:
             logits = self._decode_step(tok)
         cache.advance(1 if active is None else active)

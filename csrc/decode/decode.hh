@@ -1,0 +1,93 @@
+// The fused CPU decode step: one call runs every layer of a GPT-2 or Llama-family decoder for a
+// few rows, inside one OpenMP parallel region, on the torch tensors' memory (no copies).
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace mmdecode {
+
+enum Act { ACT_NONE = 0, ACT_GELU_TANH, ACT_GELU, ACT_QUICK_GELU, ACT_SILU, ACT_RELU };
+
+// A linear layer in one of the engine's weight formats (kernels/quant_cpu.py documents the quantized ones).
+struct Linear {
+    int bits = 32;                  // 32: fp32 (N, K); 8: int8 (N, Kp); 4: int4 nibbles (N, Kp / 2)
+    const void* w = nullptr;
+    const float* scales = nullptr;  // (N, G) fp32
+    const void* zeros = nullptr;    // (N, G) int16 (int8) / uint8 (int4), or null: symmetric (0 / 8)
+    const float* bias = nullptr;    // (N,) or null
+    int n = 0, k = 0;               // out and in features
+    int g = 0, groups = 0;          // group size and groups per row (quantized); Kp = g * groups
+    bool vnni = false;              // integer dot products with int8 activations (see kernels.cpp)
+    int kp() const { return bits == 32 ? k : g * groups; }
+};
+
+// Rows of activations quantized to int8 in blocks of 32 columns (as llama.cpp's Q8 activations).
+struct QuantRows {
+    static constexpr int BLOCK = 32;
+    std::vector<int8_t> q;   // (B, stride), zero past K
+    std::vector<float> d;    // (B, blocks) scale of each block
+    std::vector<float> dsum; // (B, blocks) d * sum(q) of each block: the zero point's share
+    int stride = 0, blocks = 0;
+    void resize(int rows, int max_k);
+};
+
+struct Norm { const float* w = nullptr; const float* b = nullptr; };  // b null: RMSNorm
+
+struct Layer { Norm n1, n2; Linear qkv, o, up, down; };
+
+// kernels.cpp
+bool cpu_has_vnni();
+bool vnni_fits(const Linear& lin);
+void quantize_rows(const float* x, int ldx, int rows, int k, QuantRows& qr);
+// y[b * ldy + j] = sum_k W[j, k] * x[b, k] for j in [j0, j1) (no bias); qr: x quantized (vnni layers)
+void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr, int rows, int j0, int j1,
+                 float* y, int ldy, float* tmp);
+void attend(const float* q, const float* kc, const float* vc, int len, int d, float* scores, float* out);
+void rope(float* x, const float* cos, const float* sin, int d);
+float act(int kind, float x);
+void norm_row(const float* x, const Norm& nm, float eps, int c, float* out);
+
+// A decoder's weights and the step's scratch buffers, for one batch size.
+struct Config {
+    int batch, d_model, n_head, n_kv_head, head_dim, d_ff, vocab;
+    int act;          // Act of the MLP
+    bool gated;       // act(gate) * up (Llama) or act(up) (GPT-2)
+    bool rope;        // rotary positions (else a learned position table)
+    float eps;        // norm epsilon
+    bool int_dots;    // run quantized layers that fit as integer dot products (where the CPU has VNNI)
+};
+
+class Plan {
+  public:
+    explicit Plan(const Config& cfg);
+    void set_embed(const float* table, const Linear& quantized, const float* positions);
+    void add_layer(const Layer& layer);
+    void set_head(const Norm& norm, const Linear& head);
+    // One token per row: tokens (B,) int64 at positions lengths (B,) int64; writes each layer's key and
+    // value at that position of the caches (L, B, Hkv, tmax, D) fp32, attends over positions
+    // [0, length], and writes the logits (B, V). cos / sin: (>= max length + 1, D / 2) RoPE tables.
+    void step(const int64_t* tokens, const int64_t* lengths, float* k_cache, float* v_cache, int tmax,
+              const float* cos, const float* sin, float* logits, int threads);
+    int vnni_layers() const;  // linears that run as integer dot products
+
+  private:
+    Config c_;
+    std::vector<Layer> layers_;
+    Norm norm_f_;
+    Linear head_, embed_q_;
+    const float* embed_ = nullptr;
+    const float* pos_ = nullptr;
+    int ld_ = 0;                                  // row stride of the activation buffers
+    std::vector<float> x_, xn_, att_, h_, y_;     // (B, ld_) each
+    QuantRows qr_;
+    std::vector<float> tmp_, scores_;             // per thread
+    std::unique_ptr<std::atomic<int>[]> chunks_;  // per op of a step: next chunk to take, chunks done
+    int ops_ = 0;
+    void prepare(Linear& lin);
+    void embed_rows(const int64_t* tokens, const int64_t* lengths);
+};
+
+}  // namespace mmdecode

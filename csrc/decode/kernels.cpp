@@ -1,0 +1,321 @@
+// The kernels of the fused decode step: linear layers for a few rows (fp32, int8, int4), attention
+// over the cached positions of one head, RoPE, norms and activations.
+//
+// Portable code with runtime dispatch: the plain loops are compiled three times (AVX-512, AVX2 and
+// baseline x86-64, `target_clones`; the loader picks one), and the integer kernels are AVX-512
+// VNNI intrinsics used only where `cpu_has_vnni()` says the CPU has them.
+//
+// Integer kernels (llama.cpp's Q8_0 / Q4_0 x Q8 dot products): the input row is quantized to int8
+// in blocks of 32 columns, each with its own scale d; each block's dot product with the weight
+// codes is exact in int32 (vpdpbusd: unsigned bytes x signed bytes), then scaled:
+//     y[j] = sum_t s[j, t] * (sum_{blocks c in group t} d_c * (q_j . x_c) - z[j, t] * sum_c d_c * sum(x_c))
+// int8 weights are signed, so the unsigned operand is |w| and the signed one x with w's sign.
+#include "decode.hh"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+namespace mmdecode {
+
+void QuantRows::resize(int rows, int max_k) {
+    blocks = (max_k + BLOCK - 1) / BLOCK;
+    stride = blocks * BLOCK;
+    q.assign(size_t(rows) * stride, 0);
+    d.assign(size_t(rows) * blocks, 0.f);
+    dsum.assign(size_t(rows) * blocks, 0.f);
+}
+
+bool cpu_has_vnni() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+bool vnni_fits(const Linear& lin) {
+    if (lin.bits == 8) return lin.groups == 1 || lin.g % QuantRows::BLOCK == 0;
+    if (lin.bits == 4) return lin.g == 32 || lin.g % 64 == 0;
+    return false;
+}
+
+float act(int kind, float x) {
+    switch (kind) {
+        case ACT_GELU_TANH: return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+        case ACT_GELU: return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f));
+        case ACT_QUICK_GELU: return x / (1.f + std::exp(-1.702f * x));
+        case ACT_SILU: return x / (1.f + std::exp(-x));
+        case ACT_RELU: return x > 0.f ? x : 0.f;
+        default: return x;
+    }
+}
+
+CLONES void norm_row(const float* __restrict x, const Norm& nm, float eps, int c, float* __restrict out) {
+    if (nm.b == nullptr) {  // RMSNorm
+        float ss = 0.f;
+        for (int i = 0; i < c; i++) ss += x[i] * x[i];
+        const float r = 1.f / std::sqrt(ss / c + eps);
+        for (int i = 0; i < c; i++) out[i] = nm.w[i] * (x[i] * r);
+        return;
+    }
+    float s = 0.f;
+    for (int i = 0; i < c; i++) s += x[i];
+    const float mean = s / c;
+    float v = 0.f;
+    for (int i = 0; i < c; i++) v += (x[i] - mean) * (x[i] - mean);
+    const float r = 1.f / std::sqrt(v / c + eps);
+    for (int i = 0; i < c; i++) out[i] = (x[i] - mean) * r * nm.w[i] + nm.b[i];
+}
+
+CLONES void quantize_rows(const float* __restrict x, int ldx, int rows, int k, QuantRows& qr) {
+    const int B = QuantRows::BLOCK;
+    for (int r = 0; r < rows; r++) {
+        const float* xr = x + size_t(r) * ldx;
+        int8_t* q = qr.q.data() + size_t(r) * qr.stride;
+        float* d = qr.d.data() + size_t(r) * qr.blocks;
+        float* ds = qr.dsum.data() + size_t(r) * qr.blocks;
+        const int nb = (k + B - 1) / B;
+        for (int c = 0; c < nb; c++) {
+            const int c0 = c * B, w = std::min(B, k - c0);
+            float amax = 0.f;
+            for (int i = 0; i < w; i++) amax = std::max(amax, std::fabs(xr[c0 + i]));
+            const float dc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+            int sum = 0;
+            for (int i = 0; i < w; i++) {
+                const int v = int(std::nearbyint(xr[c0 + i] * inv));  // in [-127, 127]: no sign overflow
+                q[c0 + i] = int8_t(v);
+                sum += v;
+            }
+            for (int i = w; i < B; i++) q[c0 + i] = 0;
+            d[c] = dc;
+            ds[c] = dc * float(sum);
+        }
+    }
+}
+
+// ---- float kernels (fp32 weights, and quantized weights converted in registers where VNNI does not fit)
+
+static inline void dot4_f32(const float* __restrict w, size_t ld, const float* __restrict x, int k, float* o) {
+    const float *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    for (int i = 0; i < k; i++) {
+        const float xi = x[i];
+        a0 += w0[i] * xi;
+        a1 += w1[i] * xi;
+        a2 += w2[i] * xi;
+        a3 += w3[i] * xi;
+    }
+    o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
+}
+
+static inline float dot1_f32(const float* __restrict w, const float* __restrict x, int k) {
+    float a = 0.f;
+    for (int i = 0; i < k; i++) a += w[i] * x[i];
+    return a;
+}
+
+static inline float dot_i8(const int8_t* __restrict w, const float* __restrict x, int k) {
+    float a = 0.f;
+    for (int i = 0; i < k; i++) a += float(w[i]) * x[i];
+    return a;
+}
+
+static inline float dot_nibbles(const uint8_t* __restrict q, const float* __restrict x, int g) {
+    const int h = g / 2;  // low nibbles: columns [0, h), high nibbles: [h, g)
+    float lo = 0.f, hi = 0.f;
+    for (int i = 0; i < h; i++) {
+        lo += float(q[i] & 15) * x[i];
+        hi += float(q[i] >> 4) * x[h + i];
+    }
+    return lo + hi;
+}
+
+CLONES static void float_rows(const Linear& L, const float* __restrict x, int ldx, int rows, int j0, int j1,
+                              float* __restrict y, int ldy, float* __restrict xs) {
+    if (L.bits == 32) {
+        const size_t K = L.k;
+        const float* W = static_cast<const float*>(L.w);
+        int j = j0;
+        for (; j + 4 <= j1; j += 4)
+            for (int b = 0; b < rows; b++) {
+                float o[4];
+                dot4_f32(W + j * K, K, x + size_t(b) * ldx, L.k, o);
+                for (int u = 0; u < 4; u++) y[size_t(b) * ldy + j + u] = o[u];
+            }
+        for (; j < j1; j++)
+            for (int b = 0; b < rows; b++) y[size_t(b) * ldy + j] = dot1_f32(W + j * K, x + size_t(b) * ldx, L.k);
+        return;
+    }
+    const int G = L.groups, g = L.g;  // x is zero-padded to Kp = G * g
+    for (int b = 0; b < rows; b++)
+        for (int t = 0; t < G; t++) {
+            float s = 0.f;
+            for (int i = 0; i < g; i++) s += x[size_t(b) * ldx + t * g + i];
+            xs[b * G + t] = s;
+        }
+    const float zc = L.bits == 4 ? 8.f : 0.f;
+    for (int j = j0; j < j1; j++)
+        for (int b = 0; b < rows; b++) {
+            const float* xr = x + size_t(b) * ldx;
+            float acc = 0.f;
+            for (int t = 0; t < G; t++) {
+                float d;
+                if (L.bits == 8)
+                    d = dot_i8(static_cast<const int8_t*>(L.w) + size_t(j) * G * g + t * g, xr + t * g, g);
+                else
+                    d = dot_nibbles(static_cast<const uint8_t*>(L.w) + size_t(j) * G * g / 2 + t * g / 2, xr + t * g, g);
+                float z = zc;
+                if (L.zeros)
+                    z = L.bits == 8 ? float(static_cast<const int16_t*>(L.zeros)[size_t(j) * G + t])
+                                    : float(static_cast<const uint8_t*>(L.zeros)[size_t(j) * G + t]);
+                acc += L.scales[size_t(j) * G + t] * (d - z * xs[b * G + t]);
+            }
+            y[size_t(b) * ldy + j] = acc;
+        }
+}
+
+// ---- integer kernels (AVX-512 VNNI on 256-bit vectors)
+
+VNNI static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+VNNI static float row_i8(const Linear& L, int j, const int8_t* xq, const float* d, const float* dsum) {
+    const int Kp = L.kp(), G = L.groups;
+    const int per = G == 1 ? (Kp + 31) / 32 : L.g / 32;  // blocks per group
+    const int8_t* wr = static_cast<const int8_t*>(L.w) + size_t(j) * Kp;
+    const int16_t* zr = L.zeros ? static_cast<const int16_t*>(L.zeros) + size_t(j) * G : nullptr;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.f;
+    for (int t = 0; t < G; t++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        const int c0 = t * per;
+        float ds = 0.f;
+        for (int i = 0; i < per; i++) {
+            const int c = c0 + i, col = c * 32;
+            const __m256i w = col + 32 <= Kp ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + col))
+                                             : _mm256_maskz_loadu_epi8(__mmask32((1ull << (Kp - col)) - 1), wr + col);
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + col));
+            const __m256i p = _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+            if (i & 1) a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[c]), a1);
+            else a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[c]), a0);
+            ds += dsum[c];
+        }
+        const float s = L.scales[size_t(j) * G + t];
+        acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s), acc);
+        if (zr) corr += s * float(zr[t]) * ds;
+    }
+    return hsum256(acc) - corr;
+}
+
+VNNI static inline __m256 block(__m256i w, const int8_t* xq, int c) {  // codes w of columns [32c, 32c + 32) . x
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+        _mm256_setzero_si256(), w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + size_t(c) * 32))));
+}
+
+VNNI static float row_i4(const Linear& L, int j, const int8_t* xq, const float* d, const float* dsum) {
+    const int G = L.groups, g = L.g, h = g / 2;
+    const uint8_t* wr = static_cast<const uint8_t*>(L.w) + size_t(j) * G * h;
+    const uint8_t* zr = L.zeros ? static_cast<const uint8_t*>(L.zeros) + size_t(j) * G : nullptr;
+    const float* sr = L.scales + size_t(j) * G;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    float corr = 0.f;
+    if (g == 32) {  // a group is 16 bytes: two groups per load, each one block of x
+        int t = 0;
+        for (; t + 2 <= G; t += 2) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + t * 16));
+            const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            a0 = _mm256_fmadd_ps(block(_mm256_permute2x128_si256(lo, hi, 0x20), xq, t), _mm256_set1_ps(sr[t] * d[t]), a0);
+            a1 = _mm256_fmadd_ps(block(_mm256_permute2x128_si256(lo, hi, 0x31), xq, t + 1),
+                                 _mm256_set1_ps(sr[t + 1] * d[t + 1]), a1);
+            corr += sr[t] * (zr ? float(zr[t]) : 8.f) * dsum[t] + sr[t + 1] * (zr ? float(zr[t + 1]) : 8.f) * dsum[t + 1];
+        }
+        if (t < G) {
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + t * 16));
+            const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(15));
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
+            a0 = _mm256_fmadd_ps(block(_mm256_set_m128i(hi, lo), xq, t), _mm256_set1_ps(sr[t] * d[t]), a0);
+            corr += sr[t] * (zr ? float(zr[t]) : 8.f) * dsum[t];
+        }
+        return hsum256(_mm256_add_ps(a0, a1)) - corr;
+    }
+    for (int t = 0; t < G; t++) {  // g a multiple of 64: 32 bytes hold 32 columns of each half
+        const float s = sr[t];
+        float ds = 0.f;
+        for (int c = 0; c < h; c += 32) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + t * h + c));
+            const int blo = (t * g + c) / 32, bhi = (t * g + h + c) / 32;
+            a0 = _mm256_fmadd_ps(block(_mm256_and_si256(v, m4), xq, blo), _mm256_set1_ps(s * d[blo]), a0);
+            a1 = _mm256_fmadd_ps(block(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xq, bhi), _mm256_set1_ps(s * d[bhi]), a1);
+            ds += dsum[blo] + dsum[bhi];
+        }
+        corr += s * (zr ? float(zr[t]) : 8.f) * ds;
+    }
+    return hsum256(_mm256_add_ps(a0, a1)) - corr;
+}
+
+VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
+    for (int j = j0; j < j1; j++)
+        for (int b = 0; b < rows; b++) {
+            const int8_t* xq = qr.q.data() + size_t(b) * qr.stride;
+            const float* d = qr.d.data() + size_t(b) * qr.blocks;
+            const float* ds = qr.dsum.data() + size_t(b) * qr.blocks;
+            y[size_t(b) * ldy + j] = L.bits == 8 ? row_i8(L, j, xq, d, ds) : row_i4(L, j, xq, d, ds);
+        }
+}
+
+void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr, int rows, int j0, int j1,
+                 float* y, int ldy, float* tmp) {
+    if (j0 >= j1) return;
+    if (lin.vnni) vnni_rows(lin, *qr, rows, j0, j1, y, ldy);
+    else float_rows(lin, x, ldx, rows, j0, j1, y, ldy, tmp);
+}
+
+// ---- attention and RoPE
+
+CLONES void attend(const float* __restrict q, const float* __restrict kc, const float* __restrict vc, int len, int d,
+                   float* __restrict scores, float* __restrict out) {
+    const float scale = 1.f / std::sqrt(float(d));
+    float mx = -INFINITY;
+    for (int t = 0; t < len; t++) {
+        const float s = dot1_f32(kc + size_t(t) * d, q, d) * scale;
+        scores[t] = s;
+        mx = std::max(mx, s);
+    }
+    float sum = 0.f;
+    for (int t = 0; t < len; t++) {
+        scores[t] = std::exp(scores[t] - mx);
+        sum += scores[t];
+    }
+    for (int i = 0; i < d; i++) out[i] = 0.f;
+    const float inv = 1.f / sum;
+    for (int t = 0; t < len; t++) {
+        const float p = scores[t] * inv;
+        const float* v = vc + size_t(t) * d;
+        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    }
+}
+
+void rope(float* x, const float* cos, const float* sin, int d) {  // half-split layout (rotate_half)
+    const int h = d / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i], b = x[h + i];
+        x[i] = a * cos[i] - b * sin[i];
+        x[h + i] = b * cos[i] + a * sin[i];
+    }
+}
+
+}  // namespace mmdecode

@@ -1,0 +1,201 @@
+// The decode step: every layer for B rows in one OpenMP parallel region, op after op. Each op is cut
+// into chunks (a linear layer: blocks of output rows; attention: (row, key/value head) pairs; a norm
+// and the activation quantization: one chunk) that the threads take from an atomic counter; an op
+// ends when all its chunks are done. Unlike a barrier, this never waits for a thread that holds no
+// work: on a machine shared with other jobs, a thread the OS has descheduled costs the step at most
+// the chunk it holds, not a time slice per op. Numerics follow the PyTorch modules of
+// engine/nn/layers.py op for op, in fp32, and do not depend on which thread computes what.
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "decode.hh"
+
+namespace mmdecode {
+
+constexpr int ROWS = 16;  // output rows per chunk of a linear layer (a few microseconds of weights)
+
+static int chunks(int n) { return (n + ROWS - 1) / ROWS; }
+
+static void wait_until(const std::atomic<int>& done, int n) {  // spin briefly, then give the core away
+    for (int spins = 0; done.load(std::memory_order_acquire) < n; spins++) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield();
+    }
+}
+
+Plan::Plan(const Config& cfg) : c_(cfg) {
+    if (cfg.batch < 1 || cfg.n_head % cfg.n_kv_head || (cfg.rope && cfg.head_dim % 2))
+        throw std::invalid_argument("fused decode: inconsistent config");
+    int w = std::max({cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_ff});
+    ld_ = w;
+}
+
+void Plan::prepare(Linear& lin) {
+    lin.vnni = c_.int_dots && lin.bits != 32 && cpu_has_vnni() && vnni_fits(lin);
+    ld_ = std::max({ld_, lin.kp(), lin.n});
+}
+
+void Plan::set_embed(const float* table, const Linear& quantized, const float* positions) {
+    embed_ = table;
+    embed_q_ = quantized;
+    pos_ = positions;
+}
+
+void Plan::add_layer(const Layer& layer) {
+    layers_.push_back(layer);
+    Layer& l = layers_.back();
+    for (Linear* lin : {&l.qkv, &l.o, &l.up, &l.down}) prepare(*lin);
+}
+
+void Plan::set_head(const Norm& norm, const Linear& head) {
+    norm_f_ = norm;
+    head_ = head;
+    prepare(head_);
+    ld_ = (ld_ + 63) / 64 * 64;
+    ops_ = 3 + int(layers_.size()) * 9;  // the most ops a step runs
+    chunks_.reset(new std::atomic<int>[2 * ops_]);
+    const size_t n = size_t(c_.batch) * ld_;
+    for (auto* v : {&x_, &xn_, &att_, &h_, &y_}) v->assign(n, 0.f);  // the padding past each width stays 0
+    qr_.resize(c_.batch, ld_);
+}
+
+int Plan::vnni_layers() const {
+    int n = head_.vnni;
+    for (const Layer& l : layers_) n += l.qkv.vnni + l.o.vnni + l.up.vnni + l.down.vnni;
+    return n;
+}
+
+void Plan::embed_rows(const int64_t* tokens, const int64_t* lengths) {
+    const int C = c_.d_model;
+    for (int b = 0; b < c_.batch; b++) {
+        float* xr = x_.data() + size_t(b) * ld_;
+        const int64_t tok = tokens[b];
+        if (embed_) {
+            std::memcpy(xr, embed_ + size_t(tok) * C, sizeof(float) * C);
+        } else {  // a row of a quantized table: (q - zero) * scale
+            const Linear& e = embed_q_;
+            const int G = e.groups, g = e.g;
+            for (int i = 0; i < C; i++) {
+                const int t = i / g;
+                float q, z;
+                if (e.bits == 8) {
+                    q = float(static_cast<const int8_t*>(e.w)[size_t(tok) * G * g + i]);
+                    z = e.zeros ? float(static_cast<const int16_t*>(e.zeros)[size_t(tok) * G + t]) : 0.f;
+                } else {
+                    const int r = i - t * g, h = g / 2;
+                    const uint8_t byte = static_cast<const uint8_t*>(e.w)[size_t(tok) * G * h + t * h + r % h];
+                    q = float(r < h ? byte & 15 : byte >> 4);
+                    z = e.zeros ? float(static_cast<const uint8_t*>(e.zeros)[size_t(tok) * G + t]) : 8.f;
+                }
+                xr[i] = (q - z) * e.scales[size_t(tok) * G + t];
+            }
+        }
+        if (pos_)
+            for (int i = 0; i < C; i++) xr[i] += pos_[size_t(lengths[b]) * C + i];
+    }
+}
+
+void Plan::step(const int64_t* tokens, const int64_t* lengths, float* k_cache, float* v_cache, int tmax,
+                const float* cos, const float* sin, float* logits, int threads) {
+    const int B = c_.batch, C = c_.d_model, H = c_.n_head, Hkv = c_.n_kv_head, D = c_.head_dim, F = c_.d_ff;
+    const int rep = H / Hkv, half = D / 2, ld = ld_;
+    const int nt = std::max(1, threads);
+    const size_t tmp_size = size_t(B) * ld_;
+    if (tmp_.size() < nt * tmp_size) tmp_.assign(nt * tmp_size, 0.f);
+    if (scores_.size() < size_t(nt) * tmax) scores_.assign(size_t(nt) * tmax, 0.f);
+    for (int i = 0; i < 2 * ops_; i++) chunks_[i].store(0, std::memory_order_relaxed);
+    float *x = x_.data(), *xn = xn_.data(), *att = att_.data(), *hb = h_.data(), *y = y_.data();
+    QuantRows* qr = &qr_;
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        float* tmp = tmp_.data() + tid * tmp_size;
+        float* sc = scores_.data() + size_t(tid) * tmax;
+        int op = 0;  // every thread runs the same sequence of ops
+        auto run = [&](int n, auto&& chunk) {  // chunk(c) for c < n, shared out; returns when all are done
+            std::atomic<int>&next = chunks_[2 * op], &done = chunks_[2 * op + 1];
+            op++;
+            for (int c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+                chunk(c);
+                done.fetch_add(1, std::memory_order_acq_rel);
+            }
+            wait_until(done, n);
+        };
+        auto normalize = [&](const Norm& nm, const Linear& next) {  // x -> xn, quantized for `next` if integer
+            run(1, [&](int) {
+                for (int b = 0; b < B; b++) norm_row(x + size_t(b) * ld, nm, c_.eps, C, xn + size_t(b) * ld);
+                if (next.vnni) quantize_rows(xn, ld, B, C, *qr);
+            });
+        };
+        auto quantize = [&](const Linear& next, const float* in, int k) {  // the input of an integer layer
+            if (next.vnni) run(1, [&](int) { quantize_rows(in, ld, B, k, *qr); });
+        };
+        auto add_residual = [&](const Linear& lin, const float* in) {  // x += lin(in)
+            run(chunks(C), [&](int c) {
+                const int j0 = c * ROWS, j1 = std::min(C, j0 + ROWS);
+                linear_rows(lin, in, ld, qr, B, j0, j1, y, ld, tmp);
+                for (int b = 0; b < B; b++)
+                    for (int j = j0; j < j1; j++)
+                        x[size_t(b) * ld + j] += y[size_t(b) * ld + j] + (lin.bias ? lin.bias[j] : 0.f);
+            });
+        };
+        run(1, [&](int) { embed_rows(tokens, lengths); });
+        for (size_t li = 0; li < layers_.size(); li++) {
+            const Layer& L = layers_[li];
+            normalize(L.n1, L.qkv);
+            run(chunks(L.qkv.n), [&](int c) {  // q, k, v of every row
+                const int j0 = c * ROWS, j1 = std::min(L.qkv.n, j0 + ROWS);
+                linear_rows(L.qkv, xn, ld, qr, B, j0, j1, y, ld, tmp);
+                if (L.qkv.bias)
+                    for (int b = 0; b < B; b++)
+                        for (int j = j0; j < j1; j++) y[size_t(b) * ld + j] += L.qkv.bias[j];
+            });
+            run(B * Hkv, [&](int item) {  // RoPE, the cache writes and attention of one (row, key/value head)
+                const int b = item / Hkv, g = item % Hkv;
+                const int64_t pos = lengths[b];
+                float* yr = y + size_t(b) * ld;
+                float* k = yr + size_t(H + g) * D;
+                const float* v = yr + size_t(H + Hkv + g) * D;
+                if (c_.rope) rope(k, cos + pos * half, sin + pos * half, D);
+                const size_t base = ((li * B + b) * Hkv + g) * size_t(tmax) * D;
+                std::memcpy(k_cache + base + pos * D, k, sizeof(float) * D);
+                std::memcpy(v_cache + base + pos * D, v, sizeof(float) * D);
+                for (int h = g * rep; h < (g + 1) * rep; h++) {
+                    float* q = yr + size_t(h) * D;
+                    if (c_.rope) rope(q, cos + pos * half, sin + pos * half, D);
+                    attend(q, k_cache + base, v_cache + base, int(pos + 1), D, sc, att + size_t(b) * ld + size_t(h) * D);
+                }
+            });
+            quantize(L.o, att, H * D);
+            add_residual(L.o, att);
+            normalize(L.n2, L.up);
+            run(chunks(F), [&](int c) {  // act(up), or act(gate) * up
+                const int j0 = c * ROWS, j1 = std::min(F, j0 + ROWS);
+                linear_rows(L.up, xn, ld, qr, B, j0, j1, y, ld, tmp);
+                if (c_.gated) linear_rows(L.up, xn, ld, qr, B, F + j0, F + j1, y, ld, tmp);
+                for (int b = 0; b < B; b++)
+                    for (int j = j0; j < j1; j++) {
+                        const float* yr = y + size_t(b) * ld;
+                        const float u = yr[j] + (L.up.bias ? L.up.bias[j] : 0.f);
+                        hb[size_t(b) * ld + j] = c_.gated ? act(c_.act, u) * (yr[F + j] + (L.up.bias ? L.up.bias[F + j] : 0.f))
+                                                          : act(c_.act, u);
+                    }
+            });
+            quantize(L.down, hb, F);
+            add_residual(L.down, hb);
+        }
+        normalize(norm_f_, head_);
+        const int V = head_.n;
+        run(chunks(V), [&](int c) {
+            const int j0 = c * ROWS;
+            linear_rows(head_, xn, ld, qr, B, j0, std::min(V, j0 + ROWS), logits, V, tmp);
+        });
+    }
+}
+
+}  // namespace mmdecode

@@ -1,0 +1,214 @@
+"""The fused CPU decode step: one C++ call (mmfuse._decode, csrc/decode/) per token for the whole model.
+
+A batch-1 decode step through PyTorch is some 15 ops per layer, each with its Python, dispatch and
+thread hand-off costs; on a narrow 30-layer model those fixed costs, not the weights streamed,
+bound the step. The extension runs every layer for the batch's rows inside one OpenMP parallel
+region with barriers between the ops (as llama.cpp does): norms, the q/k/v projection, RoPE from
+the model's tables, the key/value writes into the `KVCache` buffers in place, attention over each
+row's cached positions, the MLP, residuals, final norm and LM head, reading the weights where
+PyTorch keeps them. fp32 weights and the engine's int8 / int4 formats (kernels/quant_cpu.py) run;
+quantized layers whose groups fit blocks of 32 take integer dot products with the activation
+quantized to int8 on the fly where the CPU has AVX-512 VNNI (`MMFUSE_INT8_ACTIVATIONS=0`: fp32
+arithmetic on dequantized registers instead).
+
+`FusedStep.build` returns None for what it does not run (other dtypes or devices, GPTQ activation
+order, a missing extension; `unsupported` says why), and the caller keeps the PyTorch path, which
+is also the reference the tests compare against. The weights are read where they were when the
+step was built: `DecodeState` builds it once per cache (weights are inference constants there,
+see `cpu_linear.freeze`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from mmfuse import envs
+
+from ..nn.layers import RMSNorm
+from ..quant.linear import QuantizedEmbedding, QuantizedLinear
+
+try:
+    from .. import _decode
+except ImportError:  # built without the extension (setup.py warned): the PyTorch path
+    _decode = None
+
+ACT_CODES = {"gelu_tanh": 1, "gelu": 2, "quick_gelu": 3, "silu": 4, "relu": 5}  # csrc/decode/decode.hh `Act`
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _float(t: Optional[torch.Tensor], shape: tuple) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                         and tuple(t.shape) == shape)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class FusedStep:
+    """The compiled plan of one model for one batch size; call it as the decode step."""
+
+    def __init__(self, plan, tensors: list, vocab: int, batch: int):
+        self._plan = plan
+        self._tensors = tensors  # what the plan points into, kept alive with it
+        self.vocab, self.batch = vocab, batch
+
+    @property
+    def integer_layers(self) -> int:
+        """Linear layers that run as integer dot products (int8 activations)."""
+        return self._plan.vnni_layers()
+
+    @staticmethod
+    def unsupported(model: nn.Module) -> Optional[str]:
+        """Why `build` would return None for `model`, or None when it runs it."""
+        try:
+            _Builder(model, 1, False).check()
+        except _Unsupported as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def build(cls, model: nn.Module, batch: int, int_dots: Optional[bool] = None) -> Optional["FusedStep"]:
+        """The fused step of `model` for `batch` rows, or None where it does not run. `int_dots`:
+        integer dot products for quantized layers (default: `MMFUSE_INT8_ACTIVATIONS`)."""
+        if int_dots is None:
+            int_dots = envs.read("MMFUSE_INT8_ACTIVATIONS")
+        try:
+            return _Builder(model, batch, int_dots).build()
+        except _Unsupported:
+            return None
+
+    def __call__(self, tokens: torch.Tensor, cache, rope_cos: Optional[torch.Tensor],
+                 rope_sin: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B,) at each row's next position `cache.lengths` -> logits (B, V) (in `out` when
+        given). Writes the keys and values of that position into `cache`; advancing its lengths is
+        the caller's."""
+        tok = tokens.reshape(-1).to(torch.long).contiguous()
+        if tok.shape[0] != self.batch or cache.batch != self.batch:
+            raise ValueError(f"fused step built for {self.batch} rows, got {tok.shape[0]} tokens and a cache of "
+                             f"{cache.batch}")
+        if cache.k.dtype != torch.float32 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
+            raise ValueError("the fused step needs a contiguous fp32 KV cache")
+        if rope_cos is not None and rope_cos.shape[0] < max(cache.filled) + 1:
+            raise ValueError(f"RoPE tables of {rope_cos.shape[0]} positions for a row at {max(cache.filled)}")
+        logits = torch.empty(self.batch, self.vocab, dtype=torch.float32) if out is None else out
+        if logits.shape != (self.batch, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
+            raise ValueError(f"out must be a contiguous fp32 ({self.batch}, {self.vocab}) tensor")
+        self._plan.step(tok.data_ptr(), cache.lengths.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+                        cache.max_len, _ptr(rope_cos), _ptr(rope_sin), logits.data_ptr(), torch.get_num_threads())
+        return logits
+
+
+class _Builder:
+    """Checks a model module by module and hands its tensors to the extension's `Plan`."""
+
+    def __init__(self, model: nn.Module, batch: int, int_dots: bool):
+        self.model, self.batch, self.int_dots = model, batch, int_dots
+        self.tensors: list = []
+
+    def check(self) -> None:
+        from .transformer import Decoder
+
+        m = self.model
+        if _decode is None:
+            raise _Unsupported("mmfuse was installed without its C++ extension mmfuse._decode")
+        if not isinstance(m, Decoder) or type(m).forward is not Decoder.forward:
+            raise _Unsupported(f"{type(m).__name__} is not a plain Decoder")
+        cfg = m.cfg
+        if not cfg.prenorm:
+            raise _Unsupported("post-norm blocks")
+        if cfg.act not in ACT_CODES:
+            raise _Unsupported(f"activation {cfg.act!r}")
+        if m.norm_f.weight.dtype != torch.float32 or m.norm_f.weight.device.type != "cpu":
+            raise _Unsupported(f"{m.norm_f.weight.dtype} on {m.norm_f.weight.device}: the fused step runs fp32 on the CPU")
+        self.embed()
+        for block in m.blocks:
+            self.layer(block)
+        self.head()
+
+    def build(self) -> FusedStep:
+        self.check()
+        m, cfg = self.model, self.model.cfg
+        plan = _decode.Plan(self.batch, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff,
+                            cfg.vocab_size, ACT_CODES[cfg.act], cfg.gated_mlp, not cfg.learned_pos,
+                            float(cfg.norm_eps), bool(self.int_dots))
+        table, quantized, pos = self.embed()
+        plan.set_embed(table, quantized, pos)
+        for block in m.blocks:
+            plan.add_layer(*self.layer(block))
+        plan.set_head(*self.head())
+        return FusedStep(plan, self.tensors, cfg.vocab_size, self.batch)
+
+    def keep(self, t: Optional[torch.Tensor]) -> int:
+        if t is not None:
+            self.tensors.append(t)
+        return _ptr(t)
+
+    def norm(self, nm: nn.Module, name: str) -> tuple:
+        C = self.model.cfg.d_model
+        if isinstance(nm, RMSNorm):
+            w, b = nm.weight, None
+        elif isinstance(nm, nn.LayerNorm) and nm.elementwise_affine and nm.bias is not None:
+            w, b = nm.weight, nm.bias
+        else:
+            raise _Unsupported(f"{name}: {type(nm).__name__}")
+        if not (_float(w, (C,)) and _float(b, (C,))):
+            raise _Unsupported(f"{name}: not fp32 contiguous on the CPU")
+        return self.keep(w.detach()), self.keep(None if b is None else b.detach())
+
+    def linear(self, lin: nn.Module, name: str, n: int, k: int) -> tuple:
+        """(bits, weight, scales, zeros, bias, n, k, group_size, groups) as module.cpp reads it."""
+        bias = lin.bias
+        if not _float(None if bias is None else bias.detach(), (n,)):
+            raise _Unsupported(f"{name}: bias not fp32 contiguous on the CPU")
+        bias = self.keep(None if bias is None else bias.detach())
+        if isinstance(lin, nn.Linear):
+            if not _float(lin.weight.detach(), (n, k)):
+                raise _Unsupported(f"{name}: weight not fp32 ({n}, {k}) contiguous on the CPU")
+            return 32, self.keep(lin.weight.detach()), 0, 0, bias, n, k, 0, 0
+        if isinstance(lin, QuantizedLinear):
+            return self.quantized(lin, name, n, k) + (bias, n, k, lin.group_size, lin.scales.shape[1])
+        raise _Unsupported(f"{name}: {type(lin).__name__}")
+
+    def quantized(self, lin: QuantizedLinear, name: str, n: int, k: int) -> tuple:
+        if lin.in_perm is not None:
+            raise _Unsupported(f"{name}: activation-ordered (desc_act) groups")
+        if lin.out_features != n or lin.in_features != k or lin.qweight.device.type != "cpu":
+            raise _Unsupported(f"{name}: {lin.out_features}x{lin.in_features} on {lin.qweight.device}")
+        if not (lin.qweight.is_contiguous() and _float(lin.scales, tuple(lin.scales.shape))
+                and (lin.zeros is None or lin.zeros.is_contiguous())):
+            raise _Unsupported(f"{name}: non-contiguous quantized tensors")
+        return lin.bits, self.keep(lin.qweight), self.keep(lin.scales), self.keep(lin.zeros)
+
+    def embed(self) -> tuple:
+        m, cfg = self.model, self.model.cfg
+        V, C = cfg.vocab_size, cfg.d_model
+        pos = 0
+        if m.pos_embed is not None:
+            if not _float(m.pos_embed.weight.detach(), (cfg.max_seq_len, C)):
+                raise _Unsupported("pos_embed: not fp32 contiguous on the CPU")
+            pos = self.keep(m.pos_embed.weight.detach())
+        e = m.embed
+        if isinstance(e, nn.Embedding) and _float(e.weight.detach(), (V, C)):
+            return self.keep(e.weight.detach()), None, pos
+        if isinstance(e, QuantizedEmbedding) and e.dtype == torch.float32:
+            return 0, self.quantized(e.table, "embed", V, C) + (0, V, C, e.table.group_size, e.table.scales.shape[1]), pos
+        raise _Unsupported(f"embed: {type(e).__name__} that is not fp32 on the CPU")
+
+    def layer(self, block: nn.Module) -> tuple:
+        cfg = self.model.cfg
+        C, H, Hkv, D, F = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
+        a, mlp = block.attn, block.mlp
+        return (self.norm(block.norm1, "norm1"), self.norm(block.norm2, "norm2"),
+                self.linear(a.qkv, "attn.qkv", (H + 2 * Hkv) * D, C), self.linear(a.o, "attn.o", C, H * D),
+                self.linear(mlp.up, "mlp.up", F * (2 if cfg.gated_mlp else 1), C), self.linear(mlp.down, "mlp.down", C, F))
+
+    def head(self) -> tuple:
+        cfg = self.model.cfg
+        return self.norm(self.model.norm_f, "norm_f"), self.linear(self.model.lm_head, "lm_head", cfg.vocab_size,
+                                                                    cfg.d_model)

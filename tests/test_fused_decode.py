@@ -1,0 +1,238 @@
+"""The fused CPU decode step (mmfuse._decode, engine/decoder/fused_step.py) against the PyTorch
+decode step: float64 references, random-init odd-shaped GPT-2 / Llama / Qwen2 models, fp32, int8
+and int4 weights, rows of different lengths, poisoned outputs and caches, greedy sequences, and
+the fallbacks (switched off, unsupported models)."""
+import pytest
+import torch
+
+from mmfuse.decoder.config import DecoderConfig
+from mmfuse.decoder.fused_step import FusedStep
+from mmfuse.decoder.generate import DecodeState, Engine
+from mmfuse.decoder.transformer import Decoder
+from mmfuse.kernels.quant_cpu import dequantize
+from mmfuse.quant import QuantConfig, QuantizedLinear, quantize_weight
+from mmfuse.quant.quantize_model import quantize_decoder
+
+_decode = pytest.importorskip("mmfuse._decode", reason="mmfuse was built without its C++ extension")
+
+LLAMA = dict(family="llama", norm="rmsnorm", act="silu", gated_mlp=True, learned_pos=False, norm_eps=1e-5)
+CONFIGS = {
+    "gpt2": DecoderConfig(vocab_size=101, n_layer=3, n_head=3, n_kv_head=3, d_model=48, head_dim=16, d_ff=70,
+                          max_seq_len=64),
+    "gpt2_gelu": DecoderConfig(vocab_size=67, n_layer=2, n_head=2, n_kv_head=2, d_model=38, head_dim=19, d_ff=45,
+                               max_seq_len=64, act="gelu", tie_embeddings=False),
+    # GQA 3:1, llama3 RoPE scaling, q/k/v/o and MLP bias, odd widths
+    "llama": DecoderConfig(vocab_size=97, n_layer=2, n_head=6, n_kv_head=2, d_model=60, head_dim=10, d_ff=77,
+                           max_seq_len=64, qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=False,
+                           rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **LLAMA),
+    # Qwen2: q/k/v bias only, tied head, linear RoPE scaling, head_dim != d_model / n_head
+    "qwen2": DecoderConfig(vocab_size=89, n_layer=3, n_head=4, n_kv_head=2, d_model=40, head_dim=14, d_ff=52,
+                           max_seq_len=64, qkv_bias=True, o_bias=False, mlp_bias=False, tie_embeddings=True,
+                           rope_theta=1000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, **LLAMA),
+}
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
+
+
+def random_model(name: str, seed: int = 0) -> Decoder:
+    """Random weights with non-trivial norms and biases (init_weights leaves them 1 and 0)."""
+    model = Decoder.random(CONFIGS[name], seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if p.abs().sum() == p.numel() else
+                        0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def run(model, prompts, steps, fused: bool, monkeypatch, poison: bool = False):
+    """Prefill, then `steps` greedy decode steps through `DecodeState.decode`; logits per step and the cache."""
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1" if fused else "0")
+    state = DecodeState(model, len(prompts), 40)
+    logits = state.prefill(prompts)
+    if poison:  # positions past each row's length: an attention that reads them turns NaN
+        for b, n in enumerate(state.cache.filled):
+            state.cache.k[:, b, :, n:] = float("nan")
+            state.cache.v[:, b, :, n:] = float("nan")
+    out = []
+    tok = logits.argmax(-1)
+    for _ in range(steps):
+        logits = state.decode(tok)
+        out.append(logits.clone())
+        tok = logits.argmax(-1)
+    return out, state
+
+
+def assert_close(a, b, rel):
+    assert torch.isfinite(a).all()
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= rel * b.abs().max().item(), f"max error {err:.3g} vs max |ref| {b.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp32_matches_float64_reference(name, batch, monkeypatch):
+    model = random_model(name)
+    prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[2:]
+    got, state = run(model, prompts, 6, True, monkeypatch, poison=True)
+    assert state._fused[True] is not None  # the fused step ran
+    ref, ref_state = run(random_model(name).double(), prompts, 6, False, monkeypatch)  # the same weights
+    for a, b in zip(got, ref):
+        assert_close(a, b, 2e-5)
+    assert state.cache.filled == ref_state.cache.filled
+    for b, n in enumerate(state.cache.filled):  # past n: the poison
+        assert_close(state.cache.k[:, b, :, :n], ref_state.cache.k[:, b, :, :n], 2e-5)
+        assert_close(state.cache.v[:, b, :, :n], ref_state.cache.v[:, b, :, :n], 2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_and_greedy_sequences_match_torch(threads, monkeypatch):
+    """Several threads split every op; greedy tokens equal the PyTorch path's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in ("gpt2", "qwen2"):
+            model = random_model(name, seed=threads)
+            got, _ = run(model, PROMPTS, 20, True, monkeypatch)
+            ref, _ = run(model, PROMPTS, 20, False, monkeypatch)
+            assert [g.argmax(-1).tolist() for g in got] == [r.argmax(-1).tolist() for r in ref]
+            for a, b in zip(got, ref):
+                assert_close(a, b, 1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inactive_rows_and_poisoned_output(monkeypatch):
+    """Rows that do not advance are rewritten in place; every logit is written."""
+    model = random_model("llama")
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    state = DecodeState(model, 3, 40)
+    state.prefill(PROMPTS)
+    ref = DecodeState(model, 3, 40)
+    ref.prefill(PROMPTS)
+    for active in ([True, False, True], [False, True, True], [True, True, True]):
+        tok = torch.tensor([7, 11, 13])
+        monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+        a = state.decode(tok, torch.tensor(active))
+        monkeypatch.setenv("MMFUSE_FUSED_DECODE", "0")
+        b = ref.decode(tok, torch.tensor(active))
+        assert_close(a, b, 1e-5)
+        assert state.cache.filled == ref.cache.filled
+    fused = state._fused[True]
+    out = torch.full((3, model.cfg.vocab_size), float("nan"))
+    fused(torch.tensor([1, 2, 3]), state.cache, model.rope_cos, model.rope_sin, out=out)
+    assert torch.isfinite(out).all()
+
+
+def quantized(name: str, spec: str) -> Decoder:
+    return quantize_decoder(random_model(name), QuantConfig.parse(spec))
+
+
+QUANT = ["int8", "int8-asym", "int8-g32", "int8-g34", "int4-g32", "int4-g64-asym", "int4-g128", "int4-g6-asym",
+         "int4-g32-asym"]
+
+
+@pytest.mark.parametrize("spec", QUANT)
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_quantized_fp32_arithmetic_matches_torch(name, spec, monkeypatch):
+    """MMFUSE_INT8_ACTIVATIONS=0: dequantized in registers, the same numbers as the PyTorch path."""
+    monkeypatch.setenv("MMFUSE_INT8_ACTIVATIONS", "0")
+    model = quantized(name, spec)
+    got, state = run(model, PROMPTS, 4, True, monkeypatch, poison=True)
+    assert state._fused[False] is not None and state._fused[False].integer_layers == 0
+    ref, _ = run(model, PROMPTS, 4, False, monkeypatch)
+    for a, b in zip(got, ref):
+        assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("spec", QUANT)
+def test_quantized_int8_activations_stay_close(spec, monkeypatch):
+    """Integer dot products where they fit (groups of 32 / multiples of 64): the activation's int8
+    rounding costs well under 3% of the logits' scale."""
+    model = quantized("llama", spec)
+    got, state = run(model, PROMPTS, 4, True, monkeypatch)
+    fits = spec.split("-")[1] not in ("g34", "g6") if "-g" in spec else True
+    expect = 4 * model.cfg.n_layer + 1 if fits and _decode.has_vnni() else 0
+    assert state._fused[True].integer_layers == expect
+    ref, _ = run(model, PROMPTS, 4, False, monkeypatch)
+    for a, b in zip(got, ref):
+        assert_close(a, b, 3e-2)
+
+
+def quantize_activation_blocks(x: torch.Tensor) -> torch.Tensor:
+    """The reference of the integer kernels' input: int8 per block of 32 columns, scale max|x| / 127."""
+    rows, k = x.shape
+    xp = torch.nn.functional.pad(x.double(), (0, -k % 32)).view(rows, -1, 32)
+    d = xp.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xp / torch.where(d > 0, d, 1)), 0)
+    return (q * d).view(rows, -1)[:, :k]
+
+
+@pytest.mark.parametrize("bits,g,K,N,asym", [(8, -1, 100, 37, False), (8, -1, 96, 5, True), (8, 64, 192, 9, True),
+                                            (4, 32, 96, 41, False), (4, 32, 224, 7, True), (4, 128, 256, 13, True),
+                                            (4, 64, 70, 6, False)])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_integer_kernels_match_block_quantized_reference(bits, g, K, N, asym, rows):
+    """One layer: the integer kernel equals dequantized weights times the block-quantized input."""
+    gen = torch.Generator().manual_seed(K + rows)
+    lin = quantize_weight(torch.randn(N, K, generator=gen), bits, g, symmetric=not asym)
+    Kp = lin.scales.shape[1] * lin.group_size
+    x = torch.randn(rows, K, generator=gen) * torch.linspace(0.1, 3, K)
+    xp = torch.nn.functional.pad(x, (0, Kp - K)).contiguous()
+    y = torch.full((rows, N), float("nan"))
+    spec = (bits, lin.qweight.data_ptr(), lin.scales.data_ptr(), 0 if lin.zeros is None else lin.zeros.data_ptr(), 0,
+            N, K, lin.group_size, lin.scales.shape[1])
+    used = _decode.linear(spec, xp.data_ptr(), Kp, rows, y.data_ptr(), True)
+    assert used == _decode.has_vnni()
+    w = dequantize(lin.qweight, lin.scales, lin.zeros, bits, lin.group_size, K, torch.float64)
+    ref = (quantize_activation_blocks(x) if used else x.double()) @ w.T
+    assert_close(y, ref, 1e-5)
+    exact = torch.empty(rows, N)
+    assert not _decode.linear(spec, xp.data_ptr(), Kp, rows, exact.data_ptr(), False)
+    assert_close(exact, x.double() @ w.T, 1e-5)
+
+
+def test_switched_off_and_unsupported_models_fall_back(monkeypatch):
+    model = random_model("gpt2")
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "0")
+    state = DecodeState(model, 1, 20)
+    state.prefill([[1, 2]])
+    monkeypatch.setattr(FusedStep, "__call__", lambda *a, **k: pytest.fail("fused step called while switched off"))
+    state.decode(torch.tensor([3]))
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    monkeypatch.setenv("MMFUSE_ATTENTION", "sdpa")  # a backend chosen by name: attention runs through it
+    state.decode(torch.tensor([3]))
+    assert state._fused == {}
+    monkeypatch.undo()
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "bogus")
+    with pytest.raises(Exception, match="MMFUSE_FUSED_DECODE"):
+        state.decode(torch.tensor([3]))
+
+    bf16 = random_model("llama").to(torch.bfloat16)
+    assert "bfloat16" in FusedStep.unsupported(bf16)
+    # GPTQ's activation order: a gather before the layer, which the fused step does not do
+    ordered = random_model("qwen2")
+    lin = ordered.blocks[1].mlp.down
+    q = quantize_weight(lin.weight, 4, 26)
+    ordered.blocks[1].mlp.down = QuantizedLinear(q.qweight, q.scales, q.zeros, 4, 26, lin.in_features,
+                                                 in_perm=torch.randperm(lin.in_features))
+    assert "desc_act" in FusedStep.unsupported(ordered)
+    for m in (bf16, ordered):
+        monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+        state = DecodeState(m, 2, 20)
+        state.prefill(PROMPTS[:2])
+        logits = state.decode(torch.tensor([1, 2]))
+        assert state._fused[True] is None and torch.isfinite(logits.float()).all()
+    assert FusedStep.unsupported(random_model("gpt2")) is None
+
+
+def test_engine_greedy_generation_unchanged(gpt2_folder, monkeypatch):
+    """Through `Engine.generate` on a checkpoint: the same completions with the fused step on and off."""
+    eng = Engine.from_pretrained(gpt2_folder)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MMFUSE_FUSED_DECODE", flag)
+        out[flag] = [c.token_ids for c in eng.generate(["hello world", "the lazy dog"], max_new_tokens=12,
+                                                       temperature=0.0, ignore_eos=True)]
+    assert out["1"] == out["0"] and len(out["1"][0]) == 12
