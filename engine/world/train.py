@@ -14,6 +14,7 @@ weights on the same software stack.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -277,6 +278,7 @@ def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
+    load = [os.getloadavg()[0]]
     times = {}
     t = time.perf_counter()
     clip = train_clip(cfg, out)
@@ -287,7 +289,9 @@ def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None) -
     t = time.perf_counter()
     train_ngram(cfg, out)
     times["ngram"] = time.perf_counter() - t
+    load.append(os.getloadavg()[0])
     write_json(out / "training.json", {"command": command or f"mmfuse world train --out {out}",
                                        "config": asdict(cfg), "seconds": times, "held_out_from_seed": HELD_OUT,
+                                       "load_average": "{:.1f} at the start, {:.1f} at the end".format(*load),
                                        "torch": torch.__version__})
     return times
