@@ -49,12 +49,12 @@ class WorldTrainConfig:
     seed: int = 0                  # model init and batch order
     threads: int = 1               # torch intra-op threads (fixed: reproducible, and fastest for models this small on a shared box)
     device: str = "cpu"
-    clip_steps: int = 2000
+    clip_steps: int = 2500
     clip_batch: int = 64
     clip_lr: float = 2e-3
     clip_siblings: bool = True     # half of each CLIP batch: one-attribute/position variants of the other half
     clip_aux: float = 1.0          # weight of the auxiliary patch-attribute loss (0: contrastive only)
-    vlm_steps: int = 3000
+    vlm_steps: int = 4000
     vlm_batch: int = 16
     vlm_lr: float = 2e-3
     vlm_train_tower: bool = True   # fine-tune the vision tower with the VLM (False: keep world-clip's, frozen)
