@@ -4,7 +4,7 @@
    scenes and their captions, each batch half scenes and half their siblings (one attribute or
    position changed: hard negatives), plus a linear probe's cross-entropy on the tower's last
    hidden states against each patch's cell attributes (the features the VLM reads; the probe is
-   dropped after training). Without both, 500-1000 steps learn neither position nor binding.
+   dropped after training); bench/README.md has the measured effect.
 2. VLM (LLaVA format): the CLIP vision tower, a projector and a small Llama decoder, trained with
    the decoder loop (`decoder.train`) on multi-turn conversations about each scene (caption and
    every question type, turns shuffled so that each comes first as often), loss on answers only.
