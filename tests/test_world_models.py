@@ -109,3 +109,51 @@ def test_words_outside_the_world_are_refused_before_model_work():
     with pytest.raises(VocabularyError, match="dragon"):
         scene_from_caption("a large red dragon at the top left")
     assert all(VOCABULARY.check(qa.question) for qa in questions(generate_scene(1), 1))
+
+
+def _differences(a, b) -> int:
+    """Attribute slots (presence, size, colour, shape per cell) in which two scenes differ."""
+    n = 0
+    for cell in range(4):
+        x, y = a.at(cell), b.at(cell)
+        if (x is None) != (y is None):
+            n += 1
+        elif x is not None:
+            n += sum(getattr(x, k) != getattr(y, k) for k in ("size", "colour", "shape"))
+    return n
+
+
+def test_sibling_scenes_differ_in_one_attribute_or_position():
+    from mmfuse.world.train import sibling
+
+    rng = np.random.default_rng(7)
+    kinds = set()
+    for seed in range(300):
+        scene = generate_scene(seed)
+        sib = sibling(scene, rng)
+        assert caption(sib) != caption(scene) and len(sib.offsets) == len(sib.objects)
+        d, moved = _differences(scene, sib), len(sib.objects) - len(scene.objects)
+        same_objects = sorted((o.size, o.colour, o.shape) for o in scene.objects) == \
+            sorted((o.size, o.colour, o.shape) for o in sib.objects)
+        if moved:                                  # an object added or removed
+            assert abs(moved) == 1 and d == 1
+        elif same_objects:                         # moved to an empty cell or swapped with another
+            assert {o.cell for o in sib.objects} != {o.cell for o in scene.objects} or d >= 2
+        else:                                      # one attribute of one object changed
+            assert d == 1
+        kinds.add("add" if moved > 0 else "remove" if moved < 0 else "move" if same_objects else "attribute")
+    assert kinds == {"add", "remove", "move", "attribute"}
+
+
+def test_patch_labels_give_each_patch_its_cell_object():
+    from mmfuse.world.scene import Obj, Scene
+    from mmfuse.world.train import patch_labels
+
+    scene = Scene((Obj(1, "large", "green", "triangle"), Obj(2, "small", "red", "circle")))
+    got = patch_labels(scene, 16)                  # 4 x 4 patches, each cell 2 x 2 of them
+    assert got.shape == (16, 3)
+    green_triangle_large, red_circle_small = [2, 3, 2], [1, 1, 1]
+    assert got[2].tolist() == got[7].tolist() == green_triangle_large   # top right cell
+    assert got[8].tolist() == got[13].tolist() == red_circle_small      # bottom left cell
+    assert got[0].tolist() == got[15].tolist() == [0, 0, 0]             # empty cells
+    assert (patch_labels(scene, 8)[[7, 56]] == np.array([green_triangle_large, red_circle_small])).all()

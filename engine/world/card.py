@@ -20,6 +20,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def clip_recipe(cfg: dict) -> str:
+    parts = ["half of each batch one-attribute or one-position variants of the other half"] if cfg.get("clip_siblings") else []
+    if cfg.get("clip_aux"):
+        parts.append(f"plus {cfg['clip_aux']} x a patch-attribute cross-entropy of a linear probe on the last "
+                     "hidden states, the probe dropped after training")
+    return "".join("; " + p for p in parts)
+
+
 def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -> str:
     cfg = training["config"]
     files = sorted(p for sub, _ in SHIPPED.values() for p in (folder / sub).rglob("*") if p.is_file())
@@ -40,12 +48,14 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         f"0..{cfg['train_scenes'] - 1}; held-out scenes start at seed {training['held_out_from_seed']}. "
         f"torch threads: {cfg['threads']}; device {cfg['device']}; torch {training['torch']}.", "",
         f"Data: {cfg['train_scenes']} scenes; CLIP {cfg['clip_steps']} steps x batch {cfg['clip_batch']} "
-        f"(lr {cfg['clip_lr']}); VLM {cfg['vlm_steps']} steps x batch {cfg['vlm_batch']} conversations "
-        f"(lr {cfg['vlm_lr']}, each a caption and one question of each type, turns shuffled); n-gram order "
+        f"(lr {cfg['clip_lr']}{clip_recipe(cfg)}); VLM {cfg['vlm_steps']} steps x batch {cfg['vlm_batch']} "
+        f"conversations (lr {cfg['vlm_lr']}, each a caption and one question of each type, turns shuffled; vision "
+        f"tower {'fine-tuned' if cfg.get('vlm_train_tower', True) else 'frozen'}); n-gram order "
         f"{cfg['ngram_order']} over the answers of every training scene.", "",
         "Training time (seconds, a shared 2-core CPU): "
         + ", ".join(f"{k} {v:.0f}" for k, v in training["seconds"].items())
-        + f"; total {sum(training['seconds'].values()):.0f}.", "",
+        + f"; total {sum(training['seconds'].values()):.0f}"
+        + (f"; load average {training['load_average']}" if "load_average" in training else "") + ".", "",
         "Sizes: " + json.dumps(cfg["sizes"]), "",
         f"## Metrics (held-out scenes, `{demo_command}`)", "", "```", table(metrics), "```", "",
         *imagine_lines(cfg.get("imagine")), "",

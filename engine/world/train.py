@@ -1,7 +1,10 @@
 """Train the world's models with mmfuse's own loops (`mmfuse world train --out DIR`).
 
-1. CLIP: the contrastive loop (`encoders.train`, the fused loss of mmfuse.kernels) on rendered
-   scenes and their captions.
+1. CLIP: the contrastive loss of `encoders.train` (the fused loss of mmfuse.kernels) on rendered
+   scenes and their captions, each batch half scenes and half their siblings (one attribute or
+   position changed: hard negatives), plus a linear probe's cross-entropy on the tower's last
+   hidden states against each patch's cell attributes (the features the VLM reads; the probe is
+   dropped after training); bench/README.md has the measured effect.
 2. VLM (LLaVA format): the CLIP vision tower, a projector and a small Llama decoder, trained with
    the decoder loop (`decoder.train`) on multi-turn conversations about each scene (caption and
    every question type, turns shuffled so that each comes first as often), loss on answers only.
@@ -14,27 +17,32 @@ weights on the same software stack.
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..decoder.train import IGNORE, DecoderTrainConfig, llama_decoder_config, next_token_loss, train_decoder
 from ..encoders.clip import ClipModel
 from ..encoders.preprocess import ImageProcessor
 from ..files import write_json
 from ..encoders.tokens import TextTokenizer
-from ..encoders.train import TrainConfig, tensor_batches, train
+from ..encoders.train import TrainConfig, contrastive_loss
 from ..nn.layers import init_weights
+from ..optim import lr_at, make_optimizer
 from ..vlm.config import VlmConfig
 from ..vlm.llava import LlavaModel
 from .imagine_train import ImagineTrainConfig, train_imagine
 from .language import CAPTION_PROMPT, caption, questions
-from .models import (ASSISTANT, BOS, EOS, IMAGE, PAD, PREPROCESSOR, USER, WorldSizes, chat_tokenizer,
+from .models import (ASSISTANT, BOS, CLIP_CONTEXT, EOS, IMAGE, PAD, PREPROCESSOR, USER, WorldSizes, chat_tokenizer,
                      llava_hf_config, save_llava, world_clip_config, write_chat_assets, write_clip_assets)
-from .scene import generate_scene, render
+from .scene import CELL, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, generate_scene, jitter, random_object, render
 
 HELD_OUT = 1_000_000  # first held-out seed
 STAGES = ("clip", "vlm", "ngram", "imagine")  # in training order; vlm starts from clip's vision tower
@@ -46,12 +54,15 @@ class WorldTrainConfig:
     seed: int = 0                  # model init and batch order
     threads: int = 1               # torch intra-op threads (fixed: reproducible, and fastest for models this small on a shared box)
     device: str = "cpu"
-    clip_steps: int = 500
+    clip_steps: int = 2500
     clip_batch: int = 64
     clip_lr: float = 2e-3
-    vlm_steps: int = 700
+    clip_siblings: bool = True     # half of each CLIP batch: one-attribute/position variants of the other half
+    clip_aux: float = 1.0          # weight of the auxiliary patch-attribute loss (0: contrastive only)
+    vlm_steps: int = 4000
     vlm_batch: int = 16
     vlm_lr: float = 2e-3
+    vlm_train_tower: bool = True   # fine-tune the vision tower with the VLM (False: keep world-clip's, frozen)
     ngram_order: int = 6
     progress: bool = True
     sizes: WorldSizes = field(default_factory=WorldSizes)
@@ -62,17 +73,113 @@ def world_images(seeds) -> list:
     return [render(generate_scene(s)) for s in seeds]
 
 
+def sibling(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A scene that differs from `scene` in one thing (an object's size, colour or shape; an object
+    moved to an empty cell; two objects swapped; an object added or removed), its caption too:
+    in-batch hard negatives that teach the CLIP to bind attributes to positions."""
+    objs = list(scene.objects)
+    empty = [c for c in range(4) if scene.at(c) is None]
+    moves = ["attribute"] + (["move", "add"] if empty else []) + (["swap", "remove"] if len(objs) > 1 else [])
+    move = moves[int(rng.integers(len(moves)))]
+    i = int(rng.integers(len(objs)))
+    o = objs[i]
+    if move == "attribute":
+        field, values = [("size", tuple(SIZES)), ("colour", COLOURS), ("shape", SHAPES)][int(rng.integers(3))]
+        others = [v for v in values if v != getattr(o, field)]
+        objs[i] = replace(o, **{field: others[int(rng.integers(len(others)))]})
+    elif move == "move":
+        objs[i] = replace(o, cell=empty[int(rng.integers(len(empty)))])
+    elif move == "add":
+        objs.append(random_object(rng, empty[int(rng.integers(len(empty)))]))
+    elif move == "remove":
+        objs.pop(i)
+    else:
+        j = (i + 1 + int(rng.integers(len(objs) - 1))) % len(objs)
+        if (o.size, o.colour, o.shape) == (objs[j].size, objs[j].colour, objs[j].shape):
+            return sibling(scene, rng)  # swapping twins changes nothing
+        objs[i], objs[j] = replace(o, cell=objs[j].cell), replace(objs[j], cell=o.cell)
+    objs = tuple(sorted(objs))
+    return Scene(objs, jitter(rng, objs))
+
+
+CELL_CLASSES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(SIZES))  # colour, shape, size of a cell's object (0: none)
+
+
+def patch_labels(scene: Scene, patch: int) -> np.ndarray:
+    """(N, 3) int64: for each patch in reading order, the colour, shape and size class of the object
+    in the grid cell the patch lies in (0 where the cell is empty): the auxiliary targets."""
+    side = IMAGE_SIZE // patch
+    cells = np.zeros((4, 3), np.int64)
+    for o in scene.objects:
+        cells[o.cell] = (1 + COLOURS.index(o.colour), 1 + SHAPES.index(o.shape), 1 + tuple(SIZES).index(o.size))
+    r, c = np.divmod(np.arange(side * side), side)
+    return cells[(r * patch // CELL) * 2 + c * patch // CELL]
+
+
+def clip_batches(cfg: WorldTrainConfig, tokenizer, proc):
+    """Endless batches (pixels (B, 3, H, W), ids (B, T), patch labels (B, N, 3)): B / 2 training
+    scenes and a sibling of each (`sibling`), so every batch holds pairs that differ in one
+    attribute or position."""
+    scenes = [generate_scene(s) for s in range(cfg.train_scenes)]
+    rng = np.random.default_rng(cfg.seed + 3)
+    if cfg.clip_siblings:
+        scenes += [sibling(s, rng) for s in scenes]
+    images = np.stack([render(s) for s in scenes])  # (N, H, W, 3) uint8
+    ids, _ = tokenizer([caption(s) for s in scenes])
+    labels = torch.from_numpy(np.stack([patch_labels(s, cfg.sizes.patch) for s in scenes]))
+    half = cfg.clip_batch // 2 if cfg.clip_siblings else cfg.clip_batch
+    n = cfg.train_scenes
+    while True:
+        order = rng.permutation(n)
+        for s in range(0, n - half + 1, half):
+            idx = order[s:s + half]
+            if cfg.clip_siblings:
+                idx = np.concatenate([idx, idx + n])
+            t = torch.as_tensor(idx)
+            yield proc(list(images[idx])), ids[t], labels[t]
+
+
+def clip_step_loss(model: ClipModel, head: nn.Linear, batch, aux_weight: float) -> torch.Tensor:
+    """The contrastive loss (mmfuse.kernels) plus `aux_weight` x the patch-attribute cross-entropy of a
+    linear probe on the tower's last hidden states (the features the VLM reads)."""
+    pixels, ids, labels = batch
+    x = model.image_tower.hidden_states(pixels, [-1])[0]  # (B, 1 + N, C)
+    img = model.image_proj(model.image_tower.norm_post(x[:, 0]))
+    txt = model.text_features(ids)
+    loss = contrastive_loss(model, F.normalize(img, dim=-1), F.normalize(txt, dim=-1))
+    if aux_weight:
+        logits = head(x[:, 1:]).split(CELL_CLASSES, dim=-1)  # each (B, N, classes)
+        loss = loss + aux_weight * sum(F.cross_entropy(z.flatten(0, 1), labels[..., k].flatten())
+                                       for k, z in enumerate(logits))
+    return loss
+
+
 def train_clip(cfg: WorldTrainConfig, out: Path) -> ClipModel:
     folder = out / "clip"
     vocab = write_clip_assets(folder)
-    seeds = range(cfg.train_scenes)
     proc = ImageProcessor.from_config(PREPROCESSOR)
-    px = proc(world_images(seeds))
-    ids, _ = TextTokenizer(folder, 40)([caption(generate_scene(s)) for s in seeds])
     model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=cfg.seed).to(cfg.device)
+    head = nn.Linear(cfg.sizes.vision_width, sum(CELL_CLASSES)).to(cfg.device)  # dropped after training
     tc = TrainConfig(steps=cfg.clip_steps, lr=cfg.clip_lr, warmup_steps=max(1, cfg.clip_steps // 20),
                      weight_decay=0.05, progress=cfg.progress)
-    train(model, tensor_batches(px, ids, cfg.clip_batch, seed=cfg.seed), tc)
+    both = nn.ModuleDict({"clip": model, "head": head})
+    opt = make_optimizer(both, tc)
+    batches = clip_batches(cfg, TextTokenizer(folder, CLIP_CONTEXT), proc)
+    model.train()
+    bar = tqdm(range(tc.steps), disable=not tc.progress, desc="clip", dynamic_ncols=True)
+    for step in bar:
+        batch = [t.to(cfg.device) for t in next(batches)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        opt.zero_grad(set_to_none=True)
+        loss = clip_step_loss(model, head, batch, cfg.clip_aux)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(both.parameters(), tc.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, tc.max_logit_scale)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
     model.save_pretrained(folder)
     return model
 
@@ -140,6 +247,7 @@ def train_vlm(cfg: WorldTrainConfig, out: Path, clip: ClipModel) -> LlavaModel:
     tok = chat_tokenizer()
     write_chat_assets(folder, tok)
     model, hf = build_vlm(cfg, clip, tok)
+    model.tower.requires_grad_(cfg.vlm_train_tower)
     pixels = ImageProcessor.from_config(PREPROCESSOR)(world_images(range(cfg.train_scenes)))
     dc = DecoderTrainConfig(steps=cfg.vlm_steps, lr=cfg.vlm_lr, warmup_steps=max(1, cfg.vlm_steps // 20),
                             weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8, progress=cfg.progress, desc="vlm")
@@ -186,6 +294,7 @@ def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None, s
         raise ValueError(f"stages {list(stages)}: choose from {STAGES} (vlm needs clip)")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
+    load = [os.getloadavg()[0]]
     times = {}
     clip = None
     for stage in (s for s in STAGES if s in stages):
@@ -199,7 +308,9 @@ def train_world(out, cfg: WorldTrainConfig = WorldTrainConfig(), command=None, s
         else:
             train_imagine_stage(cfg, out)
         times[stage] = time.perf_counter() - t
+    load.append(os.getloadavg()[0])
     write_json(out / "training.json", {"command": command or f"mmfuse world train --out {out}",
                                        "config": asdict(cfg), "seconds": times, "held_out_from_seed": HELD_OUT,
+                                       "load_average": "{:.1f} at the start, {:.1f} at the end".format(*load),
                                        "torch": torch.__version__})
     return times
