@@ -3,7 +3,8 @@
 A batch-1 decode step through PyTorch is some 15 ops per layer, each with its Python, dispatch and
 thread hand-off costs; on a narrow 30-layer model those fixed costs, not the weights streamed,
 bound the step. The extension runs every layer for the batch's rows inside one OpenMP parallel
-region with barriers between the ops (as llama.cpp does): norms, the q/k/v projection, RoPE from
+region, each op cut into chunks the threads take from an atomic counter (no barriers that wait for
+a descheduled thread; csrc/decode/step.cpp): norms, the q/k/v projection, RoPE from
 the model's tables, the key/value writes into the `KVCache` buffers in place, attention over each
 row's cached positions, the MLP, residuals, final norm and LM head, reading the weights where
 PyTorch keeps them. fp32 weights and the engine's int8 / int4 formats (kernels/quant_cpu.py) run;
