@@ -106,11 +106,21 @@ def quantize_gguf(src: Path, out: Path, kind: str) -> None:
 class LlamaCppRunner:
     """Greedy decoding through llama.cpp's C API: one llama_decode per token, argmax in numpy."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int):
-        from llama_cpp import Llama
+    def __init__(self, path: Path, n_ctx: int, threads: int, extra_bufts: bool = True):
+        import llama_cpp
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+        default = llama_cpp.llama_model_default_params
+        if not extra_bufts:  # llama.cpp's own model parameter; llama-cpp-python does not expose it
+            def plain_buffers():
+                params = default()
+                params.use_extra_bufts = False
+                return params
+            llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                       n_threads=threads, n_threads_batch=threads, verbose=False)
+        finally:
+            llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = default
 
     def generate(self, prompt, n: int) -> list:
         llm = self.llm
@@ -134,6 +144,9 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--unfused", action="store_true", help="also time mmfuse without its fused decode step")
+    ap.add_argument("--plain-buffers", action="store_true",
+                    help="Q8_0/Q4_0 without llama.cpp's extra buffer types (its AMX / repacked weights), whose "
+                         "Q8_0 and Q4_0 runs segfault in llama-cpp-python 0.3.36 on an AMX Xeon")
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     n_ctx = args.prompt_len + args.new_tokens + 8
@@ -159,7 +172,7 @@ def main(argv=None) -> None:
                 if theirs != "f32":
                     quantize_gguf(f32, gguf, theirs)
                 engine = Engine(load_decoder(folder, dtype="fp32", quantize=None if ours == "fp32" else ours))
-                peer = LlamaCppRunner(gguf, n_ctx, threads)
+                peer = LlamaCppRunner(gguf, n_ctx, threads, extra_bufts=theirs == "f32" or not args.plain_buffers)
                 runs = {
                     "mmfuse": lambda n: engine.generate([prompt], temperature=0.0, max_new_tokens=n, ignore_eos=True),
                     "llama.cpp": lambda n: peer.generate(prompt, n),
