@@ -24,7 +24,7 @@ from .vq import VQConfig, VQTrainConfig, train_vq
 class ImagineTrainConfig:
     vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch=32))  # tokenizer training
     vq_sizes: VQConfig = field(default_factory=lambda: VQConfig(width=64, layers=1, mask_codes=512))
-    steps: int = 1000              # decoder optimizer steps
+    steps: int = 2000              # decoder optimizer steps
     batch: int = 32                # sequences per step
     lr: float = 3e-3
     caption_dropout: float = 0.1   # fraction of sequences trained without their caption (for guidance)
