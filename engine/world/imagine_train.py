@@ -15,8 +15,8 @@ from ..decoder.train import DecoderTrainConfig, llama_decoder_config, pad_batch,
 from ..decoder.transformer import Decoder
 from ..files import write_json
 from ..nn.layers import init_weights
-from .imagine import imagine_tokenizer, prompt_ids
-from .models import EOS, PAD, write_chat_assets
+from .imagine import image_token, imagine_tokenizer, prompt_ids
+from .models import BOS, EOS, PAD, write_chat_assets
 from .vq import VQConfig, VQTrainConfig, train_vq
 
 
@@ -72,9 +72,9 @@ def train_imagine(cfg: ImagineTrainConfig, folder, images: np.ndarray, captions:
     with torch.inference_mode():
         codes = torch.cat([vq.encode(images[s:s + 256]) for s in range(0, len(images), 256)]).cpu()
     tok = imagine_tokenizer(cfg.vq_sizes.codebook_size)
-    first = tok.token_to_id("<img0>")
+    first = tok.token_to_id(image_token(0))
     dcfg = llama_decoder_config(tok.get_vocab_size(), cfg.width, cfg.layers, cfg.heads, cfg.ff, cfg.context,
-                                bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id(EOS))
+                                bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS))
     torch.manual_seed(cfg.seed)
     model = Decoder(dcfg)
     init_weights(model)
