@@ -1,7 +1,7 @@
 """The fused CPU decode step (mmfuse._decode, engine/decoder/fused_step.py) against the PyTorch
-decode step: float64 references, random-init odd-shaped GPT-2 / Llama / Qwen2 models, fp32, int8
-and int4 weights, rows of different lengths, poisoned outputs and caches, greedy sequences, and
-the fallbacks (switched off, unsupported models)."""
+decode step: float64 references, random-init odd-shaped GPT-2 / Llama / Qwen2 models, fp32, bf16,
+int8 and int4 weights, rows of different lengths, poisoned outputs and caches, greedy sequences,
+and the fallbacks (switched off, unsupported models)."""
 import pytest
 import torch
 
@@ -209,8 +209,8 @@ def test_switched_off_and_unsupported_models_fall_back(monkeypatch):
     with pytest.raises(Exception, match="MMFUSE_FUSED_DECODE"):
         state.decode(torch.tensor([3]))
 
-    bf16 = random_model("llama").to(torch.bfloat16)
-    assert "bfloat16" in FusedStep.unsupported(bf16)
+    fp16 = random_model("llama").to(torch.float16)
+    assert "float16" in FusedStep.unsupported(fp16)
     # GPTQ's activation order: a gather before the layer, which the fused step does not do
     ordered = random_model("qwen2")
     lin = ordered.blocks[1].mlp.down
@@ -218,7 +218,7 @@ def test_switched_off_and_unsupported_models_fall_back(monkeypatch):
     ordered.blocks[1].mlp.down = QuantizedLinear(q.qweight, q.scales, q.zeros, 4, 26, lin.in_features,
                                                  in_perm=torch.randperm(lin.in_features))
     assert "desc_act" in FusedStep.unsupported(ordered)
-    for m in (bf16, ordered):
+    for m in (fp16, ordered):
         monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
         state = DecodeState(m, 2, 20)
         state.prefill(PROMPTS[:2])
@@ -236,3 +236,139 @@ def test_engine_greedy_generation_unchanged(gpt2_folder, monkeypatch):
         out[flag] = [c.token_ids for c in eng.generate(["hello world", "the lazy dog"], max_new_tokens=12,
                                                        temperature=0.0, ignore_eos=True)]
     assert out["1"] == out["0"] and len(out["1"][0]) == 12
+
+
+# ---- bf16 models: bf16 weights and KV cache; fp32 residual stream, bf16-rounded layer inputs (fused_step.py)
+
+BF16_STEPS = 32
+
+
+def forced(model, prompts, tokens, fused: bool, monkeypatch, poison: bool = False):
+    """Prefill, then decode the given tokens (steps, B) whatever the logits say: fp64 logits per step."""
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1" if fused else "0")
+    state = DecodeState(model, len(prompts), 48)
+    state.prefill(prompts)
+    if poison:
+        for b, n in enumerate(state.cache.filled):
+            state.cache.k[:, b, :, n:] = float("nan")
+            state.cache.v[:, b, :, n:] = float("nan")
+    return [state.decode(t).double() for t in tokens], state
+
+
+def rel_error(got: list, ref: list) -> float:
+    """The largest error of any step's logits, relative to that step's largest reference logit."""
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bf16_closer_to_float64_than_torch_bf16(name, batch, monkeypatch):
+    """Against an fp64 run of the same bf16-rounded weights, over 32 steps of fresh random tokens: the
+    fused step is within 0.6% of the logits' scale and at least as close as PyTorch's bf16 path (which
+    rounds every intermediate), and within 1.5% of that path. The cache it writes is bf16 and
+    within one bf16 rounding (plus the path's error) of the reference's."""
+    model = random_model(name).to(torch.bfloat16)
+    prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[2:]
+    tokens = torch.randint(0, model.cfg.vocab_size, (BF16_STEPS, batch), generator=torch.Generator().manual_seed(batch))
+    got, state = forced(model, prompts, tokens, True, monkeypatch, poison=True)
+    assert state._fused[True] is not None and state.cache.k.dtype == torch.bfloat16
+    torch_bf16, _ = forced(model, prompts, tokens, False, monkeypatch)
+    ref, ref_state = forced(random_model(name).to(torch.bfloat16).double(), prompts, tokens, False, monkeypatch)
+    assert all(torch.isfinite(g).all() for g in got)
+    fused_err, torch_err = rel_error(got, ref), rel_error(torch_bf16, ref)
+    assert fused_err <= 6e-3 and fused_err <= torch_err, (fused_err, torch_err)
+    assert rel_error(got, torch_bf16) <= 1.5e-2
+    start = [len(p) for p in prompts]  # what the steps wrote (the prefill's keys are PyTorch's)
+    for b, n in enumerate(state.cache.filled):
+        for c, r in ((state.cache.k, ref_state.cache.k), (state.cache.v, ref_state.cache.v)):
+            assert_close(c[:, b, :, start[b]:n], r[:, b, :, start[b]:n], 2e-2)
+
+
+def greedy(model, steps: int, fused: bool, monkeypatch):
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1" if fused else "0")
+    state = DecodeState(model, len(PROMPTS), 48)
+    logits, out = state.prefill(PROMPTS), []
+    for _ in range(steps):
+        logits = state.decode(logits.argmax(-1))
+        out.append(logits.float())
+    return out
+
+
+@pytest.mark.parametrize("name,seed", [("gpt2", 0), ("llama", 2), ("qwen2", 2)])
+def test_bf16_greedy_tokens_match_torch_bf16(name, seed, monkeypatch):
+    """Free-running greedy decoding, 32 steps, 3 rows: the same tokens as PyTorch's bf16 path, on
+    models whose top-2 logit margins stay well above the two paths' difference (checked, so a
+    token flip here is a bug, not a near tie)."""
+    model = random_model(name, seed=seed).to(torch.bfloat16)
+    got, ref = greedy(model, BF16_STEPS, True, monkeypatch), greedy(model, BF16_STEPS, False, monkeypatch)
+    for step, (a, b) in enumerate(zip(got, ref)):
+        margin = b.topk(2, -1).values.diff(dim=-1).abs().min().item()
+        assert margin > 0.05 * b.abs().max().item(), f"step {step}: a near tie (margin {margin:.3g}), pick another seed"
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist(), f"step {step}"
+
+
+def test_bf16_threads_agree_and_output_is_written(monkeypatch):
+    """The numbers do not depend on how many threads share the ops; every logit of `out` is written."""
+    model = random_model("llama").to(torch.bfloat16)
+    tokens = torch.randint(0, model.cfg.vocab_size, (6, 3), generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            runs.append(forced(model, PROMPTS, tokens, True, monkeypatch))
+    finally:
+        torch.set_num_threads(before)
+    (one, s1), (three, s3) = runs
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
+    assert torch.equal(s1.cache.k, s3.cache.k) and torch.equal(s1.cache.v, s3.cache.v)
+    out = torch.full((3, model.cfg.vocab_size), float("nan"))
+    s1._fused[True](torch.tensor([1, 2, 3]), s1.cache, model.rope_cos, model.rope_sin, out=out)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="bfloat16 KV cache"):
+        s1._fused[True](torch.tensor([1, 2, 3]), DecodeState(random_model("llama"), 3, 8).cache, model.rope_cos,
+                        model.rope_sin)
+
+
+@pytest.mark.parametrize("K,N", [(100, 37), (33, 5), (31, 3), (576, 19), (70, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+def test_bf16_kernels_match_float64_reference(K, N, rows):
+    """One bf16 layer, both kernels (AVX-512 BF16 dot products where the CPU has them, and the
+    conversion + FMA one): the input rounded to bf16, then exact products summed in fp32."""
+    gen = torch.Generator().manual_seed(K * N + rows)
+    w = torch.randn(N, K, generator=gen).to(torch.bfloat16)
+    x = torch.randn(rows, K, generator=gen) * torch.linspace(0.1, 3, K)
+    ref = x.to(torch.bfloat16).double() @ w.double().T
+    spec = (16, w.data_ptr(), 0, 0, 0, N, K, 0, 0)
+    for dots in (True, False):
+        y = torch.full((rows, N), float("nan"))
+        assert _decode.linear(spec, x.data_ptr(), K, rows, y.data_ptr(), dots) == (dots and _decode.has_bf16())
+        assert_close(y, ref, 1e-5)
+
+
+def test_bf16_input_rounding_is_torchs():
+    """The layer input's rounding (shared with the cache writes) is round-to-nearest-even, as
+    PyTorch's float -> bfloat16: through an identity layer (ties, the largest finite values, random)."""
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), -(1 + 3 * 2 ** -8), 3.0e38, -3.39e38])
+    x = torch.cat([ties, torch.randn(57, generator=torch.Generator().manual_seed(0)) * 100])[None]
+    K = x.shape[1]
+    eye = torch.eye(K).to(torch.bfloat16)
+    for dots in (True, False):
+        y = torch.empty(1, K)
+        _decode.linear((16, eye.data_ptr(), 0, 0, 0, K, K, 0, 0), x.data_ptr(), K, 1, y.data_ptr(), dots)
+        assert torch.equal(y, x.to(torch.bfloat16).float())  # one nonzero product per output: exact sums
+
+
+def test_engine_bf16_checkpoint_builds_the_fused_step(gpt2_folder, monkeypatch):
+    """`Engine.from_pretrained(dtype="bf16")`: its decode runs the fused step on a bf16 cache, and
+    its logits stay within the bf16 bound of the PyTorch path's, fed the same tokens."""
+    eng = Engine.from_pretrained(gpt2_folder, dtype="bf16")
+    assert eng.model.norm_f.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, eng.cfg.vocab_size, (12, 2), generator=torch.Generator().manual_seed(3))
+    got, state = forced(eng.model, PROMPTS[:2], tokens, True, monkeypatch)
+    assert state._fused[True] is not None and state._fused[True].dtype == torch.bfloat16
+    ref, _ = forced(eng.model, PROMPTS[:2], tokens, False, monkeypatch)
+    assert rel_error(got, ref) <= 1.5e-2
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    out = eng.generate(["hello world"], max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    assert len(out[0].token_ids) == 8

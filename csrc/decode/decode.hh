@@ -13,7 +13,7 @@ enum Act { ACT_NONE = 0, ACT_GELU_TANH, ACT_GELU, ACT_QUICK_GELU, ACT_SILU, ACT_
 
 // A linear layer in one of the engine's weight formats (kernels/quant_cpu.py documents the quantized ones).
 struct Linear {
-    int bits = 32;                  // 32: fp32 (N, K); 8: int8 (N, Kp); 4: int4 nibbles (N, Kp / 2)
+    int bits = 32;                  // 32: fp32 (N, K); 16: bf16 (N, K); 8: int8 (N, Kp); 4: int4 nibbles (N, Kp / 2)
     const void* w = nullptr;
     const float* scales = nullptr;  // (N, G) fp32
     const void* zeros = nullptr;    // (N, G) int16 (int8) / uint8 (int4), or null: symmetric (0 / 8)
@@ -21,15 +21,18 @@ struct Linear {
     int n = 0, k = 0;               // out and in features
     int g = 0, groups = 0;          // group size and groups per row (quantized); Kp = g * groups
     bool vnni = false;              // integer dot products with int8 activations (see kernels.cpp)
-    int kp() const { return bits == 32 ? k : g * groups; }
+    bool dpbf16 = false;            // bf16 weights: AVX-512 BF16 dot products (else converted to fp32 and FMA)
+    int kp() const { return bits >= 16 ? k : g * groups; }
 };
 
-// Rows of activations quantized to int8 in blocks of 32 columns (as llama.cpp's Q8 activations).
+// The input rows of a layer as its kernel reads them: quantized to int8 in blocks of 32 columns (as
+// llama.cpp's Q8 activations) for the integer kernels, rounded to bf16 for bf16 weights.
 struct QuantRows {
     static constexpr int BLOCK = 32;
     std::vector<int8_t> q;   // (B, stride), zero past K
     std::vector<float> d;    // (B, blocks) scale of each block
     std::vector<float> dsum; // (B, blocks) d * sum(q) of each block: the zero point's share
+    std::vector<uint16_t> bf;  // (B, stride) bf16, zero past K
     int stride = 0, blocks = 0;
     void resize(int rows, int max_k);
 };
@@ -40,12 +43,32 @@ struct Layer { Norm n1, n2; Linear qkv, o, up, down; };
 
 // kernels.cpp
 bool cpu_has_vnni();
+bool cpu_has_bf16();
 bool vnni_fits(const Linear& lin);
 void quantize_rows(const float* x, int ldx, int rows, int k, QuantRows& qr);
-// y[b * ldy + j] = sum_k W[j, k] * x[b, k] for j in [j0, j1) (no bias); qr: x quantized (vnni layers)
+inline uint16_t to_bf16(float x) {  // round to nearest even, as PyTorch's float -> bfloat16
+    uint32_t u;
+    __builtin_memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // a NaN stays a (quiet) NaN
+    return uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+inline float from_bf16(uint16_t h) {
+    const uint32_t u = uint32_t(h) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+void round_rows(const float* x, int ldx, int rows, int k, QuantRows& qr);  // x -> qr.bf
+// Whether `lin` reads its input from QuantRows (int8 or bf16) rather than fp32, and making it so.
+inline bool rounds_input(const Linear& lin) { return lin.vnni || lin.bits == 16; }
+void prepare_input(const Linear& lin, const float* x, int ldx, int rows, int k, QuantRows& qr);
+// y[b * ldy + j] = sum_k W[j, k] * x[b, k] for j in [j0, j1) (no bias); qr: x prepared (rounds_input)
 void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr, int rows, int j0, int j1,
                  float* y, int ldy, float* tmp);
-void attend(const float* q, const float* kc, const float* vc, int len, int d, float* scores, float* out);
+// Attention of one query over `len` cached positions of one head; the caches hold fp32, or bf16
+// (uint16_t) where `bf16`: `store` writes d values at element `at` of one.
+void attend(const float* q, const void* kc, const void* vc, bool bf16, int len, int d, float* scores, float* out);
+void store(void* cache, bool bf16, size_t at, const float* x, int d);
 void rope(float* x, const float* cos, const float* sin, int d);
 float act(int kind, float x);
 void norm_row(const float* x, const Norm& nm, float eps, int c, float* out);
@@ -58,6 +81,7 @@ struct Config {
     bool rope;        // rotary positions (else a learned position table)
     float eps;        // norm epsilon
     bool int_dots;    // run quantized layers that fit as integer dot products (where the CPU has VNNI)
+    bool kv_bf16;     // the KV cache holds bf16 (else fp32)
 };
 
 class Plan {
@@ -67,9 +91,10 @@ class Plan {
     void add_layer(const Layer& layer);
     void set_head(const Norm& norm, const Linear& head);
     // One token per row: tokens (B,) int64 at positions lengths (B,) int64; writes each layer's key and
-    // value at that position of the caches (L, B, Hkv, tmax, D) fp32, attends over positions
+    // value at that position of the caches (L, B, Hkv, tmax, D) fp32 or bf16 (kv_bf16, rounded to
+    // nearest even as PyTorch writes them), attends over positions
     // [0, length], and writes the logits (B, V). cos / sin: (>= max length + 1, D / 2) RoPE tables.
-    void step(const int64_t* tokens, const int64_t* lengths, float* k_cache, float* v_cache, int tmax,
+    void step(const int64_t* tokens, const int64_t* lengths, void* k_cache, void* v_cache, int tmax,
               const float* cos, const float* sin, float* logits, int threads);
     int vnni_layers() const;  // linears that run as integer dot products
 

@@ -1,9 +1,18 @@
-// The kernels of the fused decode step: linear layers for a few rows (fp32, int8, int4), attention
-// over the cached positions of one head, RoPE, norms and activations.
+// The kernels of the fused decode step: linear layers for a few rows (fp32, bf16, int8, int4),
+// attention over the cached positions of one head (fp32 or bf16 caches), RoPE, norms and activations.
 //
 // Portable code with runtime dispatch: the plain loops are compiled three times (AVX-512, AVX2 and
 // baseline x86-64, `target_clones`; the loader picks one), and the integer kernels are AVX-512
-// VNNI intrinsics used only where `cpu_has_vnni()` says the CPU has them.
+// VNNI intrinsics used only where `cpu_has_vnni()` says the CPU has them; the bf16 dot products
+// likewise AVX-512 BF16 (`cpu_has_bf16()`).
+//
+// bf16 weights: the layer's input is rounded to bf16 first (as PyTorch's bf16 model holds it), so
+// every product w * x is exact in fp32 and the kernels differ only in the order of the fp32 sums.
+// With AVX-512 BF16, vdpbf16ps takes 32 products per instruction straight from the bf16 words;
+// elsewhere both operands are widened to fp32 in registers (a 16-bit shift) and go through FMA.
+// The vdpbf16ps kernel is kept where it exists because it is faster at every row count measured
+// (bench/README.md, "bf16 weights"): it needs no conversion and half the instructions, which
+// matters from a few rows on, when the weights come from cache rather than memory.
 //
 // Integer kernels (llama.cpp's Q8_0 / Q4_0 x Q8 dot products): the input row is quantized to int8
 // in blocks of 32 columns, each with its own scale d; each block's dot product with the weight
@@ -24,6 +33,7 @@
 #define CLONES
 #endif
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
 namespace mmdecode {
 
@@ -33,12 +43,18 @@ void QuantRows::resize(int rows, int max_k) {
     q.assign(size_t(rows) * stride, 0);
     d.assign(size_t(rows) * blocks, 0.f);
     dsum.assign(size_t(rows) * blocks, 0.f);
+    bf.assign(size_t(rows) * stride, 0);
 }
 
 bool cpu_has_vnni() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+bool cpu_has_bf16() {
+    __builtin_cpu_init();
+    return cpu_has_vnni() && __builtin_cpu_supports("avx512bf16");
 }
 
 bool vnni_fits(const Linear& lin) {
@@ -101,25 +117,63 @@ CLONES void quantize_rows(const float* __restrict x, int ldx, int rows, int k, Q
     }
 }
 
-// ---- float kernels (fp32 weights, and quantized weights converted in registers where VNNI does not fit)
+CLONES void round_rows(const float* __restrict x, int ldx, int rows, int k, QuantRows& qr) {
+    for (int r = 0; r < rows; r++) {
+        uint16_t* o = qr.bf.data() + size_t(r) * qr.stride;
+        const float* xr = x + size_t(r) * ldx;
+        for (int i = 0; i < k; i++) o[i] = to_bf16(xr[i]);
+        for (int i = k; i < qr.stride; i++) o[i] = 0;
+    }
+}
 
-static inline void dot4_f32(const float* __restrict w, size_t ld, const float* __restrict x, int k, float* o) {
-    const float *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+void prepare_input(const Linear& lin, const float* x, int ldx, int rows, int k, QuantRows& qr) {
+    if (lin.vnni) quantize_rows(x, ldx, rows, k, qr);
+    else if (lin.bits == 16) round_rows(x, ldx, rows, k, qr);
+}
+
+// ---- float kernels (fp32 weights; bf16 and quantized weights converted in registers where
+// AVX-512 BF16 / VNNI does not fit)
+
+static inline float val(const float* p, size_t i) { return p[i]; }
+static inline float val(const uint16_t* p, size_t i) { return from_bf16(p[i]); }  // bf16
+
+template <class T>  // four rows of W (fp32 or bf16) . x (the same type)
+static inline void dot4(const T* __restrict w, size_t ld, const T* __restrict x, int k, float* o) {
+    const T *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
     for (int i = 0; i < k; i++) {
-        const float xi = x[i];
-        a0 += w0[i] * xi;
-        a1 += w1[i] * xi;
-        a2 += w2[i] * xi;
-        a3 += w3[i] * xi;
+        const float xi = val(x, i);
+        a0 += val(w0, i) * xi;
+        a1 += val(w1, i) * xi;
+        a2 += val(w2, i) * xi;
+        a3 += val(w3, i) * xi;
     }
     o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
 }
 
-static inline float dot1_f32(const float* __restrict w, const float* __restrict x, int k) {
+template <class T>
+static inline float dot1(const T* __restrict w, const T* __restrict x, int k) {
     float a = 0.f;
-    for (int i = 0; i < k; i++) a += w[i] * x[i];
+    for (int i = 0; i < k; i++) a += val(w, i) * val(x, i);
     return a;
+}
+
+template <class T>  // y[b, j] = W[j] . x[b] for j in [j0, j1)
+static inline void plain_rows(const T* W, size_t K, const T* x, size_t ldx, int rows, int j0, int j1, float* y,
+                              int ldy) {
+    int j = j0;
+    for (; j + 4 <= j1; j += 4)
+        for (int b = 0; b < rows; b++) {
+            float o[4];
+            dot4(W + j * K, K, x + b * ldx, int(K), o);
+            for (int u = 0; u < 4; u++) y[size_t(b) * ldy + j + u] = o[u];
+        }
+    for (; j < j1; j++)
+        for (int b = 0; b < rows; b++) y[size_t(b) * ldy + j] = dot1(W + j * K, x + b * ldx, int(K));
+}
+
+CLONES static void convert_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
+    plain_rows(static_cast<const uint16_t*>(L.w), L.k, qr.bf.data(), qr.stride, rows, j0, j1, y, ldy);
 }
 
 static inline float dot_i8(const int8_t* __restrict w, const float* __restrict x, int k) {
@@ -141,17 +195,7 @@ static inline float dot_nibbles(const uint8_t* __restrict q, const float* __rest
 CLONES static void float_rows(const Linear& L, const float* __restrict x, int ldx, int rows, int j0, int j1,
                               float* __restrict y, int ldy, float* __restrict xs) {
     if (L.bits == 32) {
-        const size_t K = L.k;
-        const float* W = static_cast<const float*>(L.w);
-        int j = j0;
-        for (; j + 4 <= j1; j += 4)
-            for (int b = 0; b < rows; b++) {
-                float o[4];
-                dot4_f32(W + j * K, K, x + size_t(b) * ldx, L.k, o);
-                for (int u = 0; u < 4; u++) y[size_t(b) * ldy + j + u] = o[u];
-            }
-        for (; j < j1; j++)
-            for (int b = 0; b < rows; b++) y[size_t(b) * ldy + j] = dot1_f32(W + j * K, x + size_t(b) * ldx, L.k);
+        plain_rows(static_cast<const float*>(L.w), L.k, x, ldx, rows, j0, j1, y, ldy);
         return;
     }
     const int G = L.groups, g = L.g;  // x is zero-padded to Kp = G * g
@@ -277,21 +321,70 @@ VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j
         }
 }
 
+// ---- bf16 kernels (AVX-512 BF16): NJ output rows x NB input rows per pass over K
+
+template <int NJ, int NB>
+BF16 static inline void dots_bf16(const uint16_t* w, size_t ldw, const uint16_t* x, size_t ldx, int k, float* y,
+                                  size_t ldy) {
+    __m512 acc[NJ][NB];
+    for (int u = 0; u < NJ; u++)
+        for (int b = 0; b < NB; b++) acc[u][b] = _mm512_setzero_ps();
+    for (int i = 0; i < k; i += 32) {  // x is zero-padded to a multiple of 32; w is masked past k
+        const __mmask32 m = k - i >= 32 ? ~__mmask32(0) : __mmask32((1u << (k - i)) - 1);
+        __m512i xv[NB];
+        for (int b = 0; b < NB; b++) xv[b] = _mm512_loadu_si512(x + b * ldx + i);
+        for (int u = 0; u < NJ; u++) {
+            const __m512i wv = _mm512_maskz_loadu_epi16(m, w + u * ldw + i);
+            for (int b = 0; b < NB; b++) acc[u][b] = _mm512_dpbf16_ps(acc[u][b], (__m512bh)wv, (__m512bh)xv[b]);
+        }
+    }
+    for (int u = 0; u < NJ; u++)
+        for (int b = 0; b < NB; b++) y[b * ldy + u] = _mm512_reduce_add_ps(acc[u][b]);
+}
+
+template <int NJ>
+BF16 static void bf16_block(const uint16_t* w, size_t ldw, const QuantRows& qr, int rows, int k, float* y, int ldy) {
+    const size_t ldx = qr.stride;
+    const uint16_t* x = qr.bf.data();
+    int b = 0;
+    for (; b + 4 <= rows; b += 4) dots_bf16<NJ, 4>(w, ldw, x + b * ldx, ldx, k, y + size_t(b) * ldy, ldy);
+    switch (rows - b) {
+        case 3: dots_bf16<NJ, 3>(w, ldw, x + b * ldx, ldx, k, y + size_t(b) * ldy, ldy); break;
+        case 2: dots_bf16<NJ, 2>(w, ldw, x + b * ldx, ldx, k, y + size_t(b) * ldy, ldy); break;
+        case 1: dots_bf16<NJ, 1>(w, ldw, x + b * ldx, ldx, k, y + size_t(b) * ldy, ldy); break;
+        default: break;
+    }
+}
+
+BF16 static void bf16_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
+    const size_t K = L.k;
+    const uint16_t* W = static_cast<const uint16_t*>(L.w);
+    int j = j0;
+    for (; j + 4 <= j1; j += 4) bf16_block<4>(W + j * K, K, qr, rows, L.k, y + j, ldy);
+    for (; j < j1; j++) bf16_block<1>(W + j * K, K, qr, rows, L.k, y + j, ldy);
+}
+
 void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr, int rows, int j0, int j1,
                  float* y, int ldy, float* tmp) {
     if (j0 >= j1) return;
     if (lin.vnni) vnni_rows(lin, *qr, rows, j0, j1, y, ldy);
+    else if (lin.bits == 16 && lin.dpbf16) bf16_rows(lin, *qr, rows, j0, j1, y, ldy);
+    else if (lin.bits == 16) convert_rows(lin, *qr, rows, j0, j1, y, ldy);
     else float_rows(lin, x, ldx, rows, j0, j1, y, ldy, tmp);
 }
 
 // ---- attention and RoPE
 
-CLONES void attend(const float* __restrict q, const float* __restrict kc, const float* __restrict vc, int len, int d,
-                   float* __restrict scores, float* __restrict out) {
+template <class T>
+static inline void attend_t(const float* __restrict q, const T* __restrict kc, const T* __restrict vc, int len, int d,
+                            float* __restrict scores, float* __restrict out) {
     const float scale = 1.f / std::sqrt(float(d));
     float mx = -INFINITY;
     for (int t = 0; t < len; t++) {
-        const float s = dot1_f32(kc + size_t(t) * d, q, d) * scale;
+        const T* k = kc + size_t(t) * d;
+        float s = 0.f;
+        for (int i = 0; i < d; i++) s += val(k, i) * q[i];
+        s *= scale;
         scores[t] = s;
         mx = std::max(mx, s);
     }
@@ -304,9 +397,33 @@ CLONES void attend(const float* __restrict q, const float* __restrict kc, const 
     const float inv = 1.f / sum;
     for (int t = 0; t < len; t++) {
         const float p = scores[t] * inv;
-        const float* v = vc + size_t(t) * d;
-        for (int i = 0; i < d; i++) out[i] += p * v[i];
+        const T* v = vc + size_t(t) * d;
+        for (int i = 0; i < d; i++) out[i] += p * val(v, i);
     }
+}
+
+CLONES static void attend_f32(const float* q, const float* kc, const float* vc, int len, int d, float* scores,
+                              float* out) {
+    attend_t(q, kc, vc, len, d, scores, out);
+}
+
+CLONES static void attend_bf16(const float* q, const uint16_t* kc, const uint16_t* vc, int len, int d, float* scores,
+                               float* out) {
+    attend_t(q, kc, vc, len, d, scores, out);
+}
+
+void attend(const float* q, const void* kc, const void* vc, bool bf16, int len, int d, float* scores, float* out) {
+    if (bf16) attend_bf16(q, static_cast<const uint16_t*>(kc), static_cast<const uint16_t*>(vc), len, d, scores, out);
+    else attend_f32(q, static_cast<const float*>(kc), static_cast<const float*>(vc), len, d, scores, out);
+}
+
+void store(void* cache, bool bf16, size_t at, const float* x, int d) {
+    if (!bf16) {
+        std::memcpy(static_cast<float*>(cache) + at, x, sizeof(float) * d);
+        return;
+    }
+    uint16_t* c = static_cast<uint16_t*>(cache) + at;
+    for (int i = 0; i < d; i++) c[i] = to_bf16(x[i]);
 }
 
 void rope(float* x, const float* cos, const float* sin, int d) {  // half-split layout (rotate_half)

@@ -40,20 +40,23 @@ PYBIND11_MODULE(_decode, m) {
           [](const py::tuple& spec, std::uintptr_t x, int ldx, int rows, std::uintptr_t y, bool int_dots) {
               // One linear layer on one thread, bias left out (tests): x (rows, ldx) zero-padded to Kp.
               Linear l = linear(spec);
-              l.vnni = int_dots && l.bits != 32 && cpu_has_vnni() && vnni_fits(l);
+              l.vnni = int_dots && l.bits < 16 && cpu_has_vnni() && vnni_fits(l);
+              l.dpbf16 = int_dots && l.bits == 16 && cpu_has_bf16();
               QuantRows qr;
               qr.resize(rows, l.kp());
-              if (l.vnni) quantize_rows(ptr<float>(x), ldx, rows, l.k, qr);
+              prepare_input(l, ptr<float>(x), ldx, rows, l.k, qr);
               std::vector<float> tmp(size_t(rows) * std::max(1, l.groups));
               linear_rows(l, ptr<float>(x), ldx, &qr, rows, 0, l.n, reinterpret_cast<float*>(y), l.n, tmp.data());
-              return l.vnni;
+              return l.vnni || l.dpbf16;
           },
-          "y (rows, n) = x @ W.T of one layer (bias left out); returns whether it ran as integer dot products");
+          "y (rows, n) = x @ W.T of one layer (bias left out); int_dots: integer dot products (int8 / int4) or "
+          "AVX-512 BF16 ones (bf16, x rounded to bf16 either way) where the CPU has them; returns whether they ran");
+    m.def("has_bf16", &cpu_has_bf16, "whether this CPU runs the AVX-512 BF16 dot products");
     py::class_<Plan>(m, "Plan")
         .def(py::init([](int batch, int d_model, int n_head, int n_kv_head, int head_dim, int d_ff, int vocab,
-                         int act, bool gated, bool rope, float eps, bool int_dots) {
+                         int act, bool gated, bool rope, float eps, bool int_dots, bool kv_bf16) {
             return new Plan(Config{batch, d_model, n_head, n_kv_head, head_dim, d_ff, vocab, act, gated, rope, eps,
-                                   int_dots});
+                                   int_dots, kv_bf16});
         }))
         .def("set_embed", [](Plan& p, std::uintptr_t table, const py::object& quantized, std::uintptr_t positions) {
             p.set_embed(ptr<float>(table), quantized.is_none() ? Linear{} : linear(quantized), ptr<float>(positions));
@@ -67,8 +70,8 @@ PYBIND11_MODULE(_decode, m) {
         .def("step",
              [](Plan& p, std::uintptr_t tokens, std::uintptr_t lengths, std::uintptr_t k, std::uintptr_t v, int tmax,
                 std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t logits, int threads) {
-                 p.step(ptr<int64_t>(tokens), ptr<int64_t>(lengths), reinterpret_cast<float*>(k),
-                        reinterpret_cast<float*>(v), tmax, ptr<float>(cos), ptr<float>(sin),
+                 p.step(ptr<int64_t>(tokens), ptr<int64_t>(lengths), reinterpret_cast<void*>(k),
+                        reinterpret_cast<void*>(v), tmax, ptr<float>(cos), ptr<float>(sin),
                         reinterpret_cast<float*>(logits), threads);
              },
              py::call_guard<py::gil_scoped_release>());

@@ -4,7 +4,9 @@
 // ends when all its chunks are done. Unlike a barrier, this never waits for a thread that holds no
 // work: on a machine shared with other jobs, a thread the OS has descheduled costs the step at most
 // the chunk it holds, not a time slice per op. Numerics follow the PyTorch modules of
-// engine/nn/layers.py op for op, in fp32, and do not depend on which thread computes what.
+// engine/nn/layers.py op for op, in fp32, and do not depend on which thread computes what. bf16
+// models keep that fp32 residual stream; what is bf16 in them is what the weights and the cache
+// read: each bf16 layer's input and the keys and values, rounded to nearest even (fused_step.py).
 #include <immintrin.h>
 #include <omp.h>
 #include <sched.h>
@@ -36,7 +38,8 @@ Plan::Plan(const Config& cfg) : c_(cfg) {
 }
 
 void Plan::prepare(Linear& lin) {
-    lin.vnni = c_.int_dots && lin.bits != 32 && cpu_has_vnni() && vnni_fits(lin);
+    lin.vnni = c_.int_dots && lin.bits < 16 && cpu_has_vnni() && vnni_fits(lin);
+    lin.dpbf16 = lin.bits == 16 && cpu_has_bf16();
     ld_ = std::max({ld_, lin.kp(), lin.n});
 }
 
@@ -77,6 +80,9 @@ void Plan::embed_rows(const int64_t* tokens, const int64_t* lengths) {
         const int64_t tok = tokens[b];
         if (embed_) {
             std::memcpy(xr, embed_ + size_t(tok) * C, sizeof(float) * C);
+        } else if (embed_q_.bits == 16) {
+            const uint16_t* e = static_cast<const uint16_t*>(embed_q_.w) + size_t(tok) * C;
+            for (int i = 0; i < C; i++) xr[i] = from_bf16(e[i]);
         } else {  // a row of a quantized table: (q - zero) * scale
             const Linear& e = embed_q_;
             const int G = e.groups, g = e.g;
@@ -100,7 +106,7 @@ void Plan::embed_rows(const int64_t* tokens, const int64_t* lengths) {
     }
 }
 
-void Plan::step(const int64_t* tokens, const int64_t* lengths, float* k_cache, float* v_cache, int tmax,
+void Plan::step(const int64_t* tokens, const int64_t* lengths, void* k_cache, void* v_cache, int tmax,
                 const float* cos, const float* sin, float* logits, int threads) {
     const int B = c_.batch, C = c_.d_model, H = c_.n_head, Hkv = c_.n_kv_head, D = c_.head_dim, F = c_.d_ff;
     const int rep = H / Hkv, half = D / 2, ld = ld_;
@@ -126,14 +132,14 @@ void Plan::step(const int64_t* tokens, const int64_t* lengths, float* k_cache, f
             }
             wait_until(done, n);
         };
-        auto normalize = [&](const Norm& nm, const Linear& next) {  // x -> xn, quantized for `next` if integer
+        auto normalize = [&](const Norm& nm, const Linear& next) {  // x -> xn, prepared for `next` (int8 / bf16)
             run(1, [&](int) {
                 for (int b = 0; b < B; b++) norm_row(x + size_t(b) * ld, nm, c_.eps, C, xn + size_t(b) * ld);
-                if (next.vnni) quantize_rows(xn, ld, B, C, *qr);
+                prepare_input(next, xn, ld, B, C, *qr);
             });
         };
-        auto quantize = [&](const Linear& next, const float* in, int k) {  // the input of an integer layer
-            if (next.vnni) run(1, [&](int) { quantize_rows(in, ld, B, k, *qr); });
+        auto quantize = [&](const Linear& next, const float* in, int k) {  // the input of an int8 / bf16 layer
+            if (rounds_input(next)) run(1, [&](int) { prepare_input(next, in, ld, B, k, *qr); });
         };
         auto add_residual = [&](const Linear& lin, const float* in) {  // x += lin(in)
             run(chunks(C), [&](int c) {
@@ -163,12 +169,15 @@ void Plan::step(const int64_t* tokens, const int64_t* lengths, float* k_cache, f
                 const float* v = yr + size_t(H + Hkv + g) * D;
                 if (c_.rope) rope(k, cos + pos * half, sin + pos * half, D);
                 const size_t base = ((li * B + b) * Hkv + g) * size_t(tmax) * D;
-                std::memcpy(k_cache + base + pos * D, k, sizeof(float) * D);
-                std::memcpy(v_cache + base + pos * D, v, sizeof(float) * D);
+                const bool bf = c_.kv_bf16;
+                store(k_cache, bf, base + pos * D, k, D);
+                store(v_cache, bf, base + pos * D, v, D);
+                const size_t off = bf ? sizeof(uint16_t) * base : sizeof(float) * base;
+                const char *kc = static_cast<const char*>(k_cache) + off, *vc = static_cast<const char*>(v_cache) + off;
                 for (int h = g * rep; h < (g + 1) * rep; h++) {
                     float* q = yr + size_t(h) * D;
                     if (c_.rope) rope(q, cos + pos * half, sin + pos * half, D);
-                    attend(q, k_cache + base, v_cache + base, int(pos + 1), D, sc, att + size_t(b) * ld + size_t(h) * D);
+                    attend(q, kc, vc, bf, int(pos + 1), D, sc, att + size_t(b) * ld + size_t(h) * D);
                 }
             });
             quantize(L.o, att, H * D);

@@ -12,8 +12,19 @@ quantized layers whose groups fit blocks of 32 take integer dot products with th
 quantized to int8 on the fly where the CPU has AVX-512 VNNI (`MMFUSE_INT8_ACTIVATIONS=0`: fp32
 arithmetic on dequantized registers instead).
 
-`FusedStep.build` returns None for what it does not run (other dtypes or devices, GPTQ activation
-order, a missing extension; `unsupported` says why), and the caller keeps the PyTorch path, which
+bf16 models run with bf16 weights (the tied embedding too, as the LM head) and a bf16 KV cache, read
+where PyTorch keeps them; their small tensors (norms, biases, the position table) are copied to
+fp32 at build time. Numerics: the residual stream, norms, RoPE, softmax and logits stay fp32, and
+what is bf16 is what meets a bf16 operand: each layer's input is rounded to bf16 (round to nearest
+even, as PyTorch holds it; the products are then exact and summed in fp32) and the keys and values
+are rounded as the cache stores them. PyTorch's bf16 path also rounds every intermediate (each
+residual add, norm, activation) to bf16, so the fused step is closer to an fp64 evaluation of the
+same weights than it is, and differs from it by about its own rounding error (tests/test_fused_decode.py
+bounds both). Logits come back fp32.
+
+`FusedStep.build` returns None for what it does not run (fp16 and other dtypes, other devices,
+quantized layers in a bf16 model, GPTQ activation order, a missing extension; `unsupported` says
+why), and the caller keeps the PyTorch path, which
 is also the reference the tests compare against. The weights are read where they were when the
 step was built: `DecodeState` builds it once per cache (weights are inference constants there,
 see `cpu_linear.freeze`).
@@ -42,9 +53,11 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _float(t: Optional[torch.Tensor], shape: tuple) -> bool:
-    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                         and tuple(t.shape) == shape)
+def _float(t: Optional[torch.Tensor], shape: tuple, dtype=torch.float32) -> bool:
+    return t is None or (t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and tuple(t.shape) == shape)
+
+
+FLOATS = (torch.float32, torch.bfloat16)  # the model dtypes the step runs
 
 
 class _Unsupported(Exception):
@@ -54,10 +67,11 @@ class _Unsupported(Exception):
 class FusedStep:
     """The compiled plan of one model for one batch size; call it as the decode step."""
 
-    def __init__(self, plan, tensors: list, vocab: int, batch: int):
+    def __init__(self, plan, tensors: list, vocab: int, batch: int, dtype: torch.dtype):
         self._plan = plan
         self._tensors = tensors  # what the plan points into, kept alive with it
         self.vocab, self.batch = vocab, batch
+        self.dtype = dtype  # the model's, and its KV cache's
 
     @property
     def integer_layers(self) -> int:
@@ -93,8 +107,9 @@ class FusedStep:
         if tok.shape[0] != self.batch or cache.batch != self.batch:
             raise ValueError(f"fused step built for {self.batch} rows, got {tok.shape[0]} tokens and a cache of "
                              f"{cache.batch}")
-        if cache.k.dtype != torch.float32 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
-            raise ValueError("the fused step needs a contiguous fp32 KV cache")
+        if not (cache.k.dtype == cache.v.dtype == self.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()):
+            raise ValueError(f"the fused step of a {self.dtype} model needs a contiguous {self.dtype} KV cache, got "
+                             f"{cache.k.dtype}")
         if rope_cos is not None and rope_cos.shape[0] < max(cache.filled) + 1:
             raise ValueError(f"RoPE tables of {rope_cos.shape[0]} positions for a row at {max(cache.filled)}")
         logits = torch.empty(self.batch, self.vocab, dtype=torch.float32) if out is None else out
@@ -110,6 +125,7 @@ class _Builder:
 
     def __init__(self, model: nn.Module, batch: int, int_dots: bool):
         self.model, self.batch, self.int_dots = model, batch, int_dots
+        self.dtype = getattr(getattr(model, "norm_f", None), "weight", torch.empty(0)).dtype  # the model's dtype
         self.tensors: list = []
 
     def check(self) -> None:
@@ -125,8 +141,8 @@ class _Builder:
             raise _Unsupported("post-norm blocks")
         if cfg.act not in ACT_CODES:
             raise _Unsupported(f"activation {cfg.act!r}")
-        if m.norm_f.weight.dtype != torch.float32 or m.norm_f.weight.device.type != "cpu":
-            raise _Unsupported(f"{m.norm_f.weight.dtype} on {m.norm_f.weight.device}: the fused step runs fp32 on the CPU")
+        if self.dtype not in FLOATS or m.norm_f.weight.device.type != "cpu":
+            raise _Unsupported(f"{self.dtype} on {m.norm_f.weight.device}: the fused step runs fp32 and bf16 on the CPU")
         self.embed()
         for block in m.blocks:
             self.layer(block)
@@ -137,18 +153,26 @@ class _Builder:
         m, cfg = self.model, self.model.cfg
         plan = _decode.Plan(self.batch, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff,
                             cfg.vocab_size, ACT_CODES[cfg.act], cfg.gated_mlp, not cfg.learned_pos,
-                            float(cfg.norm_eps), bool(self.int_dots))
+                            float(cfg.norm_eps), bool(self.int_dots), self.dtype == torch.bfloat16)
         table, quantized, pos = self.embed()
         plan.set_embed(table, quantized, pos)
         for block in m.blocks:
             plan.add_layer(*self.layer(block))
         plan.set_head(*self.head())
-        return FusedStep(plan, self.tensors, cfg.vocab_size, self.batch)
+        return FusedStep(plan, self.tensors, cfg.vocab_size, self.batch, self.dtype)
 
     def keep(self, t: Optional[torch.Tensor]) -> int:
         if t is not None:
             self.tensors.append(t)
         return _ptr(t)
+
+    def small(self, t: Optional[torch.Tensor], shape: tuple, name: str) -> int:
+        """A norm weight, bias or position table of the model's dtype as fp32 (a copy where bf16)."""
+        if t is None:
+            return 0
+        if not _float(t.detach(), shape, self.dtype):
+            raise _Unsupported(f"{name}: not {self.dtype} {shape} contiguous on the CPU")
+        return self.keep(t.detach().float())
 
     def norm(self, nm: nn.Module, name: str) -> tuple:
         C = self.model.cfg.d_model
@@ -158,20 +182,18 @@ class _Builder:
             w, b = nm.weight, nm.bias
         else:
             raise _Unsupported(f"{name}: {type(nm).__name__}")
-        if not (_float(w, (C,)) and _float(b, (C,))):
-            raise _Unsupported(f"{name}: not fp32 contiguous on the CPU")
-        return self.keep(w.detach()), self.keep(None if b is None else b.detach())
+        return self.small(w, (C,), f"{name}.weight"), self.small(b, (C,), f"{name}.bias")
 
     def linear(self, lin: nn.Module, name: str, n: int, k: int) -> tuple:
         """(bits, weight, scales, zeros, bias, n, k, group_size, groups) as module.cpp reads it."""
-        bias = lin.bias
-        if not _float(None if bias is None else bias.detach(), (n,)):
-            raise _Unsupported(f"{name}: bias not fp32 contiguous on the CPU")
-        bias = self.keep(None if bias is None else bias.detach())
         if isinstance(lin, nn.Linear):
-            if not _float(lin.weight.detach(), (n, k)):
-                raise _Unsupported(f"{name}: weight not fp32 ({n}, {k}) contiguous on the CPU")
-            return 32, self.keep(lin.weight.detach()), 0, 0, bias, n, k, 0, 0
+            bias = self.small(lin.bias, (n,), f"{name}.bias")
+            if not _float(lin.weight.detach(), (n, k), self.dtype):
+                raise _Unsupported(f"{name}: weight not {self.dtype} ({n}, {k}) contiguous on the CPU")
+            return 32 if self.dtype == torch.float32 else 16, self.keep(lin.weight.detach()), 0, 0, bias, n, k, 0, 0
+        if self.dtype != torch.float32:
+            raise _Unsupported(f"{name}: quantized layers in a {self.dtype} model")
+        bias = self.small(lin.bias, (n,), f"{name}.bias")
         if isinstance(lin, QuantizedLinear):
             return self.quantized(lin, name, n, k) + (bias, n, k, lin.group_size, lin.scales.shape[1])
         raise _Unsupported(f"{name}: {type(lin).__name__}")
@@ -189,17 +211,15 @@ class _Builder:
     def embed(self) -> tuple:
         m, cfg = self.model, self.model.cfg
         V, C = cfg.vocab_size, cfg.d_model
-        pos = 0
-        if m.pos_embed is not None:
-            if not _float(m.pos_embed.weight.detach(), (cfg.max_seq_len, C)):
-                raise _Unsupported("pos_embed: not fp32 contiguous on the CPU")
-            pos = self.keep(m.pos_embed.weight.detach())
+        pos = 0 if m.pos_embed is None else self.small(m.pos_embed.weight, (cfg.max_seq_len, C), "pos_embed")
         e = m.embed
         if isinstance(e, nn.Embedding) and _float(e.weight.detach(), (V, C)):
             return self.keep(e.weight.detach()), None, pos
+        if isinstance(e, nn.Embedding) and _float(e.weight.detach(), (V, C), torch.bfloat16):  # read as bf16 rows
+            return 0, (16, self.keep(e.weight.detach()), 0, 0, 0, V, C, 0, 0), pos
         if isinstance(e, QuantizedEmbedding) and e.dtype == torch.float32:
             return 0, self.quantized(e.table, "embed", V, C) + (0, V, C, e.table.group_size, e.table.scales.shape[1]), pos
-        raise _Unsupported(f"embed: {type(e).__name__} that is not fp32 on the CPU")
+        raise _Unsupported(f"embed: {type(e).__name__} that is not fp32 or bf16 on the CPU")
 
     def layer(self, block: nn.Module) -> tuple:
         cfg = self.model.cfg
