@@ -9,7 +9,9 @@ ignored): prefill = median time of a 1-token run, decode step = (median of a ful
 / (new tokens - 1). The formats are timed in alternating rounds, so load from other jobs on a
 shared machine spreads over all of them. The floor is the weight bytes read per step (quantized
 weights, scales and zeros; tied tensors once) / --bandwidth-gbs. `--unfused` adds each format
-with the fused CPU decode step switched off (MMFUSE_FUSED_DECODE=0), in the same rounds.
+with the fused CPU decode step switched off (MMFUSE_FUSED_DECODE=0), in the same rounds. Before
+and after each model, a bandwidth yardstick: `torch.mv` on a 1 GiB fp32 matrix at the same threads
+(what a shared machine lets one process stream just then).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from mmfuse.decoder.benchmark import random_prompts, weight_bytes
 from mmfuse.decoder.generate import Engine
 from mmfuse.decoder.loader import load_decoder
 
-from common import unfused
+from common import median_seconds, unfused
 
 SHAPES = {
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
@@ -51,6 +53,12 @@ def save_random_model(shape: str, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+def sgemv_gbs(repeats: int = 5) -> float:
+    """GB/s of `torch.mv` reading a 1 GiB fp32 matrix (median of `repeats` after a warm-up)."""
+    w, x = torch.randn(16384, 16384), torch.randn(16384)
+    return w.numel() * 4 / median_seconds(lambda: torch.mv(w, x), repeats) / 1e9
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=sorted(SHAPES))
@@ -70,6 +78,7 @@ def main(argv=None) -> None:
     print("| model | format | batch | tok/s | ms/step | x fp32 | weight MB | floor ms | x floor | prefill tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.models:
+        print(f"torch.mv on 1 GiB fp32: {sgemv_gbs():.1f} GB/s", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "hf"
             save_random_model(shape, folder)
@@ -112,6 +121,7 @@ def main(argv=None) -> None:
                           f"{nbytes / 1e6:.1f} | {floor * 1e3:.2f} | {step[run] / floor:.2f} | "
                           f"{bs * args.prompt_len / statistics.median(t1[run]):.0f} |", flush=True)
             del models
+    print(f"torch.mv on 1 GiB fp32: {sgemv_gbs():.1f} GB/s")
 
 
 if __name__ == "__main__":

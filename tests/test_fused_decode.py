@@ -372,3 +372,20 @@ def test_engine_bf16_checkpoint_builds_the_fused_step(gpt2_folder, monkeypatch):
     monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
     out = eng.generate(["hello world"], max_new_tokens=8, temperature=0.0, ignore_eos=True)
     assert len(out[0].token_ids) == 8
+
+
+def test_bf16_portable_kernel_agrees():
+    """The whole step with the kernel of CPUs without AVX-512 BF16 (bf16 -> fp32 in registers and
+    FMA): the same products summed in another order."""
+    model = random_model("qwen2").to(torch.bfloat16)
+    tokens = torch.randint(0, model.cfg.vocab_size, (8, 3), generator=torch.Generator().manual_seed(7))
+    runs = {}
+    for dots in (True, False):
+        step = FusedStep.build(model, 3, bf16_dots=dots)
+        state = DecodeState(model, 3, 48)
+        state.prefill(PROMPTS)
+        runs[dots] = []
+        for t in tokens:
+            runs[dots].append(step(t, state.cache, model.rope_cos, model.rope_sin).double())
+            state.cache.advance(1)
+    assert rel_error(runs[False], runs[True]) <= 1e-4

@@ -82,6 +82,7 @@ struct Config {
     float eps;        // norm epsilon
     bool int_dots;    // run quantized layers that fit as integer dot products (where the CPU has VNNI)
     bool kv_bf16;     // the KV cache holds bf16 (else fp32)
+    bool bf16_dots;   // run bf16 layers as AVX-512 BF16 dot products where the CPU has them (else convert + FMA)
 };
 
 class Plan {

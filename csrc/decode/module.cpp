@@ -54,9 +54,9 @@ PYBIND11_MODULE(_decode, m) {
     m.def("has_bf16", &cpu_has_bf16, "whether this CPU runs the AVX-512 BF16 dot products");
     py::class_<Plan>(m, "Plan")
         .def(py::init([](int batch, int d_model, int n_head, int n_kv_head, int head_dim, int d_ff, int vocab,
-                         int act, bool gated, bool rope, float eps, bool int_dots, bool kv_bf16) {
+                         int act, bool gated, bool rope, float eps, bool int_dots, bool kv_bf16, bool bf16_dots) {
             return new Plan(Config{batch, d_model, n_head, n_kv_head, head_dim, d_ff, vocab, act, gated, rope, eps,
-                                   int_dots, kv_bf16});
+                                   int_dots, kv_bf16, bf16_dots});
         }))
         .def("set_embed", [](Plan& p, std::uintptr_t table, const py::object& quantized, std::uintptr_t positions) {
             p.set_embed(ptr<float>(table), quantized.is_none() ? Linear{} : linear(quantized), ptr<float>(positions));

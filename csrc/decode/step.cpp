@@ -39,7 +39,7 @@ Plan::Plan(const Config& cfg) : c_(cfg) {
 
 void Plan::prepare(Linear& lin) {
     lin.vnni = c_.int_dots && lin.bits < 16 && cpu_has_vnni() && vnni_fits(lin);
-    lin.dpbf16 = lin.bits == 16 && cpu_has_bf16();
+    lin.dpbf16 = c_.bf16_dots && lin.bits == 16 && cpu_has_bf16();
     ld_ = std::max({ld_, lin.kp(), lin.n});
 }
 

@@ -82,19 +82,22 @@ class FusedStep:
     def unsupported(model: nn.Module) -> Optional[str]:
         """Why `build` would return None for `model`, or None when it runs it."""
         try:
-            _Builder(model, 1, False).check()
+            _Builder(model, 1, False, True).check()
         except _Unsupported as e:
             return str(e)
         return None
 
     @classmethod
-    def build(cls, model: nn.Module, batch: int, int_dots: Optional[bool] = None) -> Optional["FusedStep"]:
+    def build(cls, model: nn.Module, batch: int, int_dots: Optional[bool] = None,
+              bf16_dots: bool = True) -> Optional["FusedStep"]:
         """The fused step of `model` for `batch` rows, or None where it does not run. `int_dots`:
-        integer dot products for quantized layers (default: `MMFUSE_INT8_ACTIVATIONS`)."""
+        integer dot products for quantized layers (default: `MMFUSE_INT8_ACTIVATIONS`); `bf16_dots`:
+        AVX-512 BF16 dot products for bf16 layers where the CPU has them (False: the portable kernel
+        of other CPUs, the same products summed in another order)."""
         if int_dots is None:
             int_dots = envs.read("MMFUSE_INT8_ACTIVATIONS")
         try:
-            return _Builder(model, batch, int_dots).build()
+            return _Builder(model, batch, int_dots, bf16_dots).build()
         except _Unsupported:
             return None
 
@@ -123,8 +126,8 @@ class FusedStep:
 class _Builder:
     """Checks a model module by module and hands its tensors to the extension's `Plan`."""
 
-    def __init__(self, model: nn.Module, batch: int, int_dots: bool):
-        self.model, self.batch, self.int_dots = model, batch, int_dots
+    def __init__(self, model: nn.Module, batch: int, int_dots: bool, bf16_dots: bool):
+        self.model, self.batch, self.int_dots, self.bf16_dots = model, batch, int_dots, bf16_dots
         self.dtype = getattr(getattr(model, "norm_f", None), "weight", torch.empty(0)).dtype  # the model's dtype
         self.tensors: list = []
 
@@ -153,7 +156,8 @@ class _Builder:
         m, cfg = self.model, self.model.cfg
         plan = _decode.Plan(self.batch, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff,
                             cfg.vocab_size, ACT_CODES[cfg.act], cfg.gated_mlp, not cfg.learned_pos,
-                            float(cfg.norm_eps), bool(self.int_dots), self.dtype == torch.bfloat16)
+                            float(cfg.norm_eps), bool(self.int_dots), self.dtype == torch.bfloat16,
+                            bool(self.bf16_dots))
         table, quantized, pos = self.embed()
         plan.set_embed(table, quantized, pos)
         for block in m.blocks:
