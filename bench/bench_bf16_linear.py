@@ -15,7 +15,7 @@ import torch
 
 from mmfuse import _decode
 
-from common import median_seconds
+from common import interleaved, median_seconds
 
 
 def main(argv=None) -> None:
@@ -34,8 +34,8 @@ def main(argv=None) -> None:
         for rows in args.rows:
             x = torch.randn(rows, k)
             y = torch.empty(rows, n)
-            t = {dots: median_seconds(lambda: _decode.linear(spec, x.data_ptr(), k, rows, y.data_ptr(), dots),
-                                      args.repeats) for dots in (True, False)}
+            t = interleaved({dots: (lambda d=dots: _decode.linear(spec, x.data_ptr(), k, rows, y.data_ptr(), d))
+                             for dots in (True, False)}, args.repeats)
             print(f"| {n} x {k} | {rows} | {t[True] * 1e6:.0f} | {t[False] * 1e6:.0f} | {t[False] / t[True]:.2f} | "
                   f"{w.numel() * 2 / t[True] / 1e9:.1f} |", flush=True)
         wf = w.float()

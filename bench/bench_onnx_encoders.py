@@ -17,7 +17,6 @@ the int8 embeddings' cosine to fp32 (smallest over the inputs).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +25,7 @@ import numpy as np
 import torch
 
 from bench_encoders import SENTENCES
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """{name: median seconds per call}, one call of each per round."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+from common import interleaved
 
 
 def export_both(src: Path, out: Path, threads: int) -> tuple:

@@ -22,6 +22,19 @@ def median_seconds(run, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+    """{name: median seconds per call}, one call of each per round."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 @contextlib.contextmanager
 def unfused():
     """mmfuse's per-op PyTorch decode path (MMFUSE_FUSED_DECODE=0: the fused step switched off) inside the block."""

@@ -49,7 +49,7 @@ ENV_VARS: dict[str, Setting] = {
                                      "packed once"),
     "MMFUSE_QUANT_FUSED": _flag(True, "int8/int4 CPU linear layers of 1-16 rows through the fused "
                                       "dequantize-and-multiply kernel"),
-    "MMFUSE_FUSED_DECODE": _flag(True, "CPU decode steps of fp32/int8/int4 decoders as one fused C++ call "
+    "MMFUSE_FUSED_DECODE": _flag(True, "CPU decode steps of fp32/bf16/int8/int4 decoders as one fused C++ call "
                                        "(mmfuse._decode) instead of one PyTorch op at a time, unless an attention "
                                        "backend other than auto is chosen"),
     "MMFUSE_INT8_ACTIVATIONS": _flag(True, "the fused decode step's int8/int4 layers quantize their input to "

@@ -11,7 +11,7 @@
 // With AVX-512 BF16, vdpbf16ps takes 32 products per instruction straight from the bf16 words;
 // elsewhere both operands are widened to fp32 in registers (a 16-bit shift) and go through FMA.
 // The vdpbf16ps kernel is kept where it exists because it is faster at every row count measured
-// (bench/README.md, "bf16 weights"): it needs no conversion and half the instructions, which
+// (bench/README.md, "bf16 in the fused decode step"): it needs no conversion and half the instructions, which
 // matters from a few rows on, when the weights come from cache rather than memory.
 //
 // Integer kernels (llama.cpp's Q8_0 / Q4_0 x Q8 dot products): the input row is quantized to int8
@@ -324,7 +324,7 @@ VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j
 // ---- bf16 kernels (AVX-512 BF16): NJ output rows x NB input rows per pass over K
 
 // Weight rows [j + AHEAD, j + AHEAD + NJ) are prefetched while rows [j, j + NJ) are read: one core
-// streams 1.2x as many bytes per second with it (bench/README.md, "bf16 weights").
+// streams 1.2x as many bytes per second with it (bench/README.md, "bf16 in the fused decode step").
 constexpr int AHEAD = 8;
 
 template <int NJ, int NB>
