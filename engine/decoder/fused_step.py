@@ -103,9 +103,9 @@ class FusedStep:
 
     def __call__(self, tokens: torch.Tensor, cache, rope_cos: Optional[torch.Tensor],
                  rope_sin: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B,) at each row's next position `cache.lengths` -> logits (B, V) (in `out` when
-        given). Writes the keys and values of that position into `cache`; advancing its lengths is
-        the caller's."""
+        """tokens (B,) at each row's next position `cache.lengths` -> fp32 logits (B, V) (in `out` when
+        given). Writes the keys and values of that position into `cache` (of the model's dtype);
+        advancing its lengths is the caller's."""
         tok = tokens.reshape(-1).to(torch.long).contiguous()
         if tok.shape[0] != self.batch or cache.batch != self.batch:
             raise ValueError(f"fused step built for {self.batch} rows, got {tok.shape[0]} tokens and a cache of "
