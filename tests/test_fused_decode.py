@@ -346,12 +346,11 @@ def test_rows_check_indices_and_fill_poisoned_output(monkeypatch):
     state.prefill(PROMPTS[:2])  # lengths 7, 2
     fused = state._fused_step()
     V, cos, sin = model.cfg.vocab_size, model.rope_cos, model.rope_sin
-    out = torch.full((4, V), float("nan"))
-    # cache row 1 gets positions 3 and 2 (in that order: 3 attends over 2), cache row 0 position 7 twice
-    got = fused.rows(torch.tensor([4, 9, 5, 9]), torch.tensor([1, 0, 1, 0]), torch.tensor([3, 7, 2, 7]), state.cache,
+    out = torch.full((3, V), float("nan"))
+    # cache row 1 gets positions 3 and 2 (in that order: 3 attends over 2), cache row 0 position 7
+    got = fused.rows(torch.tensor([4, 9, 5]), torch.tensor([1, 0, 1]), torch.tensor([3, 7, 2]), state.cache,
                      cos, sin, out=out)
     assert got is out and torch.isfinite(out).all()
-    assert_close(out[1], out[3], 0)  # the same row twice: the same logits
     monkeypatch.setenv("MMFUSE_FUSED_DECODE", "0")
     ref = DecodeState(model, 2, 16)
     ref.prefill(PROMPTS[:2])

@@ -69,7 +69,8 @@ class Plan {
     void set_embed(const float* table, const Linear& quantized, const float* positions);
     void add_layer(const Layer& layer);
     void set_head(const Norm& norm, const Linear& head);
-    // R rows, row r: token tokens[r] at position positions[r] of cache row cache_rows[r] (int64 each).
+    // R rows, row r: token tokens[r] at position positions[r] of cache row cache_rows[r] (int64 each;
+    // no two rows at one position of one cache row).
     // Writes each layer's keys and values of every row into the caches (L, B, Hkv, tmax, D) fp32, then
     // each row attends over positions [0, positions[r]] of its cache row (so over the rows before it
     // in the same cache row too), and writes the logits (R, V). cos / sin: (rope_len, D / 2) RoPE

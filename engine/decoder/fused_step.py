@@ -110,11 +110,12 @@ class FusedStep:
     def rows(self, tokens: torch.Tensor, cache_rows: torch.Tensor, positions: torch.Tensor, cache,
              rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor],
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """R rows, each token tokens[r] at position positions[r] of cache row cache_rows[r] (R,) ->
-        logits (R, V) (in `out` when given). Writes every row's keys and values into `cache`, then
-        each row attends over positions [0, positions[r]] of its cache row, which holds the rows of
-        this call before it. An index out of range (token, cache row, position past the cache or the
-        RoPE tables) raises ValueError before anything is written."""
+        """R rows, each token tokens[r] at position positions[r] of cache row cache_rows[r] (R,), no
+        two at one position of one cache row -> logits (R, V) (in `out` when given). Every row's keys
+        and values land in `cache` first, then each row attends over positions [0, positions[r]] of
+        its cache row, which includes the rows of this call at earlier positions (in any order). An
+        index out of range (token, cache row, position past the cache or the RoPE tables) raises
+        ValueError before anything is written."""
         tok, crow, pos = (t.reshape(-1).to(torch.long).contiguous() for t in (tokens, cache_rows, positions))
         if not tok.shape == crow.shape == pos.shape:
             raise ValueError(f"fused step: {tok.shape[0]} tokens, {crow.shape[0]} cache rows and {pos.shape[0]} positions")
