@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     print(f"\ngreedy, {args.new_tokens} new tokens, k={args.k}, {torch.get_num_threads()} CPU threads, "
           f"median over {args.prompts} prompts per kind")
-    print(f"{'prompts':<8} {'drafter':<24} {'tok/s':>7} {'speed-up':>8} {'accept':>7} {'tok/fwd':>7} {'same':>5}")
+    print(f"{'prompts':<8} {'drafter':<30} {'tok/s':>7} {'speed-up':>8} {'accept':>7} {'tok/fwd':>7} {'same':>5}")
     for kind, prompts in (("copy", copy_prompts), ("free", free_prompts)):
         base_rate, base_tokens = None, None
         for name, per_op in runs:
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
             rate = statistics.median(rates)
             if drafter is None:
                 base_rate, base_tokens = rate, outs
-            print(f"{kind:<8} {name + (' (per-op verify)' if per_op else ''):<24} {rate:>7.1f} {rate / base_rate:>8.2f} "
+            print(f"{kind:<8} {name + (' (per-op verify)' if per_op else ''):<30} {rate:>7.1f} {rate / base_rate:>8.2f} "
                   f"{(statistics.median(acc) if acc else float('nan')):>7.2f} "
                   f"{(statistics.median(per_fwd) if per_fwd else 1.0):>7.2f} {str(same):>5}", flush=True)
 
