@@ -8,11 +8,11 @@ a descheduled thread; csrc/decode/step.cpp): norms, the q/k/v projection, RoPE f
 the model's tables, the key/value writes into the `KVCache` buffers in place, attention over each
 row's cached positions, the MLP, residuals, final norm and LM head, reading the weights where
 PyTorch keeps them. A call runs rows of (cache row, position, token): one per cache row (a decode
-step), or several tokens per cache row (`append`: speculative verification, a short prompt
-continuation), whose keys and values all land before any row attends. fp32 weights and the engine's int8 / int4 formats (kernels/quant_cpu.py) run;
-quantized layers whose groups fit blocks of 32 take integer dot products with the activation
-quantized to int8 on the fly where the CPU has AVX-512 VNNI (`MMFUSE_INT8_ACTIVATIONS=0`: fp32
-arithmetic on dequantized registers instead).
+step), or several tokens per cache row (`append`, `rows`: speculative verification, a short prompt
+continuation), whose keys and values all land before any row attends. fp32 weights and the
+engine's int8 / int4 formats (kernels/quant_cpu.py) run; quantized layers whose groups fit blocks
+of 32 take integer dot products with the activation quantized to int8 on the fly where the CPU has
+AVX-512 VNNI (`MMFUSE_INT8_ACTIVATIONS=0`: fp32 arithmetic on dequantized registers instead).
 
 `FusedStep.build` returns None for what it does not run (other dtypes or devices, GPTQ activation
 order, a missing extension; `unsupported` says why), and the caller keeps the PyTorch path, which
