@@ -1,7 +1,7 @@
-"""mmfuse vs llama.cpp on the CPU: the same random weights, batch-1 prefill and decode, per format.
+"""mmfuse vs llama.cpp on the CPU: the same random weights, prefill and decode, per format.
 
     python bench/bench_llamacpp.py --llama-cpp-src DIR [--models gpt2-124m smollm2-135m]
-        [--formats fp32 int8 int4] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--unfused]
+        [--formats fp32 int8 int4] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--batch 1] [--unfused]
 
 Needs `llama-cpp-python` (built from PyPI's sdist) and the llama.cpp source tree it vendors
 (`DIR` = .../vendor/llama.cpp, for `convert_hf_to_gguf.py` and `gguf-py`). Each shape is saved
@@ -10,6 +10,10 @@ llama.cpp's converter needs but no timed run uses); llama.cpp's own converter wr
 f32, and llama.cpp's quantizer makes Q8_0 and Q4_0 from that. The formats pair up as
 fp32 ~ f32, int8 (per channel) ~ Q8_0, int4 with groups of 32 ~ Q4_0 (blocks of 32).
 
+With `--batch B` both sides decode B different random prompts together (llama.cpp: B sequences
+in one context, one llama_decode per step; tok/s count every sequence's tokens). The warm-up run
+checks the harness: the share of greedy tokens both sides agree on is printed (fp32 ~ f32 agree
+until the first near-tie of logits; the quantized formats round differently).
 Both sides get the same token ids and decode greedily with eos ignored; both run on the same
 number of threads (torch's). Method as bench_quant: prefill = median time of prompt + 1 token,
 decode step = (median time of prompt + N tokens - prefill) / (N - 1); the engines are timed in
@@ -104,34 +108,62 @@ def quantize_gguf(src: Path, out: Path, kind: str) -> None:
 
 
 class LlamaCppRunner:
-    """Greedy decoding through llama.cpp's C API: one llama_decode per token, argmax in numpy."""
+    """Greedy decoding of B sequences through llama.cpp's C API: the prompts in one llama_decode,
+    then one llama_decode per step with one token per sequence; argmax in numpy."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, extra_bufts: bool = True):
+    def __init__(self, path: Path, n_ctx: int, threads: int, batch: int = 1, extra_bufts: bool = True):
         import llama_cpp
+        from llama_cpp._utils import suppress_stdout_stderr
 
-        default = llama_cpp.llama_model_default_params
-        if not extra_bufts:  # llama.cpp's own model parameter; llama-cpp-python does not expose it
-            def plain_buffers():
-                params = default()
-                params.use_extra_bufts = False
-                return params
-            llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                       n_threads=threads, n_threads_batch=threads, verbose=False)
-        finally:
-            llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = default
+        self.api, self.batch, self.quiet = llama_cpp, batch, suppress_stdout_stderr
+        mp = llama_cpp.llama_model_default_params()
+        mp.use_extra_bufts = extra_bufts  # llama.cpp's own model parameter; llama-cpp-python's Llama does not expose it
+        with self.quiet(disable=False):
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise SystemExit(f"llama.cpp could not load {path}")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx * batch  # split evenly between the sequences
+        cp.n_batch = cp.n_ubatch = n_ctx * batch
+        cp.n_seq_max = batch
+        cp.n_threads = cp.n_threads_batch = threads
+        with self.quiet(disable=False):
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.tokens = llama_cpp.llama_batch_init(cp.n_batch, 0, batch)
 
-    def generate(self, prompt, n: int) -> list:
-        llm = self.llm
-        llm.reset()
-        llm.eval(prompt)
-        out = []
-        for i in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(tok)
-            if i + 1 < n:
-                llm.eval([tok])
+    def __del__(self):
+        api = getattr(self, "api", None)
+        if api is not None and getattr(self, "ctx", None):
+            with self.quiet(disable=False):
+                api.llama_batch_free(self.tokens)
+                api.llama_free(self.ctx)
+                api.llama_model_free(self.model)
+
+    def _decode(self, rows: list) -> np.ndarray:
+        """rows: (sequence, position, token, wants logits); -> logits (rows wanting them, V)."""
+        b, api = self.tokens, self.api
+        b.n_tokens = len(rows)
+        for i, (seq, pos, tok, out) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, out
+            b.seq_id[i][0] = seq
+        if api.llama_decode(self.ctx, b) != 0:
+            raise SystemExit("llama_decode failed")
+        want = [i for i, r in enumerate(rows) if r[3]]
+        return np.stack([np.ctypeslib.as_array(api.llama_get_logits_ith(self.ctx, i), (self.vocab,)) for i in want])
+
+    def generate(self, prompts: list, n: int) -> list:
+        """Greedy continuations (n tokens) of `batch` prompts."""
+        self.api.llama_memory_clear(self.api.llama_get_memory(self.ctx), True)
+        rows = [(s, j, t, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
+        logits = self._decode(rows)
+        out = [[] for _ in prompts]
+        for step in range(n):
+            nxt = logits.argmax(-1)
+            for s, t in enumerate(nxt):
+                out[s].append(int(t))
+            if step + 1 < n:
+                logits = self._decode([(s, len(p) + step, int(t), True) for s, (p, t) in enumerate(zip(prompts, nxt))])
         return out
 
 
@@ -143,6 +175,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (different random prompts)")
     ap.add_argument("--unfused", action="store_true", help="also time mmfuse without its fused decode step")
     ap.add_argument("--plain-buffers", action="store_true",
                     help="Q8_0/Q4_0 without llama.cpp's extra buffer types (its AMX / repacked weights), whose "
@@ -150,7 +183,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     n_ctx = args.prompt_len + args.new_tokens + 8
-    print(f"{threads} threads, batch 1, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
+    print(f"{threads} threads, batch {args.batch}, prompt {args.prompt_len} + {args.new_tokens} new tokens, "
           f"median of {args.repeats} alternating rounds")
     extra = " unfused tok/s | unfused decode x |" if args.unfused else ""
     print("| model | mmfuse | llama.cpp | mmfuse tok/s | llama.cpp tok/s | decode x | "
@@ -165,17 +198,18 @@ def main(argv=None) -> None:
             add_n_ctx(folder)
             f32 = Path(tmp) / "f32.gguf"
             to_gguf(args.llama_cpp_src, folder, f32)
-            prompt = random_prompts(vocab, 1, args.prompt_len)[0]
+            prompts = random_prompts(vocab, args.batch, args.prompt_len)
             for fmt in args.formats:
                 ours, theirs = PAIRS[fmt]
                 gguf = f32 if theirs == "f32" else Path(tmp) / f"{theirs}.gguf"
                 if theirs != "f32":
                     quantize_gguf(f32, gguf, theirs)
                 engine = Engine(load_decoder(folder, dtype="fp32", quantize=None if ours == "fp32" else ours))
-                peer = LlamaCppRunner(gguf, n_ctx, threads, extra_bufts=theirs == "f32" or not args.plain_buffers)
+                peer = LlamaCppRunner(gguf, n_ctx, threads, args.batch,
+                                      extra_bufts=theirs == "f32" or not args.plain_buffers)
                 runs = {
-                    "mmfuse": lambda n: engine.generate([prompt], temperature=0.0, max_new_tokens=n, ignore_eos=True),
-                    "llama.cpp": lambda n: peer.generate(prompt, n),
+                    "mmfuse": lambda n: engine.generate(prompts, temperature=0.0, max_new_tokens=n, ignore_eos=True),
+                    "llama.cpp": lambda n: peer.generate(prompts, n),
                 }
                 if args.unfused:
                     def run_unfused(n):
@@ -186,8 +220,10 @@ def main(argv=None) -> None:
                 t1 = {k: [] for k in runs}
                 tn = {k: [] for k in runs}
                 with torch.inference_mode():
-                    for run in runs.values():
-                        run(args.new_tokens)  # warm-up
+                    warm = {k: run(args.new_tokens) for k, run in runs.items()}  # warm-up
+                ours_ids = [c.token_ids for c in warm["mmfuse"]]
+                agree = np.mean([a == b for x, y in zip(ours_ids, warm["llama.cpp"]) for a, b in zip(x, y)])
+                with torch.inference_mode():
                     for _ in range(args.repeats):
                         for k, run in runs.items():
                             for n, store in ((1, t1), (args.new_tokens, tn)):
@@ -196,13 +232,13 @@ def main(argv=None) -> None:
                                 store[k].append(time.perf_counter() - t0)
                 pre = {k: statistics.median(t1[k]) for k in runs}
                 step = {k: max(statistics.median(tn[k]) - pre[k], 1e-9) / (args.new_tokens - 1) for k in runs}
-                dec = {k: 1 / step[k] for k in runs}
-                pf = {k: args.prompt_len / pre[k] for k in runs}
+                dec = {k: args.batch / step[k] for k in runs}
+                pf = {k: args.batch * args.prompt_len / pre[k] for k in runs}
                 print(f"| {shape} | {ours} | {theirs} | {dec['mmfuse']:.1f} | {dec['llama.cpp']:.1f} | "
                       f"{dec['mmfuse'] / dec['llama.cpp']:.2f} | {pf['mmfuse']:.0f} | {pf['llama.cpp']:.0f} | "
                       f"{pf['mmfuse'] / pf['llama.cpp']:.2f} |"
-                      + (f" {dec['unfused']:.1f} | {dec['unfused'] / dec['llama.cpp']:.2f} |" if args.unfused else ""),
-                      flush=True)
+                      + (f" {dec['unfused']:.1f} | {dec['unfused'] / dec['llama.cpp']:.2f} |" if args.unfused else "")
+                      + f" tokens agree {agree:.0%}", flush=True)
 
 
 if __name__ == "__main__":

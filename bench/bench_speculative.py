@@ -8,11 +8,14 @@ the same token ids. It then decodes greedily (temperature 0) with no drafter, th
 drafter and the n-gram LM drafter, on prompts that copy from themselves (a paragraph followed by
 its own beginning: the summarisation/code-edit pattern) and on free text (the beginnings of
 held-out lines), checks that every drafter gives exactly the plain greedy tokens, and prints
-tokens/s, acceptance rate and tokens per decoder forward.
+tokens/s, acceptance rate and tokens per decoder forward. `--per-op-verify` adds each drafter
+with its verification forwards on the per-op PyTorch path instead of the fused CPU step (as before
+the fused step ran several tokens per row), in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from mmfuse.decoder.config import DecoderConfig
+import mmfuse.decoder.generate as generate
 from mmfuse.decoder.generate import Engine
 from mmfuse.decoder.transformer import Decoder
 from mmfuse.ngram import NGramModel
@@ -72,6 +76,16 @@ def train_decoder(ids: np.ndarray, cfg: DecoderConfig, seconds: float, batch: in
     return model.eval()
 
 
+@contextlib.contextmanager
+def per_op_verify():
+    """Multi-token forwards (verification) through the per-op PyTorch path inside the block."""
+    old, generate.FUSED_MAX_ROWS = generate.FUSED_MAX_ROWS, 0
+    try:
+        yield
+    finally:
+        generate.FUSED_MAX_ROWS = old
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=DEFAULT_CORPUS, help="training text, one paragraph per line")
@@ -81,6 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per kind")
+    ap.add_argument("--per-op-verify", action="store_true", help="also each drafter with per-op verification")
     args = ap.parse_args(argv)
     lines = [l.strip() for l in open(args.corpus, encoding="utf-8") if l.strip()]
     heldout_path = args.heldout or os.path.join(os.path.dirname(args.corpus), "test.txt")
@@ -102,13 +117,15 @@ def main(argv=None) -> None:
         copy_prompts.append(ids + tok.encode(" in other words, " + l).ids[:12])
         free_prompts.append(ids[:24])
     drafters = {"none": None, "prompt-lookup": PromptLookupDrafter(), "ngram-lm": NGramLMDrafter(lm)}
+    runs = [(name, False) for name in drafters] + [(name, True) for name in drafters if args.per_op_verify and drafters[name]]
     torch.set_grad_enabled(False)
     print(f"\ngreedy, {args.new_tokens} new tokens, k={args.k}, {torch.get_num_threads()} CPU threads, "
           f"median over {args.prompts} prompts per kind")
-    print(f"{'prompts':<8} {'drafter':<14} {'tok/s':>7} {'speed-up':>8} {'accept':>7} {'tok/fwd':>7} {'same':>5}")
+    print(f"{'prompts':<8} {'drafter':<30} {'tok/s':>7} {'speed-up':>8} {'accept':>7} {'tok/fwd':>7} {'same':>5}")
     for kind, prompts in (("copy", copy_prompts), ("free", free_prompts)):
         base_rate, base_tokens = None, None
-        for name, drafter in drafters.items():
+        for name, per_op in runs:
+            drafter = drafters[name]
             rates, acc, per_fwd, same = [], [], [], True
             outs = []
             for i, p in enumerate(prompts):
@@ -116,8 +133,9 @@ def main(argv=None) -> None:
                 if drafter is None:
                     c = engine.generate(p, temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)[0]
                 else:
-                    c, st = speculative_generate(engine, p, drafter, k=args.k, temperature=0.0,
-                                                 max_new_tokens=args.new_tokens, ignore_eos=True)
+                    with per_op_verify() if per_op else contextlib.nullcontext():
+                        c, st = speculative_generate(engine, p, drafter, k=args.k, temperature=0.0,
+                                                     max_new_tokens=args.new_tokens, ignore_eos=True)
                     acc.append(st.acceptance_rate)
                     per_fwd.append(len(c.token_ids) / max(st.forwards + 1, 1))
                 rates.append(len(c.token_ids) / (time.perf_counter() - t0))
@@ -127,7 +145,7 @@ def main(argv=None) -> None:
             rate = statistics.median(rates)
             if drafter is None:
                 base_rate, base_tokens = rate, outs
-            print(f"{kind:<8} {name:<14} {rate:>7.1f} {rate / base_rate:>8.2f} "
+            print(f"{kind:<8} {name + (' (per-op verify)' if per_op else ''):<30} {rate:>7.1f} {rate / base_rate:>8.2f} "
                   f"{(statistics.median(acc) if acc else float('nan')):>7.2f} "
                   f"{(statistics.median(per_fwd) if per_fwd else 1.0):>7.2f} {str(same):>5}", flush=True)
 

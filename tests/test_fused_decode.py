@@ -1,13 +1,16 @@
 """The fused CPU decode step (mmfuse._decode, engine/decoder/fused_step.py) against the PyTorch
 decode step: float64 references, random-init odd-shaped GPT-2 / Llama / Qwen2 models, fp32, bf16,
-int8 and int4 weights, rows of different lengths, poisoned outputs and caches, greedy sequences,
-and the fallbacks (switched off, unsupported models)."""
+int8 and int4 weights, rows of different lengths, poisoned outputs and caches, greedy sequences, and
+the fallbacks (switched off, unsupported models); then several tokens per cache row (verification,
+short prefills, speculative decoding) against the per-op multi-token forward."""
 import pytest
 import torch
 
+from mmfuse.decoder import generate
 from mmfuse.decoder.config import DecoderConfig
 from mmfuse.decoder.fused_step import FusedStep
 from mmfuse.decoder.generate import DecodeState, Engine
+from mmfuse.errors import CapacityError
 from mmfuse.decoder.transformer import Decoder
 from mmfuse.kernels.quant_cpu import dequantize
 from mmfuse.quant import QuantConfig, QuantizedLinear, quantize_weight
@@ -238,6 +241,190 @@ def test_engine_greedy_generation_unchanged(gpt2_folder, monkeypatch):
     assert out["1"] == out["0"] and len(out["1"][0]) == 12
 
 
+# ---- several tokens per cache row: verification (`DecodeState.forward`) and short prefills
+
+
+def verify_run(model, fused: bool, monkeypatch, max_len: int = 40, poison: bool = False):
+    """Prefill PROMPTS (rows at lengths 7, 2, 11), then `forward` k tokens per row for k = 3, 1, 4,
+    rolling rows back by different amounts in between: logits per call and the state."""
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1" if fused else "0")
+    monkeypatch.setattr(generate, "FUSED_MAX_ROWS", 10**6)  # every size through the fused step
+    state = DecodeState(model, 3, max_len)
+    state.prefill(PROMPTS)
+    if poison:
+        poison_cache(state)
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for k, back in ((3, [1, 0, 2]), (1, [0, 0, 0]), (4, [2, 1, 0])):
+        out.append(state.forward(torch.randint(0, model.cfg.vocab_size, (3, k), generator=g)).clone())
+        state.cache.truncate([n - b for n, b in zip(state.cache.filled, back)])
+    return out, state
+
+
+def poison_cache(state):
+    """NaN past each row's length: an attention that reads a position it should not turns NaN."""
+    for b, n in enumerate(state.cache.filled):
+        state.cache.k[:, b, :, n:] = float("nan")
+        state.cache.v[:, b, :, n:] = float("nan")
+
+
+def assert_same_cache(state, ref, rel):
+    assert state.cache.filled == ref.cache.filled
+    for b, n in enumerate(state.cache.filled):
+        assert_close(state.cache.k[:, b, :, :n], ref.cache.k[:, b, :, :n], rel)
+        assert_close(state.cache.v[:, b, :, :n], ref.cache.v[:, b, :, :n], rel)
+
+
+@pytest.fixture
+def count_rows(monkeypatch):
+    """How many fused calls of several rows per cache row ran."""
+    calls = []
+    run = FusedStep._run
+    monkeypatch.setattr(FusedStep, "_run", lambda self, tok, crow, *a: calls.append(len(set(crow.tolist())) <
+                                                                                     len(tok)) or run(self, tok, crow, *a))
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("threads", [1, 3])
+def test_multi_token_forward_matches_float64_reference(name, threads, monkeypatch, count_rows):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, state = verify_run(random_model(name), True, monkeypatch, poison=True)
+    finally:
+        torch.set_num_threads(before)
+    assert count_rows == [True, True, False, True]  # the prefill, k = 3, 1 (one row per cache row), 4
+    ref, ref_state = verify_run(random_model(name).double(), False, monkeypatch)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        assert_close(a, b, 2e-5)
+    assert_same_cache(state, ref_state, 2e-5)
+
+
+@pytest.mark.parametrize("spec", ["int8-asym", "int8-g34", "int4-g32", "int4-g6-asym", "int4-g128"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen2"])
+def test_multi_token_forward_quantized(name, spec, monkeypatch):
+    """fp32 arithmetic: the PyTorch path's numbers; integer dot products: within their rounding."""
+    model = quantized(name, spec)
+    ref, ref_state = verify_run(model, False, monkeypatch)
+    for int_dots, rel in (("0", 1e-4), ("1", 3e-2)):
+        monkeypatch.setenv("MMFUSE_INT8_ACTIVATIONS", int_dots)
+        got, state = verify_run(model, True, monkeypatch, poison=True)
+        assert state._fused[int_dots == "1"] is not None
+        for a, b in zip(got, ref):
+            assert_close(a, b, rel)
+        assert_same_cache(state, ref_state, rel)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_verify_fills_the_cache_to_capacity(name, monkeypatch, count_rows):
+    """The longest row (11 cached) verifies 9 tokens into a cache of 20: every position written."""
+    model = random_model(name)
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1" if fused else "0")
+        monkeypatch.setattr(generate, "FUSED_MAX_ROWS", 10**6)
+        state = DecodeState(model, 3, 20)
+        state.prefill(PROMPTS)
+        tokens = torch.randint(0, model.cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+        out[fused] = state.forward(tokens), state
+        assert state.cache.filled == [16, 11, 20]
+        with pytest.raises(CapacityError):
+            state.forward(tokens[:, :1])
+    assert count_rows == [True, True]  # the prefill and the verify
+    assert_close(out[True][0], out[False][0], 1e-5)
+    assert_same_cache(out[True][1], out[False][1], 1e-5)
+
+
+def test_rows_check_indices_and_fill_poisoned_output(monkeypatch):
+    """Any order of rows and cache rows; every logit written; an index out of range is a ValueError
+    before anything is written."""
+    model = random_model("qwen2")
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    state = DecodeState(model, 2, 16)
+    state.prefill(PROMPTS[:2])  # lengths 7, 2
+    fused = state._fused_step()
+    V, cos, sin = model.cfg.vocab_size, model.rope_cos, model.rope_sin
+    out = torch.full((3, V), float("nan"))
+    # cache row 1 gets positions 3 and 2 (in that order: 3 attends over 2), cache row 0 position 7
+    got = fused.rows(torch.tensor([4, 9, 5]), torch.tensor([1, 0, 1]), torch.tensor([3, 7, 2]), state.cache,
+                     cos, sin, out=out)
+    assert got is out and torch.isfinite(out).all()
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "0")
+    ref = DecodeState(model, 2, 16)
+    ref.prefill(PROMPTS[:2])
+    ref.cache.truncate([7, 2])
+    r1 = ref.forward(torch.tensor([[9, 5], [5, 4]]))  # row 0's second token is a dummy
+    assert_close(out[[1, 2, 0]], torch.stack([r1[0, 0], r1[1, 0], r1[1, 1]]), 1e-5)
+    k = state.cache.k.clone()
+    for bad, what in (((V, 0, 7), "bad token"), ((1, 2, 7), "bad cache row"), ((1, 0, 16), "bad position"),
+                      ((1, -1, 7), "bad cache row"), ((-1, 0, 7), "bad token")):
+        t, c, p = (torch.tensor([1, x]) for x in bad)
+        with pytest.raises(ValueError, match=what):
+            fused.rows(t, c, torch.tensor([0, 0]) + p, state.cache, cos, sin)
+    with pytest.raises(ValueError, match="positions"):
+        fused.rows(torch.tensor([1]), torch.tensor([0, 1]), torch.tensor([3]), state.cache, cos, sin)
+    assert torch.equal(state.cache.k, k)
+
+
+@pytest.mark.parametrize("name", ["gpt2_gelu", "llama"])
+def test_short_prefill_continuation_runs_fused(name, monkeypatch, count_rows):
+    """A follow-up after a reused prefix (and a fresh short batch) through the fused step: the same
+    logits and cache as the padded PyTorch prefill."""
+    model = random_model(name)
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1" if fused else "0")
+        state = DecodeState(model, 2, 30)
+        first = state.prefill([[4, 8, 15], [16, 23]])
+        follow = state.prefill([[42, 4, 2], [7]], start=[3, 1])  # row 1 overwrites its last position
+        got[fused] = first, follow, state
+    assert count_rows == [True, True]
+    for a, b in zip(got[True][:2], got[False][:2]):
+        assert_close(a, b, 1e-5)
+    assert_same_cache(got[True][2], got[False][2], 1e-5)
+
+
+def test_large_multi_token_calls_use_torch(monkeypatch, count_rows):
+    """Past FUSED_MAX_ROWS tokens the per-op path's matrix products are faster."""
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    state = DecodeState(random_model("gpt2"), 2, 40)
+    state.prefill([[1] * (generate.FUSED_MAX_ROWS + 1), [2, 3]])
+    state.forward(torch.ones(2, generate.FUSED_MAX_ROWS // 2 + 1, dtype=torch.long))
+    assert count_rows == []
+    state.forward(torch.ones(2, generate.FUSED_MAX_ROWS // 2, dtype=torch.long))
+    assert count_rows == [True]
+
+
+class _Oracle:
+    """Drafts the true greedy continuation with every third token wrong: accepts and rejections."""
+
+    def __init__(self, truth, prompt_len, vocab):
+        self.truth, self.prompt_len, self.vocab = truth, prompt_len, vocab
+
+    def propose(self, context, k):
+        n = len(context) - self.prompt_len
+        return [(t + 1) % self.vocab if (n + i) % 3 == 2 else t for i, t in enumerate(self.truth[n: n + k])]
+
+
+@pytest.mark.parametrize("spec", [None, "int4-g32"])
+def test_speculative_generate_identical_with_fused_verify(spec, monkeypatch, count_rows):
+    from mmfuse.decoder.speculative import speculative_generate
+
+    model = random_model("qwen2") if spec is None else quantized("qwen2", spec)
+    engine = Engine(model)
+    prompt = PROMPTS[2]
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "0")
+    plain = engine.generate(prompt, temperature=0.0, max_new_tokens=30, ignore_eos=True)[0].token_ids
+    monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
+    fused_plain = engine.generate(prompt, temperature=0.0, max_new_tokens=30, ignore_eos=True)[0].token_ids
+    spec_out, stats = speculative_generate(engine, prompt, _Oracle(plain, len(prompt), model.cfg.vocab_size), k=5,
+                                           temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    assert spec_out.token_ids == plain == fused_plain
+    assert 0 < stats.accepted < stats.drafted and sum(count_rows) == stats.forwards
+
+
 # ---- bf16 models: bf16 weights and KV cache; fp32 residual stream, bf16-rounded layer inputs (fused_step.py)
 
 BF16_STEPS = 32
@@ -389,3 +576,19 @@ def test_bf16_portable_kernel_agrees():
             runs[dots].append(step(t, state.cache, model.rope_cos, model.rope_sin).double())
             state.cache.advance(1)
     assert rel_error(runs[False], runs[True]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_bf16_multi_token_forward(name, monkeypatch, count_rows):
+    """Several tokens per cache row (the fused prefill and verification) on a bf16 model: as the
+    one-token step, at least as close to the fp64 reference as PyTorch's bf16 path, and near it."""
+    model = random_model(name).to(torch.bfloat16)
+    got, state = verify_run(model, True, monkeypatch, poison=True)
+    assert count_rows == [True, True, False, True] and state.cache.k.dtype == torch.bfloat16
+    torch_bf16, _ = verify_run(model, False, monkeypatch)
+    ref, ref_state = verify_run(random_model(name).to(torch.bfloat16).double(), False, monkeypatch)
+    got, torch_bf16, ref = ([t.double().flatten(0, 1) for t in run] for run in (got, torch_bf16, ref))
+    assert all(torch.isfinite(g).all() for g in got)
+    assert rel_error(got, ref) <= min(6e-3, rel_error(torch_bf16, ref)), (rel_error(got, ref), rel_error(torch_bf16, ref))
+    assert rel_error(got, torch_bf16) <= 1.5e-2
+    assert_same_cache(state, ref_state, 2e-2)

@@ -1,5 +1,7 @@
 // The fused CPU decode step: one call runs every layer of a GPT-2 or Llama-family decoder for a
-// few rows, inside one OpenMP parallel region, on the torch tensors' memory (no copies).
+// few rows, inside one OpenMP parallel region, on the torch tensors' memory (no copies). A row is
+// one new token at one position of one row of the KV cache: a decode step (one row per cache row),
+// or several tokens per cache row (speculative verification, a short prompt continuation).
 #pragma once
 #include <atomic>
 #include <cstddef>
@@ -73,9 +75,10 @@ void rope(float* x, const float* cos, const float* sin, int d);
 float act(int kind, float x);
 void norm_row(const float* x, const Norm& nm, float eps, int c, float* out);
 
-// A decoder's weights and the step's scratch buffers, for one batch size.
+// A decoder's weights and the step's scratch buffers, for one KV cache batch size.
 struct Config {
-    int batch, d_model, n_head, n_kv_head, head_dim, d_ff, vocab;
+    int batch;        // rows of the KV cache
+    int d_model, n_head, n_kv_head, head_dim, d_ff, vocab;
     int act;          // Act of the MLP
     bool gated;       // act(gate) * up (Llama) or act(up) (GPT-2)
     bool rope;        // rotary positions (else a learned position table)
@@ -91,12 +94,15 @@ class Plan {
     void set_embed(const float* table, const Linear& quantized, const float* positions);
     void add_layer(const Layer& layer);
     void set_head(const Norm& norm, const Linear& head);
-    // One token per row: tokens (B,) int64 at positions lengths (B,) int64; writes each layer's key and
-    // value at that position of the caches (L, B, Hkv, tmax, D) fp32 or bf16 (kv_bf16, rounded to
-    // nearest even as PyTorch writes them), attends over positions
-    // [0, length], and writes the logits (B, V). cos / sin: (>= max length + 1, D / 2) RoPE tables.
-    void step(const int64_t* tokens, const int64_t* lengths, void* k_cache, void* v_cache, int tmax,
-              const float* cos, const float* sin, float* logits, int threads);
+    // R rows, row r: token tokens[r] at position positions[r] of cache row cache_rows[r] (int64 each;
+    // no two rows at one position of one cache row).
+    // Writes each layer's keys and values of every row into the caches (L, B, Hkv, tmax, D) fp32, or
+    // bf16 where kv_bf16 (rounded to nearest even, as PyTorch writes them), then
+    // each row attends over positions [0, positions[r]] of its cache row (so over the rows before it
+    // in the same cache row too), and writes the logits (R, V). cos / sin: (rope_len, D / 2) RoPE
+    // tables. Throws std::invalid_argument (nothing written) for an index out of range.
+    void step(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, void* k_cache,
+              void* v_cache, int tmax, const float* cos, const float* sin, int rope_len, float* logits, int threads);
     int vnni_layers() const;  // linears that run as integer dot products
 
   private:
@@ -107,13 +113,18 @@ class Plan {
     const float* embed_ = nullptr;
     const float* pos_ = nullptr;
     int ld_ = 0;                                  // row stride of the activation buffers
-    std::vector<float> x_, xn_, att_, h_, y_;     // (B, ld_) each
+    int cap_ = 0;                                 // rows the buffers hold (grown by `reserve`)
+    std::vector<float> x_, xn_, att_, h_, y_;     // (cap_, ld_) each
     QuantRows qr_;
     std::vector<float> tmp_, scores_;             // per thread
+    std::vector<char> seen_;                      // (B,) scratch of `step`: cache rows seen
     std::unique_ptr<std::atomic<int>[]> chunks_;  // per op of a step: next chunk to take, chunks done
     int ops_ = 0;
     void prepare(Linear& lin);
-    void embed_rows(const int64_t* tokens, const int64_t* lengths);
+    void reserve(int rows);
+    void check(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, int tmax,
+               int rope_len) const;
+    void embed_rows(int rows, const int64_t* tokens, const int64_t* positions);
 };
 
 }  // namespace mmdecode

@@ -68,11 +68,12 @@ PYBIND11_MODULE(_decode, m) {
         .def("set_head", [](Plan& p, const py::tuple& nf, const py::tuple& head) { p.set_head(norm(nf), linear(head)); })
         .def("vnni_layers", &Plan::vnni_layers)
         .def("step",
-             [](Plan& p, std::uintptr_t tokens, std::uintptr_t lengths, std::uintptr_t k, std::uintptr_t v, int tmax,
-                std::uintptr_t cos, std::uintptr_t sin, std::uintptr_t logits, int threads) {
-                 p.step(ptr<int64_t>(tokens), ptr<int64_t>(lengths), reinterpret_cast<void*>(k),
-                        reinterpret_cast<void*>(v), tmax, ptr<float>(cos), ptr<float>(sin),
-                        reinterpret_cast<float*>(logits), threads);
+             [](Plan& p, int rows, std::uintptr_t tokens, std::uintptr_t cache_rows, std::uintptr_t positions,
+                std::uintptr_t k, std::uintptr_t v, int tmax, std::uintptr_t cos, std::uintptr_t sin, int rope_len,
+                std::uintptr_t logits, int threads) {
+                 p.step(rows, ptr<int64_t>(tokens), ptr<int64_t>(cache_rows), ptr<int64_t>(positions),
+                        reinterpret_cast<void*>(k), reinterpret_cast<void*>(v), tmax, ptr<float>(cos),
+                        ptr<float>(sin), rope_len, reinterpret_cast<float*>(logits), threads);
              },
              py::call_guard<py::gil_scoped_release>());
 }

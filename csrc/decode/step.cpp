@@ -1,9 +1,12 @@
-// The decode step: every layer for B rows in one OpenMP parallel region, op after op. Each op is cut
+// The decode step: every layer for R rows in one OpenMP parallel region, op after op. Each op is cut
 // into chunks (a linear layer: blocks of output rows; attention: (row, key/value head) pairs; a norm
 // and the activation quantization: one chunk) that the threads take from an atomic counter; an op
 // ends when all its chunks are done. Unlike a barrier, this never waits for a thread that holds no
 // work: on a machine shared with other jobs, a thread the OS has descheduled costs the step at most
-// the chunk it holds, not a time slice per op. Numerics follow the PyTorch modules of
+// the chunk it holds, not a time slice per op. A row's attention reads the keys and values the
+// other rows of its cache row write in the same step: when a cache row has several rows, every
+// row's write of a layer is one op and the attention the next; otherwise (a decode step) both are
+// one op per (row, key/value head). Numerics follow the PyTorch modules of
 // engine/nn/layers.py op for op, in fp32, and do not depend on which thread computes what. bf16
 // models keep that fp32 residual stream; what is bf16 in them is what the weights and the cache
 // read: each bf16 layer's input and the keys and values, rounded to nearest even (fused_step.py).
@@ -14,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "decode.hh"
 
@@ -60,11 +64,36 @@ void Plan::set_head(const Norm& norm, const Linear& head) {
     head_ = head;
     prepare(head_);
     ld_ = (ld_ + 63) / 64 * 64;
-    ops_ = 3 + int(layers_.size()) * 9;  // the most ops a step runs
+    ops_ = 3 + int(layers_.size()) * 10;  // the most ops a step runs
     chunks_.reset(new std::atomic<int>[2 * ops_]);
-    const size_t n = size_t(c_.batch) * ld_;
+    seen_.assign(c_.batch, 0);
+    reserve(c_.batch);
+}
+
+void Plan::reserve(int rows) {
+    if (rows <= cap_) return;
+    cap_ = rows;
+    const size_t n = size_t(rows) * ld_;
     for (auto* v : {&x_, &xn_, &att_, &h_, &y_}) v->assign(n, 0.f);  // the padding past each width stays 0
-    qr_.resize(c_.batch, ld_);
+    qr_.resize(rows, ld_);
+}
+
+void Plan::check(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, int tmax,
+                 int rope_len) const {
+    if (rows < 1) throw std::invalid_argument("fused decode: no rows");
+    const int64_t npos = c_.rope ? std::min(tmax, rope_len) : tmax;
+    for (int r = 0; r < rows; r++) {
+        const char* bad = tokens[r] < 0 || tokens[r] >= c_.vocab                 ? "token"
+                          : cache_rows[r] < 0 || cache_rows[r] >= c_.batch       ? "cache row"
+                          : positions[r] < 0 || positions[r] >= npos             ? "position"
+                                                                                 : nullptr;
+        if (bad)
+            throw std::invalid_argument("fused decode: row " + std::to_string(r) + ": token " +
+                                        std::to_string(tokens[r]) + " (vocab " + std::to_string(c_.vocab) +
+                                        "), cache row " + std::to_string(cache_rows[r]) + " (batch " +
+                                        std::to_string(c_.batch) + "), position " + std::to_string(positions[r]) +
+                                        " (" + std::to_string(npos) + " positions): bad " + bad);
+    }
 }
 
 int Plan::vnni_layers() const {
@@ -73,9 +102,9 @@ int Plan::vnni_layers() const {
     return n;
 }
 
-void Plan::embed_rows(const int64_t* tokens, const int64_t* lengths) {
+void Plan::embed_rows(int rows, const int64_t* tokens, const int64_t* positions) {
     const int C = c_.d_model;
-    for (int b = 0; b < c_.batch; b++) {
+    for (int b = 0; b < rows; b++) {
         float* xr = x_.data() + size_t(b) * ld_;
         const int64_t tok = tokens[b];
         if (embed_) {
@@ -102,16 +131,22 @@ void Plan::embed_rows(const int64_t* tokens, const int64_t* lengths) {
             }
         }
         if (pos_)
-            for (int i = 0; i < C; i++) xr[i] += pos_[size_t(lengths[b]) * C + i];
+            for (int i = 0; i < C; i++) xr[i] += pos_[size_t(positions[b]) * C + i];
     }
 }
 
-void Plan::step(const int64_t* tokens, const int64_t* lengths, void* k_cache, void* v_cache, int tmax,
-                const float* cos, const float* sin, float* logits, int threads) {
-    const int B = c_.batch, C = c_.d_model, H = c_.n_head, Hkv = c_.n_kv_head, D = c_.head_dim, F = c_.d_ff;
+void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions,
+                void* k_cache, void* v_cache, int tmax, const float* cos, const float* sin, int rope_len,
+                float* logits, int threads) {
+    check(rows, tokens, cache_rows, positions, tmax, rope_len);
+    reserve(rows);
+    bool shared = rows > c_.batch;  // a cache row with several rows: all writes of a layer before any attention
+    std::fill(seen_.begin(), seen_.end(), 0);
+    for (int r = 0; r < rows && !shared; r++) shared = seen_[cache_rows[r]]++;
+    const int B = rows, NB = c_.batch, C = c_.d_model, H = c_.n_head, Hkv = c_.n_kv_head, D = c_.head_dim, F = c_.d_ff;
     const int rep = H / Hkv, half = D / 2, ld = ld_;
     const int nt = std::max(1, threads);
-    const size_t tmp_size = size_t(B) * ld_;
+    const size_t tmp_size = size_t(B) * ld_;  // B: rows of this step
     if (tmp_.size() < nt * tmp_size) tmp_.assign(nt * tmp_size, 0.f);
     if (scores_.size() < size_t(nt) * tmax) scores_.assign(size_t(nt) * tmax, 0.f);
     for (int i = 0; i < 2 * ops_; i++) chunks_[i].store(0, std::memory_order_relaxed);
@@ -150,7 +185,7 @@ void Plan::step(const int64_t* tokens, const int64_t* lengths, void* k_cache, vo
                         x[size_t(b) * ld + j] += y[size_t(b) * ld + j] + (lin.bias ? lin.bias[j] : 0.f);
             });
         };
-        run(1, [&](int) { embed_rows(tokens, lengths); });
+        run(1, [&](int) { embed_rows(B, tokens, positions); });
         for (size_t li = 0; li < layers_.size(); li++) {
             const Layer& L = layers_[li];
             normalize(L.n1, L.qkv);
@@ -161,25 +196,35 @@ void Plan::step(const int64_t* tokens, const int64_t* lengths, void* k_cache, vo
                     for (int b = 0; b < B; b++)
                         for (int j = j0; j < j1; j++) y[size_t(b) * ld + j] += L.qkv.bias[j];
             });
-            run(B * Hkv, [&](int item) {  // RoPE, the cache writes and attention of one (row, key/value head)
+            auto base = [&](int b, int g) { return ((li * NB + cache_rows[b]) * Hkv + g) * size_t(tmax) * D; };
+            auto write = [&](int item) {  // RoPE of the key and the cache writes of one (row, key/value head)
                 const int b = item / Hkv, g = item % Hkv;
-                const int64_t pos = lengths[b];
+                const int64_t pos = positions[b];
                 float* yr = y + size_t(b) * ld;
                 float* k = yr + size_t(H + g) * D;
                 const float* v = yr + size_t(H + Hkv + g) * D;
                 if (c_.rope) rope(k, cos + pos * half, sin + pos * half, D);
-                const size_t base = ((li * B + b) * Hkv + g) * size_t(tmax) * D;
-                const bool bf = c_.kv_bf16;
-                store(k_cache, bf, base + pos * D, k, D);
-                store(v_cache, bf, base + pos * D, v, D);
-                const size_t off = bf ? sizeof(uint16_t) * base : sizeof(float) * base;
+                store(k_cache, c_.kv_bf16, base(b, g) + pos * D, k, D);
+                store(v_cache, c_.kv_bf16, base(b, g) + pos * D, v, D);
+            };
+            auto heads = [&](int item) {  // RoPE of the queries and attention of one (row, key/value head)
+                const int b = item / Hkv, g = item % Hkv;
+                const int64_t pos = positions[b];
+                float* yr = y + size_t(b) * ld;
+                const size_t off = (c_.kv_bf16 ? sizeof(uint16_t) : sizeof(float)) * base(b, g);  // bytes
                 const char *kc = static_cast<const char*>(k_cache) + off, *vc = static_cast<const char*>(v_cache) + off;
                 for (int h = g * rep; h < (g + 1) * rep; h++) {
                     float* q = yr + size_t(h) * D;
                     if (c_.rope) rope(q, cos + pos * half, sin + pos * half, D);
-                    attend(q, kc, vc, bf, int(pos + 1), D, sc, att + size_t(b) * ld + size_t(h) * D);
+                    attend(q, kc, vc, c_.kv_bf16, int(pos + 1), D, sc, att + size_t(b) * ld + size_t(h) * D);
                 }
-            });
+            };
+            if (shared) {
+                run(B * Hkv, write);
+                run(B * Hkv, heads);
+            } else {
+                run(B * Hkv, [&](int item) { write(item); heads(item); });
+            }
             quantize(L.o, att, H * D);
             add_residual(L.o, att);
             normalize(L.n2, L.up);

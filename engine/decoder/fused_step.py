@@ -1,4 +1,4 @@
-"""The fused CPU decode step: one C++ call (mmfuse._decode, csrc/decode/) per token for the whole model.
+"""The fused CPU decode step: one C++ call (mmfuse._decode, csrc/decode/) per step for the whole model.
 
 A batch-1 decode step through PyTorch is some 15 ops per layer, each with its Python, dispatch and
 thread hand-off costs; on a narrow 30-layer model those fixed costs, not the weights streamed,
@@ -7,10 +7,12 @@ region, each op cut into chunks the threads take from an atomic counter (no barr
 a descheduled thread; csrc/decode/step.cpp): norms, the q/k/v projection, RoPE from
 the model's tables, the key/value writes into the `KVCache` buffers in place, attention over each
 row's cached positions, the MLP, residuals, final norm and LM head, reading the weights where
-PyTorch keeps them. fp32 weights and the engine's int8 / int4 formats (kernels/quant_cpu.py) run;
-quantized layers whose groups fit blocks of 32 take integer dot products with the activation
-quantized to int8 on the fly where the CPU has AVX-512 VNNI (`MMFUSE_INT8_ACTIVATIONS=0`: fp32
-arithmetic on dequantized registers instead).
+PyTorch keeps them. A call runs rows of (cache row, position, token): one per cache row (a decode
+step), or several tokens per cache row (`append`, `rows`: speculative verification, a short prompt
+continuation), whose keys and values all land before any row attends. fp32 weights and the
+engine's int8 / int4 formats (kernels/quant_cpu.py) run; quantized layers whose groups fit blocks
+of 32 take integer dot products with the activation quantized to int8 on the fly where the CPU has
+AVX-512 VNNI (`MMFUSE_INT8_ACTIVATIONS=0`: fp32 arithmetic on dequantized registers instead).
 
 bf16 models run with bf16 weights (the tied embedding too, as the LM head) and a bf16 KV cache, read
 where PyTorch keeps them; their small tensors (norms, biases, the position table) are copied to
@@ -65,13 +67,14 @@ class _Unsupported(Exception):
 
 
 class FusedStep:
-    """The compiled plan of one model for one batch size; call it as the decode step."""
+    """The compiled plan of one model for one KV cache batch size; call it as the decode step."""
 
     def __init__(self, plan, tensors: list, vocab: int, batch: int, dtype: torch.dtype):
         self._plan = plan
         self._tensors = tensors  # what the plan points into, kept alive with it
         self.vocab, self.batch = vocab, batch
         self.dtype = dtype  # the model's, and its KV cache's
+        self._cache_rows = torch.arange(batch)  # (B,) the cache row of each row of a decode step
 
     @property
     def integer_layers(self) -> int:
@@ -106,20 +109,50 @@ class FusedStep:
         """tokens (B,) at each row's next position `cache.lengths` -> fp32 logits (B, V) (in `out` when
         given). Writes the keys and values of that position into `cache` (of the model's dtype);
         advancing its lengths is the caller's."""
-        tok = tokens.reshape(-1).to(torch.long).contiguous()
-        if tok.shape[0] != self.batch or cache.batch != self.batch:
-            raise ValueError(f"fused step built for {self.batch} rows, got {tok.shape[0]} tokens and a cache of "
-                             f"{cache.batch}")
+        tok = tokens.reshape(-1)
+        if tok.shape[0] != self.batch:
+            raise ValueError(f"fused step built for {self.batch} rows, got {tok.shape[0]} tokens")
+        return self._run(tok.to(torch.long).contiguous(), self._cache_rows, cache.lengths, cache, rope_cos, rope_sin,
+                         out)
+
+    def append(self, tokens: torch.Tensor, cache, rope_cos: Optional[torch.Tensor],
+               rope_sin: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens (B, k) after each row's cached positions -> logits (B, k, V), as the decoder's
+        forward over them (causal within the k); advancing the cache's lengths is the caller's."""
+        B, k = tokens.shape
+        positions = cache.lengths[:, None] + torch.arange(k)  # (B, k)
+        rows = self._cache_rows if k == 1 else self._cache_rows.repeat_interleave(k)
+        return self.rows(tokens.reshape(-1), rows, positions.view(-1), cache, rope_cos, rope_sin).view(B, k, -1)
+
+    def rows(self, tokens: torch.Tensor, cache_rows: torch.Tensor, positions: torch.Tensor, cache,
+             rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor],
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """R rows, each token tokens[r] at position positions[r] of cache row cache_rows[r] (R,), no
+        two at one position of one cache row -> logits (R, V) (in `out` when given). Every row's keys
+        and values land in `cache` first, then each row attends over positions [0, positions[r]] of
+        its cache row, which includes the rows of this call at earlier positions (in any order). An
+        index out of range (token, cache row, position past the cache or the RoPE tables) raises
+        ValueError before anything is written."""
+        tok, crow, pos = (t.reshape(-1).to(torch.long).contiguous() for t in (tokens, cache_rows, positions))
+        if not tok.shape == crow.shape == pos.shape:
+            raise ValueError(f"fused step: {tok.shape[0]} tokens, {crow.shape[0]} cache rows and {pos.shape[0]} positions")
+        return self._run(tok, crow, pos, cache, rope_cos, rope_sin, out)
+
+    def _run(self, tok: torch.Tensor, crow: torch.Tensor, pos: torch.Tensor, cache, rope_cos: Optional[torch.Tensor],
+             rope_sin: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+        """`rows` on contiguous int64 (R,) tensors."""
+        R = tok.shape[0]
+        if cache.batch != self.batch:
+            raise ValueError(f"fused step built for a cache of {self.batch} rows, got one of {cache.batch}")
         if not (cache.k.dtype == cache.v.dtype == self.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()):
             raise ValueError(f"the fused step of a {self.dtype} model needs a contiguous {self.dtype} KV cache, got "
                              f"{cache.k.dtype}")
-        if rope_cos is not None and rope_cos.shape[0] < max(cache.filled) + 1:
-            raise ValueError(f"RoPE tables of {rope_cos.shape[0]} positions for a row at {max(cache.filled)}")
-        logits = torch.empty(self.batch, self.vocab, dtype=torch.float32) if out is None else out
-        if logits.shape != (self.batch, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
-            raise ValueError(f"out must be a contiguous fp32 ({self.batch}, {self.vocab}) tensor")
-        self._plan.step(tok.data_ptr(), cache.lengths.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-                        cache.max_len, _ptr(rope_cos), _ptr(rope_sin), logits.data_ptr(), torch.get_num_threads())
+        logits = torch.empty(R, self.vocab, dtype=torch.float32) if out is None else out
+        if logits.shape != (R, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
+            raise ValueError(f"out must be a contiguous fp32 ({R}, {self.vocab}) tensor")
+        self._plan.step(R, tok.data_ptr(), crow.data_ptr(), pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+                        cache.max_len, _ptr(rope_cos), _ptr(rope_sin), 0 if rope_cos is None else rope_cos.shape[0],
+                        logits.data_ptr(), torch.get_num_threads())
         return logits
 
 

@@ -35,6 +35,10 @@ from .transformer import Decoder
 
 
 _CAPTURE_LOCK = threading.Lock()
+# Calls of several tokens per row (verification, prompt continuations) with at most this many tokens
+# in all rows run on the fused step; past it the per-op path's matrix products win on GPT-2-small-sized
+# models (bench/bench_fused_rows.py, bench/README.md).
+FUSED_MAX_ROWS = 8
 
 
 class DecodeState:
@@ -83,11 +87,23 @@ class DecodeState:
                     if e.shape != (lens[b], x.shape[-1]):
                         raise ValueError(f"row {b}: embeddings of shape {tuple(e.shape)}, expected ({lens[b]}, {x.shape[-1]})")
                     x[b, : lens[b]] = e.to(x.dtype)
-        positions = cache.next_positions(T)  # (B, T) from each row's start
-        last = torch.as_tensor(lens, device=dev) - 1
-        logits = self.model(ids, positions, cache, kv_len=cache.lengths + T, logits_index=last, embeds=x)[:, 0]  # (B, V)
+        if x is None and sum(lens) <= FUSED_MAX_ROWS and (fused := self._fused_step()) is not None:
+            logits = self._fused_prefill(fused, prompts, lens)
+        else:
+            positions = cache.next_positions(T)  # (B, T) from each row's start
+            last = torch.as_tensor(lens, device=dev) - 1
+            logits = self.model(ids, positions, cache, kv_len=cache.lengths + T, logits_index=last, embeds=x)[:, 0]  # (B, V)
         cache.advance(lens)
         return logits
+
+    def _fused_prefill(self, fused: FusedStep, prompts: Sequence[Sequence[int]], lens: list) -> torch.Tensor:
+        """A short prefill as rows of the fused step (no padding): logits (B, V) at each last token."""
+        n = torch.as_tensor(lens)
+        rows = torch.arange(len(lens)).repeat_interleave(n)  # (R,) the cache row of every token
+        ends = n.cumsum(0)
+        positions = self.cache.lengths[rows] + torch.arange(int(ends[-1])) - (ends - n)[rows]
+        tokens = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long)
+        return fused.rows(tokens, rows, positions, self.cache, *self._rope())[ends - 1]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -99,9 +115,20 @@ class DecodeState:
         cache.check_room([k] * B)
         if cache.tokens is not None:
             cache.record(tokens[0].tolist())
-        logits = self.model(tokens, cache.next_positions(k), cache, kv_len=cache.lengths + k)
+        if (k == 1 or B * k <= FUSED_MAX_ROWS) and (fused := self._fused_step()) is not None:
+            logits = fused.append(tokens, cache, *self._rope())
+        else:
+            logits = self.model(tokens, cache.next_positions(k), cache, kv_len=cache.lengths + k)
         cache.advance(k)
         return logits
+
+    def _rope(self) -> tuple:
+        """The model's RoPE tables (cos, sin) for every position of the cache (which `grow` may have
+        lengthened), or (None, None) with learned positions."""
+        if self.model.pos_embed is not None:
+            return None, None
+        self.model.ensure_positions(self.cache.max_len)
+        return self.model.rope_cos, self.model.rope_sin
 
     def _fused_step(self) -> Optional[FusedStep]:
         """The fused CPU decode step (fused_step.py) when enabled, the attention backend is not forced
@@ -150,7 +177,7 @@ class DecodeState:
             self._graph.replay()
             logits = self._logits
         elif (fused := self._fused_step()) is not None:
-            logits = fused(tok, cache, getattr(self.model, "rope_cos", None), getattr(self.model, "rope_sin", None))
+            logits = fused(tok, cache, *self._rope())
         else:
             logits = self._decode_step(tok)
         cache.advance(1 if active is None else active)

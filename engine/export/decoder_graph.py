@@ -15,7 +15,8 @@ Two variants come from the same builder:
             tables gathered at position_ids, present = Concat(past, new).
   optimised com.microsoft contrib operators as onnxruntime-genai's model builder emits them:
             SkipLayerNormalization / SkipSimplifiedLayerNormalization, GroupQueryAttention with the
-            rotary embedding fused in, FastGelu. With `share_buffer` the past and present of
+            rotary embedding fused in, FastGelu, separate gate and up MatMuls (no Split copying their
+            outputs; onnxruntime fuses x * Sigmoid(x) into QuickGelu). With `share_buffer` the past and present of
             GroupQueryAttention are one preallocated (B, H_kv, max_len, D) buffer that the runtime
             binds once (attention_mask then spans the buffer's filled part, as in genai).
 """
@@ -73,11 +74,14 @@ class DecoderGraph:
     def _scalar(self, value: float) -> str:
         return self.g.const(value, self.np_dtype)
 
-    def _linear(self, x: str, name: str, key: str) -> str:
-        """x @ W.T + b with W stored pre-transposed [in, out] (one MatMul, as the model builder)."""
-        y = self.g.op("MatMul", [x, self._param(f"{name}.weight", key + ".weight", transpose=True)], name=f"/{name}/MatMul")
+    def _linear(self, x: str, name: str, key: str, rows: slice = slice(None)) -> str:
+        """x @ W.T + b with W stored pre-transposed [in, out] (one MatMul, as the model builder);
+        `rows`: only those output features of W and b."""
+        w = self.w[key + ".weight"][rows].T.astype(self.np_dtype)
+        y = self.g.op("MatMul", [x, self.g.weight(f"{name}.weight", w)], name=f"/{name}/MatMul")
         if key + ".bias" in self.w:
-            y = self.g.op("Add", [y, self._param(f"{name}.bias", key + ".bias")], name=f"/{name}/Add")
+            b = self.g.weight(f"{name}.bias", self.w[key + ".bias"][rows].astype(self.np_dtype))
+            y = self.g.op("Add", [y, b], name=f"/{name}/Add")
         return y
 
     def _reduce_mean_last(self, x: str) -> str:
@@ -121,12 +125,16 @@ class DecoderGraph:
 
     def _mlp(self, h: str, i: int) -> str:
         cfg, g = self.cfg, self.g
-        up = self._linear(h, f"model.layers.{i}.mlp.up_proj", f"blocks.{i}.mlp.up")
-        if cfg.gated_mlp:
-            gate, up = g.op("Split", [up, g.const([cfg.d_ff, cfg.d_ff])], n_out=2, axis=-1)
+        key, F = f"blocks.{i}.mlp.up", cfg.d_ff
+        if cfg.gated_mlp and self.opts.optimize:  # two MatMuls, as the model builder: no Split copying both halves
+            gate = self._linear(h, f"model.layers.{i}.mlp.gate_proj", key, slice(0, F))
+            h = g.op("Mul", [self._act(gate), self._linear(h, f"model.layers.{i}.mlp.up_proj", key, slice(F, 2 * F))])
+        elif cfg.gated_mlp:
+            gate, up = g.op("Split", [self._linear(h, f"model.layers.{i}.mlp.up_proj", key), g.const([F, F])],
+                            n_out=2, axis=-1)
             h = g.op("Mul", [self._act(gate), up])
         else:
-            h = self._act(up)
+            h = self._act(self._linear(h, f"model.layers.{i}.mlp.up_proj", key))
         return self._linear(h, f"model.layers.{i}.mlp.down_proj", f"blocks.{i}.mlp.down")
 
     # -- graph --------------------------------------------------------------------------------
