@@ -17,7 +17,8 @@ until the first near-tie of logits; the quantized formats round differently).
 Both sides get the same token ids and decode greedily with eos ignored; both run on the same
 number of threads (torch's). Method as bench_quant: prefill = median time of prompt + 1 token,
 decode step = (median time of prompt + N tokens - prefill) / (N - 1); the engines are timed in
-alternating rounds so load from other jobs spreads over both. `--unfused` adds mmfuse with its
+alternating rounds so load from other jobs spreads over both, with a 0.2 s pause before each
+timed run (the engine that ran before may still have OpenMP threads spinning). `--unfused` adds mmfuse with its
 fused CPU decode step switched off (MMFUSE_FUSED_DECODE=0) as a third engine in the same rounds.
 """
 from __future__ import annotations
@@ -227,6 +228,7 @@ def main(argv=None) -> None:
                     for _ in range(args.repeats):
                         for k, run in runs.items():
                             for n, store in ((1, t1), (args.new_tokens, tn)):
+                                time.sleep(0.2)  # let the other engine's OpenMP threads stop spinning
                                 t0 = time.perf_counter()
                                 run(n)
                                 store[k].append(time.perf_counter() - t0)
