@@ -79,6 +79,23 @@ def test_questions_have_true_answers():
     assert not relation_holds(a, "below", b) and not relation_holds(b, "left of", a)
 
 
+def test_questions_are_not_tied_to_the_scene_generators_draws():
+    """Every kind of count question is asked of scenes of every size, and yes/no answers are balanced
+    within each size (sharing the scene's random stream once tied both to the number of objects)."""
+    kinds, yes = {}, {}
+    for s in range(2000, 2600):
+        scene = generate_scene(s)
+        n = len(scene.objects)
+        qas = questions(scene, s)
+        count = next(q for q in qas if q.kind == "count").question
+        kinds.setdefault(n, set()).add("total" if count == "how many objects are there" else count.split()[2])
+        for q in qas:
+            if q.kind == "existence":
+                yes.setdefault(n, []).append(q.answer == "yes")
+    assert all(len(k) >= 4 for k in kinds.values()), kinds  # the total count and several colours / shapes
+    assert all(0.3 < np.mean(v) < 0.7 for v in yes.values()), {n: np.mean(v) for n, v in yes.items()}
+
+
 def test_vocabulary_errors_name_the_words():
     with pytest.raises(VocabularyError, match="banana"):
         VOCABULARY.check("a large banana at the top left")

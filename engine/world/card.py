@@ -32,6 +32,8 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
     cfg = training["config"]
     files = sorted(p for sub, _ in SHIPPED.values() for p in (folder / sub).rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
+    runs = producers(training)
+    loads = training.get("load_averages", {training["command"]: training.get("load_average")})
     lines = [
         "# mmfuse shipped world models", "",
         "Small models trained by mmfuse's own code on its procedurally generated world (`mmfuse.world`):",
@@ -41,8 +43,8 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         "| world-vlm | vlm/ | LLaVA: world-clip's vision tower, MLP projector, Llama decoder: captions, VQA |",
         "| world-ngram | ngram/ | token n-gram model of the VLM's answers (C++ SLM): speculative drafter |",
         "| world-imagine | imagine/ | text-to-image: VQ image tokenizer + Llama decoder over its codes, CFG |",
-        "", "## Reproduce", "", f"    {training['command']}",
-        *(f"    {c}   # retrained {stage} only" for stage, c in training.get("stage_commands", {}).items()),
+        "", "## Reproduce", "",
+        *(f"    {c}" + (f"   # {', '.join(stages)}" if len(runs) > 1 else "") for c, stages in runs.items()),
         *([] if "--install" in training["command"] else ["    mmfuse world install DIR   # DIR: the --out folder above"]), "",
         f"Seeds: model init and batch order seed {cfg['seed']}; training scenes are the seeds "
         f"0..{cfg['train_scenes'] - 1}; held-out scenes start at seed {training['held_out_from_seed']}. "
@@ -55,7 +57,8 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         "Training time (seconds, a shared 2-core CPU): "
         + ", ".join(f"{k} {v:.0f}" for k, v in training["seconds"].items())
         + f"; total {sum(training['seconds'].values()):.0f}"
-        + (f"; load average {training['load_average']}" if "load_average" in training else "") + ".", "",
+        + "".join(f"; load average {loads[c]}" + (f" ({', '.join(stages)})" if len(runs) > 1 else "")
+                  for c, stages in runs.items() if loads.get(c)) + ".", "",
         "Sizes: " + json.dumps(cfg["sizes"]), "",
         f"## Metrics (held-out scenes, `{demo_command}`)", "", "```", table(metrics), "```", "",
         *imagine_lines(cfg.get("imagine")), "",
@@ -76,15 +79,27 @@ def imagine_lines(c) -> list:
                 b=c["batch"], lr=c["lr"], cd=c["caption_dropout"], gs=c["guidance"], t=c["temperature"], tk=c["top_k"])]
 
 
+def producers(training: dict) -> dict:
+    """{command: [stages]}: which run made each shipped model (the first run, or a later `--only` run)."""
+    made = {stage: training["command"] for stage in training["seconds"]}
+    made.update(training.get("stage_commands", {}))
+    out = {}
+    for stage, command in made.items():
+        out.setdefault(command, []).append(stage)
+    return out
+
+
 def merge_training(old: dict, new: dict) -> dict:
     """training.json of a partial run (`world train --only`) merged into the shipped one: its
-    stages' seconds and config, and its command beside the original."""
+    stages' seconds and config, its command beside the original and its load average beside theirs."""
     out = json.loads(json.dumps(old))
     stages = list(new["seconds"])
     out["seconds"].update(new["seconds"])
     if "imagine" in stages:
         out["config"]["imagine"] = new["config"]["imagine"]
     out.setdefault("stage_commands", {}).update({s: new["command"] for s in stages})
+    loads = out.setdefault("load_averages", {out["command"]: out.get("load_average")})
+    loads[new["command"]] = new.get("load_average")
     return out
 
 

@@ -90,8 +90,10 @@ def relation_holds(a: Obj, rel: str, b: Obj) -> bool:
 
 
 def questions(scene: Scene, seed: int) -> list:
-    """One QA of each type the scene allows, drawn with `seed` (answers balanced yes/no)."""
-    rng = np.random.default_rng(seed)
+    """One QA of each type the scene allows, drawn with `seed` (answers balanced yes/no). The draws
+    come from their own stream of `seed`, not the scene generator's: sharing it tied the kind of
+    count question to the number of objects (the first draw of both)."""
+    rng = np.random.default_rng((seed, 1))
     objs = scene.objects
     out = []
     which = int(rng.integers(3))

@@ -273,7 +273,8 @@ def train_ngram(cfg: WorldTrainConfig, out: Path):
     folder = out / "ngram"
     folder.mkdir(parents=True, exist_ok=True)
     tok = chat_tokenizer()
-    lm = NGramModel.build(answer_corpus(cfg, tok), order=cfg.ngram_order)
+    # lmplz's fallback discounts apply only where estimation fails: a corpus of a few scenes (tests)
+    lm = NGramModel.build(answer_corpus(cfg, tok), order=cfg.ngram_order, discount_fallback=(0.5, 1.0, 1.5))
     lm.save(folder / "answers.bin")
     write_chat_assets(folder, tok, chat_template=False)
     return lm
