@@ -1,20 +1,24 @@
 """Decode-step time of one exported decoder graph run different ways, interleaved: mmfuse's
-`DecoderSession` (OrtEngine's loop) with onnxruntime's spinning off (mmfuse's default) and on, on
-model_last_logits.onnx and model.onnx, with 1 thread; onnxruntime-genai on the same folder and on
-its model builder's export. It separates the graph from the way it is run.
+`DecoderSession` (OrtEngine's loop) with onnxruntime's spinning on (mmfuse's default, stopped after
+each run) and off, on model_last_logits.onnx and model.onnx, with 1 thread; onnxruntime-genai on
+the same folder and on its model builder's export, at its default threads and at `--genai-threads`
+(a copy of each folder's genai_config.json with session_options.intra_op_num_threads set). It
+separates the graph from the way it is run.
 
     python bench/bench_onnx.py --workdir W --models smollm2-135m --engines none   # the exports
     python -m onnxruntime_genai.models.builder -i W/smollm2-135m-hf -o W/smollm2-135m-builder -p fp32 -e cpu
-    python bench/bench_onnx_steps.py --workdir W --steps 16 --rounds 3
+    python bench/bench_onnx_steps.py --workdir W --steps 16 --rounds 3 --genai-threads 2
 
 Batch 1, a 128-token random prompt, then greedy steps; each round runs every variant once; medians.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -38,9 +42,12 @@ def session_runner(folder: Path, graph: str, prompt: np.ndarray, steps: int, **o
     return run
 
 
-def genai_runner(folder: Path, prompt: np.ndarray, steps: int):
+def genai_runner(folder: Path, prompt: np.ndarray, steps: int, threads: Optional[int] = None):
+    """onnxruntime-genai on `folder`; with `threads`, on a sibling folder whose genai_config.json sets them."""
     import onnxruntime_genai as og
 
+    if threads is not None:
+        folder = with_genai_threads(folder, threads)
     model = og.Model(str(folder))
 
     def run() -> float:
@@ -58,6 +65,19 @@ def genai_runner(folder: Path, prompt: np.ndarray, steps: int):
     return run
 
 
+def with_genai_threads(folder: Path, threads: int) -> Path:
+    """A sibling of `folder` (its files linked) whose genai_config.json runs `threads` intra-op threads."""
+    out = folder.with_name(f"{folder.name}-genai{threads}t")
+    out.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "genai_config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True, help="bench_onnx.py's --workdir (with the exports)")
@@ -65,6 +85,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--genai-threads", type=int, default=None,
+                    help="also run both sides with this many intra-op threads (genai's default here is 1)")
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     ours, theirs = work / f"{args.model}-optimized", work / f"{args.model}-builder"
@@ -72,15 +94,23 @@ def main(argv=None) -> None:
     prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_len)
     n = args.steps
     runners = {
-        "DecoderSession, model_last_logits.onnx, spinning off": session_runner(ours, RUNTIME_GRAPH, prompt, n),
-        "DecoderSession, model_last_logits.onnx, spinning on": session_runner(ours, RUNTIME_GRAPH, prompt, n,
-                                                                               spinning=True),
-        "DecoderSession, model.onnx, spinning off": session_runner(ours, GRAPH_FILE, prompt, n),
+        "DecoderSession, model_last_logits.onnx, spinning on (default)": session_runner(ours, RUNTIME_GRAPH, prompt, n),
+        "DecoderSession, model_last_logits.onnx, spinning off": session_runner(ours, RUNTIME_GRAPH, prompt, n,
+                                                                                spinning=False),
+        "DecoderSession, model.onnx, spinning on": session_runner(ours, GRAPH_FILE, prompt, n),
         "DecoderSession, model_last_logits.onnx, 1 thread": session_runner(ours, RUNTIME_GRAPH, prompt, n, threads=1),
         "genai on our optimised export": genai_runner(ours, prompt, n),
     }
-    if (theirs / "genai_config.json").exists():
+    builder = (theirs / "genai_config.json").exists()
+    if builder:
         runners["genai on its builder's export"] = genai_runner(theirs, prompt, n)
+    if args.genai_threads:
+        t = args.genai_threads
+        runners[f"DecoderSession, model_last_logits.onnx, {t} threads, spinning on"] = session_runner(
+            ours, RUNTIME_GRAPH, prompt, n, threads=t)
+        runners[f"genai on our optimised export, {t} threads"] = genai_runner(ours, prompt, n, t)
+        if builder:
+            runners[f"genai on its builder's export, {t} threads"] = genai_runner(theirs, prompt, n, t)
     times = {k: [] for k in runners}
     for run in runners.values():
         run()  # warm-up

@@ -51,7 +51,7 @@ class OrtEngine(GenerationFrontend):
 
     @classmethod
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                        graph_optimization_level: str = "all", spinning: bool = False) -> "OrtEngine":
+                        graph_optimization_level: str = "all", spinning: bool = True) -> "OrtEngine":
         """Open an export folder of `mmfuse export onnx`; options are checked before anything is read
         (`spinning`: see `session.make_session`)."""
         make_session(None, threads, providers, graph_optimization_level)  # options only: errors before any reading

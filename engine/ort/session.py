@@ -11,13 +11,15 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def make_session(path: Optional[Path], threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                 optimization: str = "all", spinning: bool = False):
+                 optimization: str = "all", spinning: bool = True):
     """An InferenceSession for the graph at `path`; with path=None only the options are checked.
 
-    `spinning`: onnxruntime's intra-op threads busy-wait between operators by default; mmfuse turns
-    that off, since on a CPU shared with other work (or with more threads than free cores) the
-    spinning threads take the cores the computing ones need: measured on the shared 2-core box, a
-    SmolLM2-135M-shaped int8 decode step took 163 ms spinning vs 77 ms not (bench/README.md)."""
+    `spinning`: onnxruntime's intra-op threads busy-wait between the operators of a run (its own
+    default, and onnxruntime-genai's): on a dedicated CPU that is the faster setting. mmfuse also
+    stops the spinning when a run returns (`session.force_spinning_stop`), so the threads do not
+    burn the cores between decode steps or after a generation. On a CPU shared with other work
+    (or with more threads than free cores) pass False: spinning threads then take the cores the
+    computing ones need (bench/README.md, "ONNX decoders", has both measured)."""
     import onnxruntime as ort
 
     providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -35,6 +37,7 @@ def make_session(path: Optional[Path], threads: Optional[int] = None, providers:
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: not the load-time notes on graphs onnxruntime runs fine
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if threads is not None:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = {

@@ -46,7 +46,7 @@ class OrtVLM(GenerationFrontend):
 
     @classmethod
     def from_pretrained(cls, onnx_dir, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                        graph_optimization_level: str = "all", spinning: bool = False) -> "OrtVLM":
+                        graph_optimization_level: str = "all", spinning: bool = True) -> "OrtVLM":
         """Open an export folder of `mmfuse export onnx` on a vision-language checkpoint (options are
         checked before anything is read)."""
         make_session(None, threads, providers, graph_optimization_level)
