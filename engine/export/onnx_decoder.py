@@ -168,14 +168,29 @@ def check_decoder_export(folder: Path, model, manifest: dict, log: Callable[[str
 
 
 def write_runtime_graph(folder: Path) -> None:
-    """RUNTIME_GRAPH beside GRAPH_FILE: the same nodes and weights (its data file), logit_positions
-    without its default."""
+    """RUNTIME_GRAPH beside GRAPH_FILE: the same weights (its data file), logit_positions without its
+    default, and the LM head's rows taken from it directly: the nodes that choose between the given
+    positions and every position (a dozen small operators per call) go."""
     import onnx
 
     model = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
-    kept = [t for t in model.graph.initializer if t.name != "logit_positions"]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    graph = model.graph
+    kept = [t for t in graph.initializer if t.name != "logit_positions"]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        if node.name == "/lm_head/positions":  # Concat(given, every position or none) -> the given ones
+            node.op_type, node.domain = "Identity", ""
+            del node.input[:], node.attribute[:]
+            node.input.append("logit_positions")
+    live = {o.name for o in graph.output}
+    nodes = []
+    for node in reversed(graph.node):  # the nodes an output depends on (graph.node is topologically sorted)
+        if any(o in live for o in node.output):
+            nodes.append(node)
+            live.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
     onnx.save_model(model, str(folder / RUNTIME_GRAPH))
 
 

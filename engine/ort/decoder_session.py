@@ -80,6 +80,8 @@ class DecoderSession:
             self._mask = np.zeros((batch, 0), np.int64)  # (B, T) which cache columns hold a row's tokens
 
     def _check_room(self, extra: Sequence[int]) -> None:
+        if (self.lengths + np.asarray(extra) <= self.max_len).all():
+            return
         for b, (n, k) in enumerate(zip(self.lengths.tolist(), extra)):
             if n + k > self.max_len:
                 raise CapacityError(f"row {b}: {n} cached + {k} new positions exceed the KV cache of "
@@ -156,7 +158,6 @@ class DecoderSession:
         """Append tokens (B, k) (or embeddings (B, k, C)) after each row's cached positions; rows
         where `active` is False do not advance. Logits (B, k, V)."""
         B, k = tokens.shape[:2]
-        active = np.ones(B, bool) if active is None else np.asarray(active, bool)
         self._check_room([k] * B)
         pos = self.lengths[:, None] + np.arange(k, dtype=np.int64)  # (B, k)
         if self.shared:
@@ -171,9 +172,10 @@ class DecoderSession:
                 x = self._tok
             logits = self._run(x, mask, self._pos, self._first if self.logit_positions else None)
         else:
+            active = np.ones(B, bool) if active is None else np.asarray(active, bool)
             self._mask = np.concatenate([self._mask, np.repeat(active[:, None], k, 1).astype(np.int64)], axis=1)
             logits = self._run(np.ascontiguousarray(tokens), self._mask, pos)
-        self.lengths += k * active
+        self.lengths += k if active is None else k * np.asarray(active, bool)
         return logits
 
     def decode(self, tokens: np.ndarray, active=None) -> np.ndarray:
