@@ -158,6 +158,7 @@ class DecoderSession:
         """Append tokens (B, k) (or embeddings (B, k, C)) after each row's cached positions; rows
         where `active` is False do not advance. Logits (B, k, V)."""
         B, k = tokens.shape[:2]
+        active = None if active is None else np.asarray(active, bool)
         self._check_room([k] * B)
         pos = self.lengths[:, None] + np.arange(k, dtype=np.int64)  # (B, k)
         if self.shared:
@@ -172,10 +173,10 @@ class DecoderSession:
                 x = self._tok
             logits = self._run(x, mask, self._pos, self._first if self.logit_positions else None)
         else:
-            active = np.ones(B, bool) if active is None else np.asarray(active, bool)
-            self._mask = np.concatenate([self._mask, np.repeat(active[:, None], k, 1).astype(np.int64)], axis=1)
+            fills = np.ones(B, bool) if active is None else active
+            self._mask = np.concatenate([self._mask, np.repeat(fills[:, None], k, 1).astype(np.int64)], axis=1)
             logits = self._run(np.ascontiguousarray(tokens), self._mask, pos)
-        self.lengths += k if active is None else k * np.asarray(active, bool)
+        self.lengths += k if active is None else k * active
         return logits
 
     def decode(self, tokens: np.ndarray, active=None) -> np.ndarray:
