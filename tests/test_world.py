@@ -96,6 +96,32 @@ def test_questions_are_not_tied_to_the_scene_generators_draws():
     assert all(0.3 < np.mean(v) < 0.7 for v in yes.values()), {n: np.mean(v) for n, v in yes.items()}
 
 
+def test_training_draws_new_questions_each_epoch():
+    """draw 0 is the held-out evaluation's set; other draws ask the same scene other questions, and
+    the training batches use a new draw each epoch (same questions every epoch left the yes/no types
+    at chance)."""
+    import torch
+
+    import mmfuse.world.train as train
+
+    scene = generate_scene(7)
+    sets = [tuple(questions(scene, 7, draw)) for draw in range(6)]
+    assert sets[0] == tuple(questions(scene, 7)) and sets[0] == tuple(questions(scene, 7, 0))
+    assert len(set(sets)) > 3
+    assert questions(scene, 7, 3) == questions(scene, 7, 3)
+    seen = []
+    real = train.scene_turns
+    cfg = train.WorldTrainConfig(train_scenes=2, vlm_batch=2)
+    try:
+        train.scene_turns = lambda seed, rng, draw=0: seen.append(draw) or real(seed, rng, draw)
+        batches = train.vlm_batches(cfg, train.chat_tokenizer(), 4, torch.zeros(2, 3, 64, 64))
+        for _ in range(3):
+            next(batches)
+    finally:
+        train.scene_turns = real
+    assert seen == [0, 0, 1, 1, 2, 2]
+
+
 def test_vocabulary_errors_name_the_words():
     with pytest.raises(VocabularyError, match="banana"):
         VOCABULARY.check("a large banana at the top left")

@@ -208,3 +208,28 @@ def test_world_train_stage_selection_and_partial_install_merge(tmp_path):
     assert m["seconds"] == {"clip": 1.0, "vlm": 2.0, "imagine": 3.0} and m["config"]["imagine"] == {"steps": 2}
     assert m["command"] == old["command"] and m["stage_commands"] == {"imagine": new["command"]}
     assert old["seconds"]["imagine"] == 9.0                                   # the shipped record is not mutated
+
+
+def test_imagine_in_a_second_process_gives_the_sequential_bytes_and_reports_failures(tmp_path):
+    """`world train` runs imagine beside the other stages: the same weights as in sequence (seeded,
+    single-threaded processes), its time and wall clock recorded, and a failure in the second process
+    raised here with its traceback (not a hang)."""
+    from dataclasses import replace
+
+    from mmfuse.world.train import WorldTrainConfig
+
+    cfg = WorldTrainConfig(train_scenes=24, progress=False, imagine=replace(TINY_T2I, steps=3))
+    n = torch.get_num_threads()
+    try:
+        train_world(tmp_path / "par", cfg, stages=("ngram", "imagine"))
+        train_world(tmp_path / "seq", replace(cfg, parallel=False), stages=("ngram", "imagine"))
+        for name in ("imagine/model.safetensors", "imagine/vq.safetensors", "ngram/answers.bin"):
+            assert (tmp_path / "par" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes(), name
+        par = json.loads((tmp_path / "par" / "training.json").read_text())
+        seq = json.loads((tmp_path / "seq" / "training.json").read_text())
+        assert par["parallel"] == ["imagine"] and seq["parallel"] == []
+        assert set(par["seconds"]) == {"ngram", "imagine"} and par["wall_seconds"] > 0
+        with pytest.raises(RuntimeError, match="imagine stage failed(.|\n)*steps=0 must be positive"):
+            train_world(tmp_path / "bad", replace(cfg, imagine=replace(TINY_T2I, steps=0)), stages=("ngram", "imagine"))
+    finally:
+        torch.set_num_threads(n)

@@ -51,12 +51,14 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         f"torch threads: {cfg['threads']}; device {cfg['device']}; torch {training['torch']}.", "",
         f"Data: {cfg['train_scenes']} scenes; CLIP {cfg['clip_steps']} steps x batch {cfg['clip_batch']} "
         f"(lr {cfg['clip_lr']}{clip_recipe(cfg)}); VLM {cfg['vlm_steps']} steps x batch {cfg['vlm_batch']} "
-        f"conversations (lr {cfg['vlm_lr']}, each a caption and one question of each type, turns shuffled; vision "
+        f"conversations (lr {cfg['vlm_lr']}, each a caption and one question of each type, drawn anew each epoch, turns shuffled; vision "
         f"tower {'fine-tuned' if cfg.get('vlm_train_tower', True) else 'frozen'}); n-gram order "
         f"{cfg['ngram_order']} over the answers of every training scene.", "",
         "Training time (seconds, a shared 2-core CPU): "
         + ", ".join(f"{k} {v:.0f}" for k, v in training["seconds"].items())
         + f"; total {sum(training['seconds'].values()):.0f}"
+        + (f"; wall clock {training['wall_seconds']:.0f} ({', '.join(training['parallel'])} in a second process "
+           "beside the others)" if training.get("parallel") and training.get("wall_seconds") else "")
         + "".join(f"; load average {loads[c]}" + (f" ({', '.join(stages)})" if len(runs) > 1 else "")
                   for c, stages in runs.items() if loads.get(c)) + ".", "",
         "Sizes: " + json.dumps(cfg["sizes"]), "",
@@ -93,6 +95,8 @@ def merge_training(old: dict, new: dict) -> dict:
     """training.json of a partial run (`world train --only`) merged into the shipped one: its
     stages' seconds and config, its command beside the original and its load average beside theirs."""
     out = json.loads(json.dumps(old))
+    out.pop("wall_seconds", None)  # stages of several runs: no one wall clock
+    out.pop("parallel", None)
     stages = list(new["seconds"])
     out["seconds"].update(new["seconds"])
     if "imagine" in stages:

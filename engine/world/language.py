@@ -89,11 +89,12 @@ def relation_holds(a: Obj, rel: str, b: Obj) -> bool:
             "left of": a.col < b.col, "right of": a.col > b.col}[rel]
 
 
-def questions(scene: Scene, seed: int) -> list:
+def questions(scene: Scene, seed: int, draw: int = 0) -> list:
     """One QA of each type the scene allows, drawn with `seed` (answers balanced yes/no). The draws
     come from their own stream of `seed`, not the scene generator's: sharing it tied the kind of
-    count question to the number of objects (the first draw of both)."""
-    rng = np.random.default_rng((seed, 1))
+    count question to the number of objects (the first draw of both). `draw` > 0 gives another set
+    of questions about the same scene (training asks each scene anew every epoch)."""
+    rng = np.random.default_rng((seed, 1) if draw == 0 else (seed, 1, draw))
     objs = scene.objects
     out = []
     which = int(rng.integers(3))
