@@ -90,16 +90,17 @@ class DecoderGraph:
         return self.g.op("ReduceMean", [x], axes=[-1], keepdims=1)
 
     def _norm(self, x: str, name: str, key: str) -> str:
-        """LayerNorm or RMSNorm (statistics in fp32, as transformers), standard operators."""
+        """LayerNorm or RMSNorm (statistics in fp32, as transformers), standard operators. The RMSNorm is
+        the Pow-ReduceMean-Add-Sqrt-Div-Mul chain onnxruntime fuses into one SimplifiedLayerNormalization
+        when it loads the graph (fp32 on CPU), so the file stays standard ONNX and runs as one kernel."""
         g, eps = self.g, self.cfg.norm_eps
         w = self._param(f"{name}.weight", key + ".weight")
         if self.cfg.norm == "layernorm":
             return g.op("LayerNormalization", [x, w, self._param(f"{name}.bias", key + ".bias")], axis=-1,
                         epsilon=eps, name=f"/{name}/LayerNorm")
         h = x if self.np_dtype == np.float32 else g.op("Cast", [x], to=TensorProto.FLOAT)
-        ms = self._reduce_mean_last(g.op("Mul", [h, h]))
-        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)])])])
-        h = g.op("Mul", [h, inv])
+        ms = self._reduce_mean_last(g.op("Pow", [h, g.const(2.0, np.float32)]))
+        h = g.op("Div", [h, g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)])])])
         if self.np_dtype != np.float32:
             h = g.op("Cast", [h], to=self.onnx_dtype)
         return g.op("Mul", [w, h], name=f"/{name}/Mul")
