@@ -145,6 +145,21 @@ def test_stream_stop_strings_seeds_and_capacity(exports, tokenizer):
         sess.decode(np.array([1]))
 
 
+@pytest.mark.parametrize("variant", ["portable", "optimized"])
+def test_onnxruntime_fuses_every_rmsnorm(exports, tmp_path, variant):
+    """The exported RMSNorm is the chain onnxruntime fuses at load: no Pow, Sqrt or Div is left."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(exports["llama", variant] / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
+    n_layer = 2 * DECODER_SPECS["llama"][1]["num_hidden_layers"] + 1
+    fused = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
+    assert fused == n_layer and not {"Pow", "Sqrt", "Div"} & set(ops), ops
+
+
 def test_optimized_decode_reuses_its_buffers(exports):
     """The shared KV buffers and the decode logits buffer are allocated once and written in place."""
     engine = OrtEngine.from_pretrained(exports["llama16", "optimized"])
