@@ -113,13 +113,16 @@ def test_training_draws_new_questions_each_epoch():
     real = train.scene_turns
     cfg = train.WorldTrainConfig(train_scenes=2, vlm_batch=2)
     try:
-        train.scene_turns = lambda seed, rng, draw=0: seen.append(draw) or real(seed, rng, draw)
+        train.scene_turns = lambda seed, rng, draw=0, extra=0: seen.append(draw) or real(seed, rng, draw, extra)
         batches = train.vlm_batches(cfg, train.chat_tokenizer(), 4, torch.zeros(2, 3, 64, 64))
         for _ in range(3):
             next(batches)
     finally:
         train.scene_turns = real
     assert seen == [0, 0, 1, 1, 2, 2]
+    turns = train.scene_turns(3, np.random.default_rng(0), 1, 2)
+    relations = [q for q, _ in turns if q.startswith("is the ")]
+    assert len(turns) == len(train.scene_turns(3, np.random.default_rng(0), 1)) + 2 and len(set(relations)) >= 2
 
 
 def test_vocabulary_errors_name_the_words():

@@ -208,6 +208,11 @@ def test_world_train_stage_selection_and_partial_install_merge(tmp_path):
     assert m["seconds"] == {"clip": 1.0, "vlm": 2.0, "imagine": 3.0} and m["config"]["imagine"] == {"steps": 2}
     assert m["command"] == old["command"] and m["stage_commands"] == {"imagine": new["command"]}
     assert old["seconds"]["imagine"] == 9.0                                   # the shipped record is not mutated
+    vlm = {"command": "mmfuse world train --out C --only clip vlm", "seconds": {"clip": 4.0, "vlm": 5.0},
+           "config": {"seed": 1, "vlm_lr": 0.1, "imagine": {"steps": 7}}}
+    m = merge_training(m, vlm)
+    assert m["config"] == {"seed": 1, "vlm_lr": 0.1, "imagine": {"steps": 2}}  # its settings, the imagine run's
+    assert m["stage_commands"] == {"imagine": new["command"], "clip": vlm["command"], "vlm": vlm["command"]}
 
 
 def test_imagine_in_a_second_process_gives_the_sequential_bytes_and_reports_failures(tmp_path):

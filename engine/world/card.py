@@ -51,7 +51,9 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         f"torch threads: {cfg['threads']}; device {cfg['device']}; torch {training['torch']}.", "",
         f"Data: {cfg['train_scenes']} scenes; CLIP {cfg['clip_steps']} steps x batch {cfg['clip_batch']} "
         f"(lr {cfg['clip_lr']}{clip_recipe(cfg)}); VLM {cfg['vlm_steps']} steps x batch {cfg['vlm_batch']} "
-        f"conversations (lr {cfg['vlm_lr']}, each a caption and one question of each type, drawn anew each epoch, turns shuffled; vision "
+        f"conversations (lr {cfg['vlm_lr']}, each a caption and one question of each type, drawn anew each epoch"
+        f"{', plus %d more relation questions' % cfg['vlm_extra_relations'] if cfg.get('vlm_extra_relations') else ''}"
+        f", turns shuffled; vision "
         f"tower {'fine-tuned' if cfg.get('vlm_train_tower', True) else 'frozen'}); n-gram order "
         f"{cfg['ngram_order']} over the answers of every training scene.", "",
         "Training time (seconds, a shared 2-core CPU): "
@@ -99,7 +101,12 @@ def merge_training(old: dict, new: dict) -> dict:
     out.pop("parallel", None)
     stages = list(new["seconds"])
     out["seconds"].update(new["seconds"])
-    if "imagine" in stages:
+    if set(stages) - {"imagine"}:  # the new run's settings of clip / vlm / ngram, the old imagine unless retrained
+        imagine = out["config"].get("imagine")
+        out["config"] = json.loads(json.dumps(new["config"]))
+        if "imagine" not in stages:
+            out["config"]["imagine"] = imagine
+    else:
         out["config"]["imagine"] = new["config"]["imagine"]
     out.setdefault("stage_commands", {}).update({s: new["command"] for s in stages})
     loads = out.setdefault("load_averages", {out["command"]: out.get("load_average")})

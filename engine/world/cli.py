@@ -15,6 +15,7 @@ def register(sub) -> None:
     t.add_argument("--out", required=True, help="output folder (clip/, vlm/, ngram/, training.json, MODEL_CARD.md)")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     t.add_argument("--scenes", type=int, default=None, help="training scenes (default: the shipped run's)")
+    t.add_argument("--seed", type=int, default=None, help="model init and batch order seed (default: the shipped run's)")
     t.add_argument("--clip-steps", type=int, default=None)
     t.add_argument("--vlm-steps", type=int, default=None)
     t.add_argument("--imagine-steps", type=int, default=None, help="text-to-image decoder steps")
@@ -66,7 +67,7 @@ def cmd_train(args) -> int:
 
     check_device(args.device, "--device")
     cfg = WorldTrainConfig(device=args.device, progress=not args.quiet)
-    for name, field in (("scenes", "train_scenes"), ("clip_steps", "clip_steps"), ("vlm_steps", "vlm_steps")):
+    for name, field in (("scenes", "train_scenes"), ("seed", "seed"), ("clip_steps", "clip_steps"), ("vlm_steps", "vlm_steps")):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, field, v)

@@ -62,9 +62,10 @@ class WorldTrainConfig:
     clip_lr: float = 2e-3
     clip_siblings: bool = True     # half of each CLIP batch: one-attribute/position variants of the other half
     clip_aux: float = 1.0          # weight of the auxiliary patch-attribute loss (0: contrastive only)
-    vlm_steps: int = 4000
+    vlm_steps: int = 12000
     vlm_batch: int = 16
-    vlm_lr: float = 2e-3
+    vlm_lr: float = 5e-4           # 2e-3 delayed (or missed) the step where the search questions (existence, relation) are learned
+    vlm_extra_relations: int = 2   # relation questions of other draws added to each conversation (the type learned last)
     vlm_train_tower: bool = False  # fine-tune the vision tower with the VLM (False: keep world-clip's, frozen; learns faster)
     ngram_order: int = 6
     parallel: bool = True          # imagine in a second process beside the other stages (2 cores: one each)
@@ -201,10 +202,14 @@ def conversation_ids(tok, turns, tokens_per_image: int) -> tuple:
     return ids, labels
 
 
-def scene_turns(seed: int, rng: np.random.Generator, draw: int = 0) -> list:
-    """The caption and one question of each type about scene `seed` (`questions`' draw `draw`), shuffled by `rng`."""
+def scene_turns(seed: int, rng: np.random.Generator, draw: int = 0, extra_relations: int = 0) -> list:
+    """The caption and one question of each type about scene `seed` (`questions`' draw `draw`), plus
+    the relation questions of `extra_relations` further draws, shuffled by `rng`."""
     scene = generate_scene(seed)
-    turns = [(CAPTION_PROMPT, caption(scene))] + [(qa.question, qa.answer) for qa in questions(scene, seed, draw)]
+    qas = list(questions(scene, seed, draw))
+    for j in range(extra_relations):
+        qas += [qa for qa in questions(scene, seed, (draw + 1) * 1000 + j) if qa.kind == "relation"]
+    turns = [(CAPTION_PROMPT, caption(scene))] + [(qa.question, qa.answer) for qa in qas]
     return [turns[i] for i in rng.permutation(len(turns))]
 
 
@@ -241,7 +246,7 @@ def vlm_batches(cfg: WorldTrainConfig, tok, tokens_per_image: int, pixels: torch
         order = rng.permutation(cfg.train_scenes)
         for s in range(0, len(order) - cfg.vlm_batch + 1, cfg.vlm_batch):
             idx = order[s:s + cfg.vlm_batch]
-            rows = [conversation_ids(tok, scene_turns(int(i), rng, epoch), tokens_per_image) for i in idx]
+            rows = [conversation_ids(tok, scene_turns(int(i), rng, epoch, cfg.vlm_extra_relations), tokens_per_image) for i in idx]
             T = max(len(r[0]) for r in rows)
             ids = torch.full((len(rows), T), pad, dtype=torch.long)
             labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
