@@ -96,7 +96,7 @@ def test_questions_are_not_tied_to_the_scene_generators_draws():
     assert all(0.3 < np.mean(v) < 0.7 for v in yes.values()), {n: np.mean(v) for n, v in yes.items()}
 
 
-def test_training_draws_new_questions_each_epoch():
+def test_training_draws_new_questions_each_epoch(monkeypatch):
     """draw 0 is the held-out evaluation's set; other draws ask the same scene other questions, and
     the training batches use a new draw each epoch (same questions every epoch left the yes/no types
     at chance)."""
@@ -112,13 +112,12 @@ def test_training_draws_new_questions_each_epoch():
     seen = []
     real = train.scene_turns
     cfg = train.WorldTrainConfig(train_scenes=2, vlm_batch=2)
-    try:
-        train.scene_turns = lambda seed, rng, draw=0, extra=0: seen.append(draw) or real(seed, rng, draw, extra)
-        batches = train.vlm_batches(cfg, train.chat_tokenizer(), 4, torch.zeros(2, 3, 64, 64))
-        for _ in range(3):
-            next(batches)
-    finally:
-        train.scene_turns = real
+    monkeypatch.setattr(train, "scene_turns",
+                        lambda seed, rng, draw=0, extra=0: seen.append(draw) or real(seed, rng, draw, extra))
+    batches = train.vlm_batches(cfg, train.chat_tokenizer(), 4, torch.zeros(2, 3, 64, 64))
+    for _ in range(3):
+        next(batches)
+    monkeypatch.undo()
     assert seen == [0, 0, 1, 1, 2, 2]
     turns = train.scene_turns(3, np.random.default_rng(0), 1, 2)
     relations = [q for q, _ in turns if q.startswith("is the ")]

@@ -207,7 +207,7 @@ def scene_turns(seed: int, rng: np.random.Generator, draw: int = 0, extra_relati
     the relation questions of `extra_relations` further draws, shuffled by `rng`."""
     scene = generate_scene(seed)
     qas = list(questions(scene, seed, draw))
-    for j in range(extra_relations):
+    for j in range(extra_relations):  # draws from 1000 (draw + 1) on: apart from the epochs' draws (< 1000)
         qas += [qa for qa in questions(scene, seed, (draw + 1) * 1000 + j) if qa.kind == "relation"]
     turns = [(CAPTION_PROMPT, caption(scene))] + [(qa.question, qa.answer) for qa in qas]
     return [turns[i] for i in rng.permutation(len(turns))]
@@ -326,9 +326,11 @@ def _join_imagine(proc, recv) -> float:
     try:
         status, value = recv.recv()
     except EOFError:
+        status = None
+    finally:
         proc.join()
-        raise RuntimeError(f"the imagine stage's process died (exit code {proc.exitcode})") from None
-    proc.join()
+    if status is None:
+        raise RuntimeError(f"the imagine stage's process died (exit code {proc.exitcode})")
     if status != "ok":
         raise RuntimeError(f"the imagine stage failed in its process:\n{value}")
     return value
