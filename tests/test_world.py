@@ -113,15 +113,18 @@ def test_training_draws_new_questions_each_epoch(monkeypatch):
     real = train.scene_turns
     cfg = train.WorldTrainConfig(train_scenes=2, vlm_batch=2)
     monkeypatch.setattr(train, "scene_turns",
-                        lambda seed, rng, draw=0, extra=0: seen.append(draw) or real(seed, rng, draw, extra))
+                        lambda seed, rng, draw=0, *extra: seen.append(draw) or real(seed, rng, draw, *extra))
     batches = train.vlm_batches(cfg, train.chat_tokenizer(), 4, torch.zeros(2, 3, 64, 64))
     for _ in range(3):
         next(batches)
     monkeypatch.undo()
     assert seen == [0, 0, 1, 1, 2, 2]
-    turns = train.scene_turns(3, np.random.default_rng(0), 1, 2)
+    plain = len(train.scene_turns(3, np.random.default_rng(0), 1))
+    turns = train.scene_turns(3, np.random.default_rng(0), 1, 2, ("relation",))
     relations = [q for q, _ in turns if q.startswith("is the ")]
-    assert len(turns) == len(train.scene_turns(3, np.random.default_rng(0), 1)) + 2 and len(set(relations)) >= 2
+    assert len(turns) == plain + 2 and len(set(relations)) >= 2
+    turns = train.scene_turns(3, np.random.default_rng(0), 1, 2, ("relation", "position"))
+    assert len(turns) == plain + 4 and sum(q.startswith("where is") for q, _ in turns) == 3
 
 
 def test_vocabulary_errors_name_the_words():

@@ -25,7 +25,20 @@ def clip_recipe(cfg: dict) -> str:
     if cfg.get("clip_aux"):
         parts.append(f"plus {cfg['clip_aux']} x a patch-attribute cross-entropy of a linear probe on the last "
                      "hidden states, the probe dropped after training")
+    if cfg.get("clip_scene_probe"):
+        parts.append(f"plus {cfg['clip_scene_probe']} x the cross-entropy of a linear probe reading every cell's "
+                     "attributes from each embedding, dropped after training")
+    if cfg.get("clip_pos_std"):
+        parts.append(f"vision position embeddings initialised with std {cfg['clip_pos_std']}")
     return "".join("; " + p for p in parts)
+
+
+def extra_questions(cfg: dict) -> str:
+    if cfg.get("vlm_extra_relations"):  # the config of runs before vlm_extra_draws
+        return f", plus {cfg['vlm_extra_relations']} more relation questions"
+    if cfg.get("vlm_extra_draws") and cfg.get("vlm_extra_kinds"):
+        return f", plus the {' and '.join(cfg['vlm_extra_kinds'])} questions of {cfg['vlm_extra_draws']} more draws"
+    return ""
 
 
 def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -> str:
@@ -52,7 +65,7 @@ def model_card(folder: Path, training: dict, metrics: dict, demo_command: str) -
         f"Data: {cfg['train_scenes']} scenes; CLIP {cfg['clip_steps']} steps x batch {cfg['clip_batch']} "
         f"(lr {cfg['clip_lr']}{clip_recipe(cfg)}); VLM {cfg['vlm_steps']} steps x batch {cfg['vlm_batch']} "
         f"conversations (lr {cfg['vlm_lr']}, each a caption and one question of each type, drawn anew each epoch"
-        f"{', plus %d more relation questions' % cfg['vlm_extra_relations'] if cfg.get('vlm_extra_relations') else ''}"
+        f"{extra_questions(cfg)}"
         f", turns shuffled; vision "
         f"tower {'fine-tuned' if cfg.get('vlm_train_tower', True) else 'frozen'}); n-gram order "
         f"{cfg['ngram_order']} over the answers of every training scene.", "",

@@ -2,13 +2,16 @@
 
 1. CLIP: the contrastive loss of `encoders.train` (the fused loss of mmfuse.kernels) on rendered
    scenes and their captions, each batch half scenes and half their siblings (one attribute or
-   position changed: hard negatives), plus a linear probe's cross-entropy on the tower's last
-   hidden states against each patch's cell attributes (the features the VLM reads; the probe is
-   dropped after training); bench/README.md has the measured effect.
+   position changed: hard negatives), plus linear probes' cross-entropies (dropped after training):
+   on the tower's last hidden states against each patch's cell attributes (the features the VLM
+   reads), and on both embeddings against every cell's attributes. The vision position embeddings
+   start large (std 1): at the usual small init the tower never learned where a lone object is.
+   bench/README.md has the measured effects.
 2. VLM (LLaVA format): the CLIP vision tower, a projector and a small Llama decoder, trained with
    the decoder loop (`decoder.train`) on multi-turn conversations about each scene (caption and
-   every question type, drawn anew each epoch, turns shuffled so that each comes first as often),
-   loss on answers only; the vision tower stays world-clip's (frozen).
+   every question type, drawn anew each epoch, plus more of the search questions (relation,
+   position) from further draws; turns shuffled so that each comes first as often), loss on
+   answers only; the vision tower stays world-clip's (frozen).
 3. n-gram: the C++ SLM over the VLM's token ids of the answers, the speculative drafter.
 4. Text-to-image: a VQ tokenizer and a Llama decoder over image tokens (`world.imagine_train`).
 
@@ -62,10 +65,13 @@ class WorldTrainConfig:
     clip_lr: float = 2e-3
     clip_siblings: bool = True     # half of each CLIP batch: one-attribute/position variants of the other half
     clip_aux: float = 1.0          # weight of the auxiliary patch-attribute loss (0: contrastive only)
+    clip_scene_probe: float = 1.0  # weight of the scene probe on both embeddings (0: none)
+    clip_pos_std: float = 1.0      # init std of the vision position embeddings (small, a lone object's cell was never learned)
     vlm_steps: int = 12000
     vlm_batch: int = 16
     vlm_lr: float = 5e-4           # 2e-3 delayed (or missed) the step where the search questions (existence, relation) are learned
-    vlm_extra_relations: int = 2   # relation questions of other draws added to each conversation (the type learned last)
+    vlm_extra_draws: int = 2       # further question draws whose `vlm_extra_kinds` questions join each conversation
+    vlm_extra_kinds: tuple = ("relation", "position")  # the search questions, learned last
     vlm_train_tower: bool = False  # fine-tune the vision tower with the VLM (False: keep world-clip's, frozen; learns faster)
     ngram_order: int = 6
     parallel: bool = True          # imagine in a second process beside the other stages (2 cores: one each)
@@ -107,24 +113,30 @@ def sibling(scene: Scene, rng: np.random.Generator) -> Scene:
     return Scene(objs, jitter(rng, objs))
 
 
+SCENE_PROBE_SCALE = 10.0  # the scene probe reads unit vectors: scaled, its logits can leave zero at the lr of the rest
 CELL_CLASSES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(SIZES))  # colour, shape, size of a cell's object (0: none)
 
 
-def patch_labels(scene: Scene, patch: int) -> np.ndarray:
-    """(N, 3) int64: for each patch in reading order, the colour, shape and size class of the object
-    in the grid cell the patch lies in (0 where the cell is empty): the auxiliary targets."""
-    side = IMAGE_SIZE // patch
+def cell_labels(scene: Scene) -> np.ndarray:
+    """(4, 3) int64: the colour, shape and size class of each grid cell's object (0 where empty)."""
     cells = np.zeros((4, 3), np.int64)
     for o in scene.objects:
         cells[o.cell] = (1 + COLOURS.index(o.colour), 1 + SHAPES.index(o.shape), 1 + tuple(SIZES).index(o.size))
+    return cells
+
+
+def patch_labels(scene: Scene, patch: int) -> np.ndarray:
+    """(N, 3) int64: for each patch in reading order, `cell_labels` of the grid cell the patch lies
+    in: the auxiliary targets."""
+    side = IMAGE_SIZE // patch
     r, c = np.divmod(np.arange(side * side), side)
-    return cells[(r * patch // CELL) * 2 + c * patch // CELL]
+    return cell_labels(scene)[(r * patch // CELL) * 2 + c * patch // CELL]
 
 
 def clip_batches(cfg: WorldTrainConfig, tokenizer, proc):
-    """Endless batches (pixels (B, 3, H, W), ids (B, T), patch labels (B, N, 3)): B / 2 training
-    scenes and a sibling of each (`sibling`), so every batch holds pairs that differ in one
-    attribute or position."""
+    """Endless batches (pixels (B, 3, H, W), ids (B, T), patch labels (B, N, 3), cell labels (B, 4, 3)):
+    B / 2 training scenes and a sibling of each (`sibling`), so every batch holds pairs that differ
+    in one attribute or position."""
     scenes = [generate_scene(s) for s in range(cfg.train_scenes)]
     rng = np.random.default_rng(cfg.seed + 3)
     if cfg.clip_siblings:
@@ -132,6 +144,7 @@ def clip_batches(cfg: WorldTrainConfig, tokenizer, proc):
     images = np.stack([render(s) for s in scenes])  # (N, H, W, 3) uint8
     ids, _ = tokenizer([caption(s) for s in scenes])
     labels = torch.from_numpy(np.stack([patch_labels(s, cfg.sizes.patch) for s in scenes]))
+    cells = torch.from_numpy(np.stack([cell_labels(s) for s in scenes]))
     half = cfg.clip_batch // 2 if cfg.clip_siblings else cfg.clip_batch
     n = cfg.train_scenes
     while True:
@@ -141,21 +154,30 @@ def clip_batches(cfg: WorldTrainConfig, tokenizer, proc):
             if cfg.clip_siblings:
                 idx = np.concatenate([idx, idx + n])
             t = torch.as_tensor(idx)
-            yield proc(list(images[idx])), ids[t], labels[t]
+            yield proc(list(images[idx])), ids[t], labels[t], cells[t]
 
 
-def clip_step_loss(model: ClipModel, head: nn.Linear, batch, aux_weight: float) -> torch.Tensor:
-    """The contrastive loss (mmfuse.kernels) plus `aux_weight` x the patch-attribute cross-entropy of a
-    linear probe on the tower's last hidden states (the features the VLM reads)."""
-    pixels, ids, labels = batch
+def clip_step_loss(model: ClipModel, heads: nn.ModuleDict, batch, cfg: WorldTrainConfig) -> torch.Tensor:
+    """The contrastive loss (mmfuse.kernels), plus `cfg.clip_aux` x the patch-attribute cross-entropy of a
+    linear probe on the tower's last hidden states (the features the VLM reads), plus
+    `cfg.clip_scene_probe` x the cross-entropy of one linear probe reading every cell's attributes from
+    the image embedding and from the text embedding: it binds each object to its cell in both, which
+    is what retrieval among near-identical captions needs (bench/README.md)."""
+    pixels, ids, labels, cells = batch
     x = model.image_tower.hidden_states(pixels, [-1])[0]  # (B, 1 + N, C)
-    img = model.image_proj(model.image_tower.norm_post(x[:, 0]))
-    txt = model.text_features(ids)
-    loss = contrastive_loss(model, F.normalize(img, dim=-1), F.normalize(txt, dim=-1))
-    if aux_weight:
-        logits = head(x[:, 1:]).split(CELL_CLASSES, dim=-1)  # each (B, N, classes)
-        loss = loss + aux_weight * sum(F.cross_entropy(z.flatten(0, 1), labels[..., k].flatten())
-                                       for k, z in enumerate(logits))
+    img = F.normalize(model.image_proj(model.image_tower.norm_post(x[:, 0])), dim=-1)  # (B, E)
+    txt = F.normalize(model.text_features(ids), dim=-1)  # (B, E)
+    loss = contrastive_loss(model, img, txt)
+    if cfg.clip_aux:
+        logits = heads["patch"](x[:, 1:]).split(CELL_CLASSES, dim=-1)  # each (B, N, classes)
+        loss = loss + cfg.clip_aux * sum(F.cross_entropy(z.flatten(0, 1), labels[..., k].flatten())
+                                         for k, z in enumerate(logits))
+    if cfg.clip_scene_probe:
+        for emb in (img, txt):
+            z = heads["scene"](SCENE_PROBE_SCALE * emb).unflatten(-1, (4, -1))  # (B, 4 cells, classes)
+            logits = z.split(CELL_CLASSES, dim=-1)
+            loss = loss + cfg.clip_scene_probe * sum(F.cross_entropy(z.flatten(0, 1), cells[..., k].flatten())
+                                                     for k, z in enumerate(logits))
     return loss
 
 
@@ -163,11 +185,14 @@ def train_clip(cfg: WorldTrainConfig, out: Path) -> ClipModel:
     folder = out / "clip"
     vocab = write_clip_assets(folder)
     proc = ImageProcessor.from_config(PREPROCESSOR)
-    model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=cfg.seed).to(cfg.device)
-    head = nn.Linear(cfg.sizes.vision_width, sum(CELL_CLASSES)).to(cfg.device)  # dropped after training
+    model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=cfg.seed)
+    nn.init.normal_(model.image_tower.pos_embed, std=cfg.clip_pos_std)
+    model.to(cfg.device)
+    heads = nn.ModuleDict({"patch": nn.Linear(cfg.sizes.vision_width, sum(CELL_CLASSES)),  # dropped after training
+                           "scene": nn.Linear(cfg.sizes.embed_dim, 4 * sum(CELL_CLASSES))}).to(cfg.device)
     tc = TrainConfig(steps=cfg.clip_steps, lr=cfg.clip_lr, warmup_steps=max(1, cfg.clip_steps // 20),
                      weight_decay=0.05, progress=cfg.progress)
-    both = nn.ModuleDict({"clip": model, "head": head})
+    both = nn.ModuleDict({"clip": model, "heads": heads})
     opt = make_optimizer(both, tc)
     batches = clip_batches(cfg, TextTokenizer(folder, CLIP_CONTEXT), proc)
     model.train()
@@ -177,7 +202,7 @@ def train_clip(cfg: WorldTrainConfig, out: Path) -> ClipModel:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         opt.zero_grad(set_to_none=True)
-        loss = clip_step_loss(model, head, batch, cfg.clip_aux)
+        loss = clip_step_loss(model, heads, batch, cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(both.parameters(), tc.grad_clip)
         opt.step()
@@ -202,13 +227,13 @@ def conversation_ids(tok, turns, tokens_per_image: int) -> tuple:
     return ids, labels
 
 
-def scene_turns(seed: int, rng: np.random.Generator, draw: int = 0, extra_relations: int = 0) -> list:
+def scene_turns(seed: int, rng: np.random.Generator, draw: int = 0, extra_draws: int = 0, extra_kinds=()) -> list:
     """The caption and one question of each type about scene `seed` (`questions`' draw `draw`), plus
-    the relation questions of `extra_relations` further draws, shuffled by `rng`."""
+    the questions of kinds `extra_kinds` of `extra_draws` further draws, shuffled by `rng`."""
     scene = generate_scene(seed)
     qas = list(questions(scene, seed, draw))
-    for j in range(extra_relations):  # draws from 1000 (draw + 1) on: apart from the epochs' draws (< 1000)
-        qas += [qa for qa in questions(scene, seed, (draw + 1) * 1000 + j) if qa.kind == "relation"]
+    for j in range(extra_draws):  # draws from 1000 (draw + 1) on: apart from the epochs' draws (< 1000)
+        qas += [qa for qa in questions(scene, seed, (draw + 1) * 1000 + j) if qa.kind in extra_kinds]
     turns = [(CAPTION_PROMPT, caption(scene))] + [(qa.question, qa.answer) for qa in qas]
     return [turns[i] for i in rng.permutation(len(turns))]
 
@@ -246,7 +271,7 @@ def vlm_batches(cfg: WorldTrainConfig, tok, tokens_per_image: int, pixels: torch
         order = rng.permutation(cfg.train_scenes)
         for s in range(0, len(order) - cfg.vlm_batch + 1, cfg.vlm_batch):
             idx = order[s:s + cfg.vlm_batch]
-            rows = [conversation_ids(tok, scene_turns(int(i), rng, epoch, cfg.vlm_extra_relations), tokens_per_image) for i in idx]
+            rows = [conversation_ids(tok, scene_turns(int(i), rng, epoch, cfg.vlm_extra_draws, cfg.vlm_extra_kinds), tokens_per_image) for i in idx]
             T = max(len(r[0]) for r in rows)
             ids = torch.full((len(rows), T), pad, dtype=torch.long)
             labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
