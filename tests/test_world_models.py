@@ -157,3 +157,43 @@ def test_patch_labels_give_each_patch_its_cell_object():
     assert got[8].tolist() == got[13].tolist() == red_circle_small      # bottom left cell
     assert got[0].tolist() == got[15].tolist() == [0, 0, 0]             # empty cells
     assert (patch_labels(scene, 8)[[7, 56]] == np.array([green_triangle_large, red_circle_small])).all()
+
+
+def test_scene_probe_loss_reads_every_cell_from_both_embeddings(tmp_path):
+    """clip_step_loss = contrastive + patch probe + w x (scene probe CE on the image embedding + on the
+    text embedding), the scene probe's targets being `cell_labels` (checked against a plain sum)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from mmfuse.encoders.clip import ClipModel
+    from mmfuse.encoders.preprocess import ImageProcessor
+    from mmfuse.encoders.tokens import TextTokenizer
+    from mmfuse.world.models import CLIP_CONTEXT, PREPROCESSOR, world_clip_config, write_clip_assets
+    from mmfuse.world.scene import Obj, Scene
+    from mmfuse.world.train import (CELL_CLASSES, SCENE_PROBE_SCALE, cell_labels, clip_batches, clip_step_loss)
+
+    scene = Scene((Obj(1, "large", "green", "triangle"), Obj(2, "small", "red", "circle")))
+    assert cell_labels(scene).tolist() == [[0, 0, 0], [2, 3, 2], [1, 1, 1], [0, 0, 0]]
+    cfg = WorldTrainConfig(train_scenes=10, clip_batch=8, progress=False)
+    vocab = write_clip_assets(tmp_path)
+    model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=3)
+    heads = nn.ModuleDict({"patch": nn.Linear(cfg.sizes.vision_width, sum(CELL_CLASSES)),
+                           "scene": nn.Linear(cfg.sizes.embed_dim, 4 * sum(CELL_CLASSES))})
+    batch = next(clip_batches(cfg, TextTokenizer(tmp_path, CLIP_CONTEXT), ImageProcessor.from_config(PREPROCESSOR)))
+    pixels, ids, _, cells = batch
+    assert cells.shape == (8, 4, 3) and (cells[:, :, 0] > 0).any(1).all()   # every scene has an object
+    base = clip_step_loss(model, heads, batch, WorldTrainConfig(clip_scene_probe=0.0))
+    got = clip_step_loss(model, heads, batch, WorldTrainConfig(clip_scene_probe=0.5))
+    img, txt = model(pixels, ids)                  # normalised embeddings (B, E)
+    w, b = heads["scene"].weight.double(), heads["scene"].bias.double()
+    ref = 0.0
+    for emb in (img, txt):
+        z = (SCENE_PROBE_SCALE * emb.double() @ w.T + b).view(8, 4, -1)
+        start = 0
+        for k, n in enumerate(CELL_CLASSES):
+            for row in range(8):
+                for cell in range(4):
+                    logp = F.log_softmax(z[row, cell, start:start + n], dim=-1)
+                    ref -= logp[cells[row, cell, k]].item() / 32
+            start += n
+    torch.testing.assert_close((got - base).double(), torch.tensor(0.5 * ref, dtype=torch.float64), rtol=1e-4, atol=1e-5)
