@@ -162,7 +162,6 @@ def test_patch_labels_give_each_patch_its_cell_object():
 def test_scene_probe_loss_reads_every_cell_from_both_embeddings(tmp_path):
     """clip_step_loss = contrastive + patch probe + w x (scene probe CE on the image embedding + on the
     text embedding), the scene probe's targets being `cell_labels` (checked against a plain sum)."""
-    import torch.nn as nn
     import torch.nn.functional as F
 
     from mmfuse.encoders.clip import ClipModel
@@ -170,15 +169,15 @@ def test_scene_probe_loss_reads_every_cell_from_both_embeddings(tmp_path):
     from mmfuse.encoders.tokens import TextTokenizer
     from mmfuse.world.models import CLIP_CONTEXT, PREPROCESSOR, world_clip_config, write_clip_assets
     from mmfuse.world.scene import Obj, Scene
-    from mmfuse.world.train import (CELL_CLASSES, SCENE_PROBE_SCALE, cell_labels, clip_batches, clip_step_loss)
+    from mmfuse.world.train import (CELL_CLASSES, SCENE_PROBE_SCALE, cell_labels, clip_batches, clip_step_loss,
+                                     probe_heads)
 
     scene = Scene((Obj(1, "large", "green", "triangle"), Obj(2, "small", "red", "circle")))
     assert cell_labels(scene).tolist() == [[0, 0, 0], [2, 3, 2], [1, 1, 1], [0, 0, 0]]
     cfg = WorldTrainConfig(train_scenes=10, clip_batch=8, progress=False)
     vocab = write_clip_assets(tmp_path)
     model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=3)
-    heads = nn.ModuleDict({"patch": nn.Linear(cfg.sizes.vision_width, sum(CELL_CLASSES)),
-                           "scene": nn.Linear(cfg.sizes.embed_dim, 4 * sum(CELL_CLASSES))})
+    heads = probe_heads(cfg.sizes)
     batch = next(clip_batches(cfg, TextTokenizer(tmp_path, CLIP_CONTEXT), ImageProcessor.from_config(PREPROCESSOR)))
     pixels, ids, _, cells = batch
     assert cells.shape == (8, 4, 3) and (cells[:, :, 0] > 0).any(1).all()   # every scene has an object

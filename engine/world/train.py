@@ -125,6 +125,20 @@ def cell_labels(scene: Scene) -> np.ndarray:
     return cells
 
 
+def probe_heads(sizes: WorldSizes) -> nn.ModuleDict:
+    """The linear probes of the CLIP stage (dropped after training): "patch" reads a patch's cell
+    attributes from the tower's last hidden state, "scene" every cell's from an embedding."""
+    return nn.ModuleDict({"patch": nn.Linear(sizes.vision_width, sum(CELL_CLASSES)),
+                          "scene": nn.Linear(sizes.embed_dim, 4 * sum(CELL_CLASSES))})
+
+
+def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, N, sum(CELL_CLASSES)) against labels (B, N, 3): the sum of the colour, shape and
+    size cross-entropies."""
+    return sum(F.cross_entropy(z.flatten(0, 1), labels[..., k].flatten())
+               for k, z in enumerate(logits.split(CELL_CLASSES, dim=-1)))
+
+
 def patch_labels(scene: Scene, patch: int) -> np.ndarray:
     """(N, 3) int64: for each patch in reading order, `cell_labels` of the grid cell the patch lies
     in: the auxiliary targets."""
@@ -169,15 +183,11 @@ def clip_step_loss(model: ClipModel, heads: nn.ModuleDict, batch, cfg: WorldTrai
     txt = F.normalize(model.text_features(ids), dim=-1)  # (B, E)
     loss = contrastive_loss(model, img, txt)
     if cfg.clip_aux:
-        logits = heads["patch"](x[:, 1:]).split(CELL_CLASSES, dim=-1)  # each (B, N, classes)
-        loss = loss + cfg.clip_aux * sum(F.cross_entropy(z.flatten(0, 1), labels[..., k].flatten())
-                                         for k, z in enumerate(logits))
+        loss = loss + cfg.clip_aux * attribute_loss(heads["patch"](x[:, 1:]), labels)  # logits (B, N, classes)
     if cfg.clip_scene_probe:
         for emb in (img, txt):
             z = heads["scene"](SCENE_PROBE_SCALE * emb).unflatten(-1, (4, -1))  # (B, 4 cells, classes)
-            logits = z.split(CELL_CLASSES, dim=-1)
-            loss = loss + cfg.clip_scene_probe * sum(F.cross_entropy(z.flatten(0, 1), cells[..., k].flatten())
-                                                     for k, z in enumerate(logits))
+            loss = loss + cfg.clip_scene_probe * attribute_loss(z, cells)
     return loss
 
 
@@ -188,8 +198,7 @@ def train_clip(cfg: WorldTrainConfig, out: Path) -> ClipModel:
     model = ClipModel.random(world_clip_config(vocab, cfg.sizes), seed=cfg.seed)
     nn.init.normal_(model.image_tower.pos_embed, std=cfg.clip_pos_std)
     model.to(cfg.device)
-    heads = nn.ModuleDict({"patch": nn.Linear(cfg.sizes.vision_width, sum(CELL_CLASSES)),  # dropped after training
-                           "scene": nn.Linear(cfg.sizes.embed_dim, 4 * sum(CELL_CLASSES))}).to(cfg.device)
+    heads = probe_heads(cfg.sizes).to(cfg.device)
     tc = TrainConfig(steps=cfg.clip_steps, lr=cfg.clip_lr, warmup_steps=max(1, cfg.clip_steps // 20),
                      weight_decay=0.05, progress=cfg.progress)
     both = nn.ModuleDict({"clip": model, "heads": heads})
@@ -271,7 +280,8 @@ def vlm_batches(cfg: WorldTrainConfig, tok, tokens_per_image: int, pixels: torch
         order = rng.permutation(cfg.train_scenes)
         for s in range(0, len(order) - cfg.vlm_batch + 1, cfg.vlm_batch):
             idx = order[s:s + cfg.vlm_batch]
-            rows = [conversation_ids(tok, scene_turns(int(i), rng, epoch, cfg.vlm_extra_draws, cfg.vlm_extra_kinds), tokens_per_image) for i in idx]
+            rows = [conversation_ids(tok, scene_turns(int(i), rng, epoch, cfg.vlm_extra_draws, cfg.vlm_extra_kinds),
+                                     tokens_per_image) for i in idx]
             T = max(len(r[0]) for r in rows)
             ids = torch.full((len(rows), T), pad, dtype=torch.long)
             labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
