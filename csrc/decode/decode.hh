@@ -118,7 +118,8 @@ class Plan {
     QuantRows qr_;
     std::vector<float> tmp_, scores_;             // per thread
     std::vector<char> seen_;                      // (B,) scratch of `step`: cache rows seen
-    std::unique_ptr<std::atomic<int>[]> chunks_;  // per op of a step: next chunk to take, chunks done
+    struct alignas(64) Counter { std::atomic<int> v{0}; };  // one cache line each
+    std::vector<Counter> counters_;               // per op of a step: chunks done, each thread's next chunk
     int ops_ = 0;
     void prepare(Linear& lin);
     void reserve(int rows);

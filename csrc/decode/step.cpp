@@ -1,9 +1,12 @@
 // The decode step: every layer for R rows in one OpenMP parallel region, op after op. Each op is cut
 // into chunks (a linear layer: blocks of output rows; attention: (row, key/value head) pairs; a norm
-// and the activation quantization: one chunk) that the threads take from an atomic counter; an op
-// ends when all its chunks are done. Unlike a barrier, this never waits for a thread that holds no
-// work: on a machine shared with other jobs, a thread the OS has descheduled costs the step at most
-// the chunk it holds, not a time slice per op. A row's attention reads the keys and values the
+// and the activation quantization: one chunk); each thread owns a contiguous share of an op's chunks
+// and takes them in order from its own atomic counter, then helps with what is left of the others'
+// shares; an op ends when all its chunks are done. Owned shares make each core's weight reads one
+// long stream (the hardware prefetcher's best case: 10-20% more bytes a second than chunks dealt
+// out alternately). Unlike a barrier, this never waits for a thread that holds no work: on a
+// machine shared with other jobs, a thread the OS has descheduled costs the step at most the chunk
+// it holds, not a time slice per op. A row's attention reads the keys and values the
 // other rows of its cache row write in the same step: when a cache row has several rows, every
 // row's write of a layer is one op and the attention the next; otherwise (a decode step) both are
 // one op per (row, key/value head). Numerics follow the PyTorch modules of
@@ -65,7 +68,6 @@ void Plan::set_head(const Norm& norm, const Linear& head) {
     prepare(head_);
     ld_ = (ld_ + 63) / 64 * 64;
     ops_ = 3 + int(layers_.size()) * 10;  // the most ops a step runs
-    chunks_.reset(new std::atomic<int>[2 * ops_]);
     seen_.assign(c_.batch, 0);
     reserve(c_.batch);
 }
@@ -149,7 +151,9 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
     const size_t tmp_size = size_t(B) * ld_;  // B: rows of this step
     if (tmp_.size() < nt * tmp_size) tmp_.assign(nt * tmp_size, 0.f);
     if (scores_.size() < size_t(nt) * tmax) scores_.assign(size_t(nt) * tmax, 0.f);
-    for (int i = 0; i < 2 * ops_; i++) chunks_[i].store(0, std::memory_order_relaxed);
+    const size_t slots = size_t(ops_) * (nt + 1);  // per op: chunks done, then each thread's next chunk
+    if (counters_.size() < slots) counters_ = std::vector<Counter>(slots);
+    for (size_t i = 0; i < slots; i++) counters_[i].v.store(0, std::memory_order_relaxed);
     float *x = x_.data(), *xn = xn_.data(), *att = att_.data(), *hb = h_.data(), *y = y_.data();
     QuantRows* qr = &qr_;
 #pragma omp parallel num_threads(nt)
@@ -159,11 +163,15 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
         float* sc = scores_.data() + size_t(tid) * tmax;
         int op = 0;  // every thread runs the same sequence of ops
         auto run = [&](int n, auto&& chunk) {  // chunk(c) for c < n, shared out; returns when all are done
-            std::atomic<int>&next = chunks_[2 * op], &done = chunks_[2 * op + 1];
+            Counter* ctr = counters_.data() + size_t(op) * (nt + 1);
+            std::atomic<int>& done = ctr[0].v;
             op++;
-            for (int c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-                chunk(c);
-                done.fetch_add(1, std::memory_order_acq_rel);
+            for (int i = 0; i < nt; i++) {  // its own share first, then what is left of the others'
+                const int t = (tid + i) % nt, c0 = int(int64_t(n) * t / nt), c1 = int(int64_t(n) * (t + 1) / nt);
+                for (int c; (c = c0 + ctr[1 + t].v.fetch_add(1, std::memory_order_relaxed)) < c1;) {
+                    chunk(c);
+                    done.fetch_add(1, std::memory_order_acq_rel);
+                }
             }
             wait_until(done, n);
         };
