@@ -27,6 +27,7 @@ from mmfuse.kernels.cpu_linear import freeze
 from ..generation.frontend import Generation, GenerationFrontend
 from ..generation.requests import defaults_from_generation_config
 from ..generation.sampling import Sampler
+from ..nn.weight_arena import relocate
 from ..tokenizer import load_tokenizer
 from .fused_step import FusedStep
 from .kv_cache import KVCache
@@ -48,6 +49,7 @@ class DecodeState:
 
     def __init__(self, model: Decoder, batch: int, max_len: int, cuda_graph: bool = False):
         p = model.norm_f.weight  # float in quantized models too
+        relocate(model)  # once per model: its weights stream faster from huge pages
         self.model = freeze(model)  # weights are constants while decoding: the CPU may pack them
         self.cache = KVCache(model.cfg, batch, max_len, p.dtype, p.device)
         model.ensure_positions(max_len)  # RoPE tables for what the cache holds, built here, not mid-graph

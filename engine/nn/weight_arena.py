@@ -1,0 +1,67 @@
+"""A model's weights moved into one anonymous mapping backed by transparent huge pages.
+
+Batch-1 decoding reads every weight once a step, so a step is as fast as the weights stream from
+memory. Read through 4 KiB pages (where safetensors' memory maps and most allocations put them)
+each core's stream misses the TLB and restarts the hardware prefetcher every 4 KiB; in 2 MiB
+pages one core streams 10-20% more bytes a second, and a decode step that gives each core one long
+stream gains more (bench/README.md, "Huge pages"). `relocate` copies every parameter and buffer
+into one mapping, in module order (the order a decode step reads them), and points each tensor
+there (`tensor.data`): the same Parameter objects with the same values, so optimizers, tied weights
+and the per-op path see no difference. The mapping lives as long as any tensor in it.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+
+import torch
+
+from mmfuse import envs
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+ALIGN = 64  # each tensor starts on a cache line
+MIN_BYTES = 2 * HUGE_PAGE  # smaller models stay where they are: they live in the caches anyway
+_LOCK = threading.Lock()  # two engines of one model, started in two threads, move it once
+
+
+def _movable(t: torch.Tensor) -> bool:
+    """A CPU tensor that owns its whole storage, contiguously (so moving it moves nothing else)."""
+    return (t.device.type == "cpu" and not t.is_inference() and t.is_contiguous() and t.numel() > 0
+            and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def relocate(module: torch.nn.Module) -> int:
+    """Move `module`'s parameters and buffers into one huge-page mapping; returns the bytes moved (0:
+    `MMFUSE_HUGE_PAGES=0`, fewer than MIN_BYTES, or already moved). Tensors that share their storage
+    with others, views, non-CPU and inference-mode tensors stay where they are."""
+    if not envs.read("MMFUSE_HUGE_PAGES"):
+        return 0
+    with _LOCK:
+        return _relocate(module)
+
+
+def _relocate(module: torch.nn.Module) -> int:
+    tensors, seen = [], set()
+    for mod in module.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None and id(t) not in seen and _movable(t):
+                seen.add(id(t))
+                tensors.append(t)
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    if total < MIN_BYTES:
+        return 0
+    arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to start on a huge page
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    with torch.inference_mode(False), torch.no_grad():
+        memory = torch.frombuffer(arena, dtype=torch.uint8)  # keeps `arena` alive while any view of it lives
+        start = -memory.data_ptr() % HUGE_PAGE
+        for t, off in zip(tensors, offsets):
+            n = t.numel() * t.element_size()
+            dst = memory[start + off:start + off + n].view(t.dtype).view(t.shape)
+            dst.copy_(t)
+            t.data = dst
+    return total
