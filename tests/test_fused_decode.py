@@ -174,7 +174,8 @@ def quantize_activation_blocks(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits,g,K,N,asym", [(8, -1, 100, 37, False), (8, -1, 96, 5, True), (8, 64, 192, 9, True),
                                             (4, 32, 96, 41, False), (4, 32, 224, 7, True), (4, 128, 256, 13, True),
-                                            (4, 64, 70, 6, False)])
+                                            (4, 64, 70, 6, False), (4, 32, 576, 9, False), (4, 32, 40, 3, True),
+                                            (4, 256, 512, 5, True), (4, 192, 384, 5, False)])
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_integer_kernels_match_block_quantized_reference(bits, g, K, N, asym, rows):
     """One layer: the integer kernel equals dequantized weights times the block-quantized input."""

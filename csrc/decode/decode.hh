@@ -35,7 +35,12 @@ struct QuantRows {
     std::vector<float> d;    // (B, blocks) scale of each block
     std::vector<float> dsum; // (B, blocks) d * sum(q) of each block: the zero point's share
     std::vector<uint16_t> bf;  // (B, stride) bf16, zero past K
-    int stride = 0, blocks = 0;
+    // The int8 input in the order of an int4 weight row's bytes (`nibble_order`), per chunk of 64 weight
+    // bytes (128 columns): the columns of the 64 low nibbles, then of the 64 high ones; and per 32-bit
+    // lane of the chunk, the scales of those columns' blocks (low, high) and their zero-point share.
+    std::vector<int8_t> nib;   // (B, chunks, 128)
+    std::vector<float> nibd;   // (B, chunks, 3, 16): low-nibble block scale, high-nibble block scale, dsum share
+    int stride = 0, blocks = 0, chunks = 0;
     void resize(int rows, int max_k);
 };
 
@@ -48,6 +53,8 @@ bool cpu_has_vnni();
 bool cpu_has_bf16();
 bool vnni_fits(const Linear& lin);
 void quantize_rows(const float* x, int ldx, int rows, int k, QuantRows& qr);
+bool nibble_kernel(const Linear& lin);  // an int4 layer the AVX-512 kernel runs (reads QuantRows::nib)
+void nibble_order(const Linear& lin, int rows, QuantRows& qr);  // after quantize_rows
 inline uint16_t to_bf16(float x) {  // round to nearest even, as PyTorch's float -> bfloat16
     uint32_t u;
     __builtin_memcpy(&u, &x, 4);

@@ -44,6 +44,9 @@ void QuantRows::resize(int rows, int max_k) {
     d.assign(size_t(rows) * blocks, 0.f);
     dsum.assign(size_t(rows) * blocks, 0.f);
     bf.assign(size_t(rows) * stride, 0);
+    chunks = (stride / 2 + 63) / 64;
+    nib.assign(size_t(rows) * chunks * 128, 0);
+    nibd.assign(size_t(rows) * chunks * 48, 0.f);
 }
 
 bool cpu_has_vnni() {
@@ -126,9 +129,39 @@ CLONES void round_rows(const float* __restrict x, int ldx, int rows, int k, Quan
     }
 }
 
+bool nibble_kernel(const Linear& lin) {  // a chunk of 64 bytes holds whole groups, or lies in one
+    const int h = lin.g / 2;
+    return lin.vnni && lin.bits == 4 && (h == 16 || h == 32 || h % 64 == 0);
+}
+
+void nibble_order(const Linear& lin, int rows, QuantRows& qr) {
+    const int g = lin.g, h = g / 2, nbytes = lin.groups * h, nch = (nbytes + 63) / 64;
+    for (int r = 0; r < rows; r++) {
+        const int8_t* q = qr.q.data() + size_t(r) * qr.stride;
+        const float* d = qr.d.data() + size_t(r) * qr.blocks;
+        const float* ds = qr.dsum.data() + size_t(r) * qr.blocks;
+        int8_t* o = qr.nib.data() + size_t(r) * qr.chunks * 128;
+        float* od = qr.nibd.data() + size_t(r) * qr.chunks * 48;
+        for (int c = 0; c < nch; c++, o += 128, od += 48)
+            for (int p = 0; p < 64; p++) {  // byte p of the chunk: column lo of its low nibble, lo + h of its high one
+                const int byte = c * 64 + p, t = byte / h, lo = t * g + byte % h;
+                const bool in = byte < nbytes;
+                o[p] = in ? q[lo] : 0;
+                o[64 + p] = in ? q[lo + h] : 0;
+                if (p % 4 == 0) {  // a 32-bit lane: 4 columns of one block on each side
+                    const int l = p / 4, blo = lo / QuantRows::BLOCK, bhi = (lo + h) / QuantRows::BLOCK;
+                    od[l] = in ? d[blo] : 0.f;
+                    od[16 + l] = in ? d[bhi] : 0.f;
+                    od[32 + l] = in ? (ds[blo] + ds[bhi]) / 8.f : 0.f;  // 8 lanes hold a block's 32 columns
+                }
+            }
+    }
+}
+
 void prepare_input(const Linear& lin, const float* x, int ldx, int rows, int k, QuantRows& qr) {
     if (lin.vnni) quantize_rows(x, ldx, rows, k, qr);
     else if (lin.bits == 16) round_rows(x, ldx, rows, k, qr);
+    if (nibble_kernel(lin)) nibble_order(lin, rows, qr);
 }
 
 // ---- float kernels (fp32 weights; bf16 and quantized weights converted in registers where
@@ -311,7 +344,62 @@ VNNI static float row_i4(const Linear& L, int j, const int8_t* xq, const float* 
     return hsum256(_mm256_add_ps(a0, a1)) - corr;
 }
 
+// int4 on 512-bit vectors: a chunk of 64 weight bytes (128 columns) per step, both nibbles' integer dot
+// products against the input in nibble order (nibble_order), each lane scaled by its blocks' input scales,
+// less its zero point's share, times its group's weight scale:
+//     acc += s[lane] * (d_lo * (lo . x_lo) + d_hi * (hi . x_hi) - z[lane] * dsum share)
+// NB input rows share each chunk's load and unpacking.
+template <int NB>
+VNNI static void nibble_rows(const Linear& L, int j, const QuantRows& qr, int b0, float* y, int ldy) {
+    const int G = L.groups, h = L.g / 2, nbytes = G * h, nch = (nbytes + 63) / 64, per = h <= 64 ? 64 / h : 1;
+    const uint8_t* wr = static_cast<const uint8_t*>(L.w) + size_t(j) * nbytes;
+    const float* sr = L.scales + size_t(j) * G;
+    const uint8_t* zr = L.zeros ? static_cast<const uint8_t*>(L.zeros) + size_t(j) * G : nullptr;
+    __m512i lane_group = _mm512_setzero_si512();  // each lane's group within the chunk
+    if (h < 64) lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               h == 16 ? 2 : 3);
+    const __m512i m4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    __m512 acc[NB];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    const size_t xs = size_t(qr.chunks) * 128, ds = size_t(qr.chunks) * 48;
+    const int8_t* x0 = qr.nib.data() + size_t(b0) * xs;
+    const float* d0 = qr.nibd.data() + size_t(b0) * ds;
+    for (int c = 0; c < nch; c++) {
+        const int t0 = c * 64 / h, left = nbytes - c * 64;
+        const __m512i v = left >= 64 ? _mm512_loadu_si512(wr + c * 64) : _mm512_maskz_loadu_epi8((1ull << left) - 1, wr + c * 64);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __mmask16 gm = __mmask16((1u << std::min(per, G - t0)) - 1);
+        const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(gm, sr + t0));
+        const __m512 z = zr ? _mm512_permutexvar_ps(lane_group, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                  _mm_maskz_loadu_epi8(gm, zr + t0))))
+                            : _mm512_set1_ps(8.f);
+        for (int b = 0; b < NB; b++) {
+            const int8_t* xb = x0 + b * xs + size_t(c) * 128;
+            const float* db = d0 + b * ds + size_t(c) * 48;
+            const __m512 plo = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xb)));
+            const __m512 phi = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(xb + 64)));
+            __m512 t = _mm512_fmadd_ps(plo, _mm512_loadu_ps(db), _mm512_mul_ps(phi, _mm512_loadu_ps(db + 16)));
+            t = _mm512_fnmadd_ps(z, _mm512_loadu_ps(db + 32), t);
+            acc[b] = _mm512_fmadd_ps(t, s, acc[b]);
+        }
+    }
+    for (int b = 0; b < NB; b++) y[size_t(b0 + b) * ldy + j] = _mm512_reduce_add_ps(acc[b]);
+}
+
 VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
+    if (nibble_kernel(L)) {
+        for (int j = j0; j < j1; j++) {
+            int b = 0;
+            for (; b + 4 <= rows; b += 4) nibble_rows<4>(L, j, qr, b, y, ldy);
+            switch (rows - b) {
+                case 3: nibble_rows<3>(L, j, qr, b, y, ldy); break;
+                case 2: nibble_rows<2>(L, j, qr, b, y, ldy); break;
+                case 1: nibble_rows<1>(L, j, qr, b, y, ldy); break;
+                default: break;
+            }
+        }
+        return;
+    }
     for (int j = j0; j < j1; j++)
         for (int b = 0; b < rows; b++) {
             const int8_t* xq = qr.q.data() + size_t(b) * qr.stride;
