@@ -68,6 +68,8 @@ inline float from_bf16(uint16_t h) {
     return f;
 }
 void round_rows(const float* x, int ldx, int rows, int k, QuantRows& qr);  // x -> qr.bf
+// Columns [c0, c1) of input row r (x: that row) into qr.bf, the row's padding past k zeroed with its last piece.
+void round_cols(const float* x, int r, int c0, int c1, int k, QuantRows& qr);
 // Whether `lin` reads its input from QuantRows (int8 or bf16) rather than fp32, and making it so.
 inline bool rounds_input(const Linear& lin) { return lin.vnni || lin.bits == 16; }
 void prepare_input(const Linear& lin, const float* x, int ldx, int rows, int k, QuantRows& qr);
@@ -122,7 +124,7 @@ class Plan {
     int ld_ = 0;                                  // row stride of the activation buffers
     int cap_ = 0;                                 // rows the buffers hold (grown by `reserve`)
     std::vector<float> x_, xn_, att_, h_, y_;     // (cap_, ld_) each
-    QuantRows qr_;
+    QuantRows qr_[2];
     std::vector<float> tmp_, scores_;             // per thread
     std::vector<char> seen_;                      // (B,) scratch of `step`: cache rows seen
     struct alignas(64) Counter { std::atomic<int> v{0}; };  // one cache line each

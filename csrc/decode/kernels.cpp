@@ -129,6 +129,13 @@ CLONES void round_rows(const float* __restrict x, int ldx, int rows, int k, Quan
     }
 }
 
+CLONES void round_cols(const float* __restrict x, int r, int c0, int c1, int k, QuantRows& qr) {
+    uint16_t* o = qr.bf.data() + size_t(r) * qr.stride;
+    for (int i = c0; i < c1; i++) o[i] = to_bf16(x[i]);
+    if (c1 == k)
+        for (int i = k; i < qr.stride; i++) o[i] = 0;
+}
+
 bool nibble_kernel(const Linear& lin) {  // a chunk of 64 bytes holds whole groups, or lies in one
     const int h = lin.g / 2;
     return lin.vnni && lin.bits == 4 && (h == 16 || h == 32 || h % 64 == 0);
@@ -468,6 +475,26 @@ void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr
 
 // ---- attention and RoPE
 
+// exp(x) for x <= 0 (a score less the largest), in plain arithmetic that the compiler vectorizes
+// (std::exp stays a scalar libm call per score): 2^n times Cephes' expf polynomial of the remainder,
+// within 8e-8 relative of exp (measured over [-87, 0]); below -87.3 (where expf leaves the normal floats) it gives 2^-126 * ~e^-0.3.
+static inline float exp_le0(float x) {
+    x = std::max(x, -87.3f);
+    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n, n in [-126, 0]
+    float scale;
+    __builtin_memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 template <class T>
 static inline void attend_t(const float* __restrict q, const T* __restrict kc, const T* __restrict vc, int len, int d,
                             float* __restrict scores, float* __restrict out) {
@@ -483,7 +510,7 @@ static inline void attend_t(const float* __restrict q, const T* __restrict kc, c
     }
     float sum = 0.f;
     for (int t = 0; t < len; t++) {
-        scores[t] = std::exp(scores[t] - mx);
+        scores[t] = exp_le0(scores[t] - mx);
         sum += scores[t];
     }
     for (int i = 0; i < d; i++) out[i] = 0.f;

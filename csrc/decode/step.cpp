@@ -1,6 +1,7 @@
 // The decode step: every layer for R rows in one OpenMP parallel region, op after op. Each op is cut
 // into chunks (a linear layer: blocks of output rows; attention: (row, key/value head) pairs; a norm
-// and the activation quantization: one chunk); each thread owns a contiguous share of an op's chunks
+// and an int8 input's quantization: one chunk; the bf16 input of o and down is rounded piece by piece
+// in the op that computes it, into a second buffer); each thread owns a contiguous share of an op's chunks
 // and takes them in order from its own atomic counter, then helps with what is left of the others'
 // shares; an op ends when all its chunks are done. Owned shares make each core's weight reads one
 // long stream (the hardware prefetcher's best case: 10-20% more bytes a second than chunks dealt
@@ -77,7 +78,7 @@ void Plan::reserve(int rows) {
     cap_ = rows;
     const size_t n = size_t(rows) * ld_;
     for (auto* v : {&x_, &xn_, &att_, &h_, &y_}) v->assign(n, 0.f);  // the padding past each width stays 0
-    qr_.resize(rows, ld_);
+    for (QuantRows& q : qr_) q.resize(rows, ld_);
 }
 
 void Plan::check(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, int tmax,
@@ -155,7 +156,7 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
     if (counters_.size() < slots) counters_ = std::vector<Counter>(slots);
     for (size_t i = 0; i < slots; i++) counters_[i].v.store(0, std::memory_order_relaxed);
     float *x = x_.data(), *xn = xn_.data(), *att = att_.data(), *hb = h_.data(), *y = y_.data();
-    QuantRows* qr = &qr_;
+    QuantRows *qa = &qr_[0], *qb = &qr_[1];  // prepared inputs: of qkv, up and the head; of o and down
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num();
@@ -175,19 +176,21 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
             }
             wait_until(done, n);
         };
-        auto normalize = [&](const Norm& nm, const Linear& next) {  // x -> xn, prepared for `next` (int8 / bf16)
+        auto normalize = [&](const Norm& nm, const Linear& next) {  // x -> xn, prepared for `next` (int8 / bf16) in qa
             run(1, [&](int) {
                 for (int b = 0; b < B; b++) norm_row(x + size_t(b) * ld, nm, c_.eps, C, xn + size_t(b) * ld);
-                prepare_input(next, xn, ld, B, C, *qr);
+                prepare_input(next, xn, ld, B, C, *qa);
             });
         };
-        auto quantize = [&](const Linear& next, const float* in, int k) {  // the input of an int8 / bf16 layer
-            if (rounds_input(next)) run(1, [&](int) { prepare_input(next, in, ld, B, k, *qr); });
+        // The input of o and down, prepared in qb: bf16 layers' inputs are rounded by the op that computes
+        // them, a piece at a time (round_cols); int8 ones are quantized here, once all of it is there.
+        auto quantize = [&](const Linear& next, const float* in, int k) {
+            if (rounds_input(next) && next.bits != 16) run(1, [&](int) { prepare_input(next, in, ld, B, k, *qb); });
         };
         auto add_residual = [&](const Linear& lin, const float* in) {  // x += lin(in)
             run(chunks(C), [&](int c) {
                 const int j0 = c * ROWS, j1 = std::min(C, j0 + ROWS);
-                linear_rows(lin, in, ld, qr, B, j0, j1, y, ld, tmp);
+                linear_rows(lin, in, ld, qb, B, j0, j1, y, ld, tmp);
                 for (int b = 0; b < B; b++)
                     for (int j = j0; j < j1; j++)
                         x[size_t(b) * ld + j] += y[size_t(b) * ld + j] + (lin.bias ? lin.bias[j] : 0.f);
@@ -199,7 +202,7 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
             normalize(L.n1, L.qkv);
             run(chunks(L.qkv.n), [&](int c) {  // q, k, v of every row
                 const int j0 = c * ROWS, j1 = std::min(L.qkv.n, j0 + ROWS);
-                linear_rows(L.qkv, xn, ld, qr, B, j0, j1, y, ld, tmp);
+                linear_rows(L.qkv, xn, ld, qa, B, j0, j1, y, ld, tmp);
                 if (L.qkv.bias)
                     for (int b = 0; b < B; b++)
                         for (int j = j0; j < j1; j++) y[size_t(b) * ld + j] += L.qkv.bias[j];
@@ -226,6 +229,7 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
                     if (c_.rope) rope(q, cos + pos * half, sin + pos * half, D);
                     attend(q, kc, vc, c_.kv_bf16, int(pos + 1), D, sc, att + size_t(b) * ld + size_t(h) * D);
                 }
+                if (L.o.bits == 16) round_cols(att + size_t(b) * ld, b, g * rep * D, (g + 1) * rep * D, H * D, *qb);
             };
             if (shared) {
                 run(B * Hkv, write);
@@ -238,8 +242,8 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
             normalize(L.n2, L.up);
             run(chunks(F), [&](int c) {  // act(up), or act(gate) * up
                 const int j0 = c * ROWS, j1 = std::min(F, j0 + ROWS);
-                linear_rows(L.up, xn, ld, qr, B, j0, j1, y, ld, tmp);
-                if (c_.gated) linear_rows(L.up, xn, ld, qr, B, F + j0, F + j1, y, ld, tmp);
+                linear_rows(L.up, xn, ld, qa, B, j0, j1, y, ld, tmp);
+                if (c_.gated) linear_rows(L.up, xn, ld, qa, B, F + j0, F + j1, y, ld, tmp);
                 for (int b = 0; b < B; b++)
                     for (int j = j0; j < j1; j++) {
                         const float* yr = y + size_t(b) * ld;
@@ -247,6 +251,8 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
                         hb[size_t(b) * ld + j] = c_.gated ? act(c_.act, u) * (yr[F + j] + (L.up.bias ? L.up.bias[F + j] : 0.f))
                                                           : act(c_.act, u);
                     }
+                if (L.down.bits == 16)
+                    for (int b = 0; b < B; b++) round_cols(hb + size_t(b) * ld, b, j0, j1, F, *qb);
             });
             quantize(L.down, hb, F);
             add_residual(L.down, hb);
@@ -255,7 +261,7 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
         const int V = head_.n;
         run(chunks(V), [&](int c) {
             const int j0 = c * ROWS;
-            linear_rows(head_, xn, ld, qr, B, j0, std::min(V, j0 + ROWS), logits, V, tmp);
+            linear_rows(head_, xn, ld, qa, B, j0, std::min(V, j0 + ROWS), logits, V, tmp);
         });
     }
 }
