@@ -358,7 +358,16 @@ def test_rows_check_indices_and_fill_poisoned_output(monkeypatch):
     ref.cache.truncate([7, 2])
     r1 = ref.forward(torch.tensor([[9, 5], [5, 4]]))  # row 0's second token is a dummy
     assert_close(out[[1, 2, 0]], torch.stack([r1[0, 0], r1[1, 0], r1[1, 1]]), 1e-5)
+    # the same rows again (same positions, same cache writes), logits of rows 2 and 0 only
+    some = torch.full((2, V), float("nan"))
+    got = fused.rows(torch.tensor([4, 9, 5]), torch.tensor([1, 0, 1]), torch.tensor([3, 7, 2]), state.cache,
+                     cos, sin, out=some, logits_index=torch.tensor([2, 0]))
+    assert got is some and torch.equal(some, out[[2, 0]])
     k = state.cache.k.clone()
+    for index in ([3], [-1], []):
+        with pytest.raises(ValueError, match="logits row"):
+            fused.rows(torch.tensor([4, 9, 5]), torch.tensor([1, 0, 1]), torch.tensor([3, 7, 2]), state.cache,
+                       cos, sin, logits_index=torch.tensor(index, dtype=torch.long))
     for bad, what in (((V, 0, 7), "bad token"), ((1, 2, 7), "bad cache row"), ((1, 0, 16), "bad position"),
                       ((1, -1, 7), "bad cache row"), ((-1, 0, 7), "bad token")):
         t, c, p = (torch.tensor([1, x]) for x in bad)
@@ -388,14 +397,22 @@ def test_short_prefill_continuation_runs_fused(name, monkeypatch, count_rows):
 
 
 def test_large_multi_token_calls_use_torch(monkeypatch, count_rows):
-    """Past FUSED_MAX_ROWS tokens the per-op path's matrix products are faster."""
+    """Past FUSED_MAX_ROWS tokens the per-op path's matrix products are faster; a prefill on a narrow
+    model runs fused up to FUSED_PREFILL_NARROW_ROWS tokens."""
     monkeypatch.setenv("MMFUSE_FUSED_DECODE", "1")
-    state = DecodeState(random_model("gpt2"), 2, 40)
+    monkeypatch.setattr(generate, "NARROW_D_MODEL", 32)  # the test model (48 wide) counts as wide
+    state = DecodeState(random_model("gpt2"), 2, 64)
     state.prefill([[1] * (generate.FUSED_MAX_ROWS + 1), [2, 3]])
     state.forward(torch.ones(2, generate.FUSED_MAX_ROWS // 2 + 1, dtype=torch.long))
     assert count_rows == []
     state.forward(torch.ones(2, generate.FUSED_MAX_ROWS // 2, dtype=torch.long))
     assert count_rows == [True]
+    monkeypatch.setattr(generate, "NARROW_D_MODEL", 48)  # now narrow
+    narrow = DecodeState(random_model("gpt2"), 2, 64)
+    narrow.prefill([[1] * (generate.FUSED_PREFILL_NARROW_ROWS - 2), [2, 3]])
+    assert count_rows == [True, True]
+    narrow.prefill([[1] * (generate.FUSED_PREFILL_NARROW_ROWS - 1), [2, 3]])
+    assert count_rows == [True, True]
 
 
 class _Oracle:
@@ -413,6 +430,7 @@ class _Oracle:
 def test_speculative_generate_identical_with_fused_verify(spec, monkeypatch, count_rows):
     from mmfuse.decoder.speculative import speculative_generate
 
+    monkeypatch.setattr(generate, "NARROW_D_MODEL", 0)  # prompts through the per-op path: count verifications only
     model = random_model("qwen2") if spec is None else quantized("qwen2", spec)
     engine = Engine(model)
     prompt = PROMPTS[2]
@@ -549,7 +567,9 @@ def test_bf16_input_rounding_is_torchs():
 
 def test_engine_bf16_checkpoint_builds_the_fused_step(gpt2_folder, monkeypatch):
     """`Engine.from_pretrained(dtype="bf16")`: its decode runs the fused step on a bf16 cache, and
-    its logits stay within the bf16 bound of the PyTorch path's, fed the same tokens."""
+    its logits stay within the bf16 bound of the PyTorch path's, fed the same tokens (the same
+    PyTorch prefill: the prompts are short enough to run fused on this narrow model)."""
+    monkeypatch.setattr(generate, "NARROW_D_MODEL", 0)
     eng = Engine.from_pretrained(gpt2_folder, dtype="bf16")
     assert eng.model.norm_f.weight.dtype == torch.bfloat16
     tokens = torch.randint(0, eng.cfg.vocab_size, (12, 2), generator=torch.Generator().manual_seed(3))

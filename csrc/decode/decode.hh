@@ -108,10 +108,13 @@ class Plan {
     // Writes each layer's keys and values of every row into the caches (L, B, Hkv, tmax, D) fp32, or
     // bf16 where kv_bf16 (rounded to nearest even, as PyTorch writes them), then
     // each row attends over positions [0, positions[r]] of its cache row (so over the rows before it
-    // in the same cache row too), and writes the logits (R, V). cos / sin: (rope_len, D / 2) RoPE
-    // tables. Throws std::invalid_argument (nothing written) for an index out of range.
+    // in the same cache row too), and writes the logits (R, V), or where `out_index` is given those of
+    // its `outs` rows only (outs, V): the LM head of a prompt's last token, not of all its tokens.
+    // cos / sin: (rope_len, D / 2) RoPE tables. Throws std::invalid_argument (nothing written) for an
+    // index out of range.
     void step(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, void* k_cache,
-              void* v_cache, int tmax, const float* cos, const float* sin, int rope_len, float* logits, int threads);
+              void* v_cache, int tmax, const float* cos, const float* sin, int rope_len, float* logits, int threads,
+              int outs = 0, const int64_t* out_index = nullptr);
     int vnni_layers() const;  // linears that run as integer dot products
 
   private:
@@ -133,7 +136,7 @@ class Plan {
     void prepare(Linear& lin);
     void reserve(int rows);
     void check(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, int tmax,
-               int rope_len) const;
+               int rope_len, int outs, const int64_t* out_index) const;
     void embed_rows(int rows, const int64_t* tokens, const int64_t* positions);
 };
 

@@ -70,10 +70,11 @@ PYBIND11_MODULE(_decode, m) {
         .def("step",
              [](Plan& p, int rows, std::uintptr_t tokens, std::uintptr_t cache_rows, std::uintptr_t positions,
                 std::uintptr_t k, std::uintptr_t v, int tmax, std::uintptr_t cos, std::uintptr_t sin, int rope_len,
-                std::uintptr_t logits, int threads) {
+                std::uintptr_t logits, int threads, int outs, std::uintptr_t out_index) {
                  p.step(rows, ptr<int64_t>(tokens), ptr<int64_t>(cache_rows), ptr<int64_t>(positions),
                         reinterpret_cast<void*>(k), reinterpret_cast<void*>(v), tmax, ptr<float>(cos),
-                        ptr<float>(sin), rope_len, reinterpret_cast<float*>(logits), threads);
+                        ptr<float>(sin), rope_len, reinterpret_cast<float*>(logits), threads, outs,
+                        ptr<int64_t>(out_index));
              },
              py::call_guard<py::gil_scoped_release>());
 }

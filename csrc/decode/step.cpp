@@ -82,8 +82,14 @@ void Plan::reserve(int rows) {
 }
 
 void Plan::check(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions, int tmax,
-                 int rope_len) const {
+                 int rope_len, int outs, const int64_t* out_index) const {
     if (rows < 1) throw std::invalid_argument("fused decode: no rows");
+    if (out_index && (outs < 1 || outs > rows))
+        throw std::invalid_argument("fused decode: " + std::to_string(outs) + " logits rows of " + std::to_string(rows));
+    for (int i = 0; out_index && i < outs; i++)
+        if (out_index[i] < 0 || out_index[i] >= rows)
+            throw std::invalid_argument("fused decode: logits row " + std::to_string(out_index[i]) + " of " +
+                                        std::to_string(rows) + " rows");
     const int64_t npos = c_.rope ? std::min(tmax, rope_len) : tmax;
     for (int r = 0; r < rows; r++) {
         const char* bad = tokens[r] < 0 || tokens[r] >= c_.vocab                 ? "token"
@@ -140,8 +146,8 @@ void Plan::embed_rows(int rows, const int64_t* tokens, const int64_t* positions)
 
 void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, const int64_t* positions,
                 void* k_cache, void* v_cache, int tmax, const float* cos, const float* sin, int rope_len,
-                float* logits, int threads) {
-    check(rows, tokens, cache_rows, positions, tmax, rope_len);
+                float* logits, int threads, int outs, const int64_t* out_index) {
+    check(rows, tokens, cache_rows, positions, tmax, rope_len, outs, out_index);
     reserve(rows);
     bool shared = rows > c_.batch;  // a cache row with several rows: all writes of a layer before any attention
     std::fill(seen_.begin(), seen_.end(), 0);
@@ -257,11 +263,16 @@ void Plan::step(int rows, const int64_t* tokens, const int64_t* cache_rows, cons
             quantize(L.down, hb, F);
             add_residual(L.down, hb);
         }
-        normalize(norm_f_, head_);
+        const int O = out_index ? outs : B;  // the rows whose logits are wanted, gathered into xn's first rows
+        run(1, [&](int) {
+            for (int r = 0; r < O; r++)
+                norm_row(x + size_t(out_index ? out_index[r] : r) * ld, norm_f_, c_.eps, C, xn + size_t(r) * ld);
+            prepare_input(head_, xn, ld, O, C, *qa);
+        });
         const int V = head_.n;
         run(chunks(V), [&](int c) {
             const int j0 = c * ROWS;
-            linear_rows(head_, xn, ld, qa, B, j0, std::min(V, j0 + ROWS), logits, V, tmp);
+            linear_rows(head_, xn, ld, qa, O, j0, std::min(V, j0 + ROWS), logits, V, tmp);
         });
     }
 }

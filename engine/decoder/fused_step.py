@@ -126,22 +126,27 @@ class FusedStep:
 
     def rows(self, tokens: torch.Tensor, cache_rows: torch.Tensor, positions: torch.Tensor, cache,
              rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor],
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+             out: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """R rows, each token tokens[r] at position positions[r] of cache row cache_rows[r] (R,), no
-        two at one position of one cache row -> logits (R, V) (in `out` when given). Every row's keys
-        and values land in `cache` first, then each row attends over positions [0, positions[r]] of
-        its cache row, which includes the rows of this call at earlier positions (in any order). An
-        index out of range (token, cache row, position past the cache or the RoPE tables) raises
-        ValueError before anything is written."""
+        two at one position of one cache row -> logits (R, V) (in `out` when given), or only those of
+        the rows in `logits_index` (n,) -> (n, V) (a prompt's last tokens: the LM head runs for those
+        rows alone). Every row's keys and values land in `cache` first, then each row attends over
+        positions [0, positions[r]] of its cache row, which includes the rows of this call at earlier
+        positions (in any order). An index out of range (token, cache row, position past the cache or
+        the RoPE tables, logits row) raises ValueError before anything is written."""
         tok, crow, pos = (t.reshape(-1).to(torch.long).contiguous() for t in (tokens, cache_rows, positions))
         if not tok.shape == crow.shape == pos.shape:
             raise ValueError(f"fused step: {tok.shape[0]} tokens, {crow.shape[0]} cache rows and {pos.shape[0]} positions")
-        return self._run(tok, crow, pos, cache, rope_cos, rope_sin, out)
+        index = None if logits_index is None else logits_index.reshape(-1).to(torch.long).contiguous()
+        if index is not None and index.shape[0] == 0:
+            raise ValueError("fused step: no logits row asked for (an empty logits_index)")
+        return self._run(tok, crow, pos, cache, rope_cos, rope_sin, out, index)
 
     def _run(self, tok: torch.Tensor, crow: torch.Tensor, pos: torch.Tensor, cache, rope_cos: Optional[torch.Tensor],
-             rope_sin: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
-        """`rows` on contiguous int64 (R,) tensors."""
-        R = tok.shape[0]
+             rope_sin: Optional[torch.Tensor], out: Optional[torch.Tensor],
+             index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`rows` on contiguous int64 (R,) tensors (`index`: (n,) or None)."""
+        R = tok.shape[0] if index is None else index.shape[0]  # logits rows
         if cache.batch != self.batch:
             raise ValueError(f"fused step built for a cache of {self.batch} rows, got one of {cache.batch}")
         if not (cache.k.dtype == cache.v.dtype == self.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()):
@@ -150,9 +155,10 @@ class FusedStep:
         logits = torch.empty(R, self.vocab, dtype=torch.float32) if out is None else out
         if logits.shape != (R, self.vocab) or logits.dtype != torch.float32 or not logits.is_contiguous():
             raise ValueError(f"out must be a contiguous fp32 ({R}, {self.vocab}) tensor")
-        self._plan.step(R, tok.data_ptr(), crow.data_ptr(), pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-                        cache.max_len, _ptr(rope_cos), _ptr(rope_sin), 0 if rope_cos is None else rope_cos.shape[0],
-                        logits.data_ptr(), torch.get_num_threads())
+        self._plan.step(tok.shape[0], tok.data_ptr(), crow.data_ptr(), pos.data_ptr(), cache.k.data_ptr(),
+                        cache.v.data_ptr(), cache.max_len, _ptr(rope_cos), _ptr(rope_sin),
+                        0 if rope_cos is None else rope_cos.shape[0], logits.data_ptr(), torch.get_num_threads(),
+                        R, _ptr(index))
         return logits
 
 

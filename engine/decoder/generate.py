@@ -40,6 +40,11 @@ _CAPTURE_LOCK = threading.Lock()
 # in all rows run on the fused step; past it the per-op path's matrix products win on GPT-2-small-sized
 # models (bench/bench_fused_rows.py, bench/README.md).
 FUSED_MAX_ROWS = 8
+# A prompt continuation (the LM head of its last token only) on a narrow model runs fused up to this
+# many tokens: there the per-op path's 15 ops a layer cost more than the fused kernels lose to its
+# matrix products (SmolLM2-135M, 30 x 576: a 27-token follow-up question 1.2x faster fused; GPT-2's
+# 768 wide layers: 0.77x at 24 tokens; bench/README.md).
+FUSED_PREFILL_NARROW_ROWS, NARROW_D_MODEL = 32, 640
 
 
 class DecodeState:
@@ -89,7 +94,7 @@ class DecodeState:
                     if e.shape != (lens[b], x.shape[-1]):
                         raise ValueError(f"row {b}: embeddings of shape {tuple(e.shape)}, expected ({lens[b]}, {x.shape[-1]})")
                     x[b, : lens[b]] = e.to(x.dtype)
-        if x is None and sum(lens) <= FUSED_MAX_ROWS and (fused := self._fused_step()) is not None:
+        if x is None and sum(lens) <= self._fused_prefill_rows() and (fused := self._fused_step()) is not None:
             logits = self._fused_prefill(fused, prompts, lens)
         else:
             positions = cache.next_positions(T)  # (B, T) from each row's start
@@ -98,6 +103,11 @@ class DecodeState:
         cache.advance(lens)
         return logits
 
+    def _fused_prefill_rows(self) -> int:
+        """The most prompt tokens (all rows together) a prefill runs on the fused step."""
+        narrow = self.model.cfg.d_model <= NARROW_D_MODEL
+        return max(FUSED_MAX_ROWS, FUSED_PREFILL_NARROW_ROWS if narrow else 0)
+
     def _fused_prefill(self, fused: FusedStep, prompts: Sequence[Sequence[int]], lens: list) -> torch.Tensor:
         """A short prefill as rows of the fused step (no padding): logits (B, V) at each last token."""
         n = torch.as_tensor(lens)
@@ -105,7 +115,7 @@ class DecodeState:
         ends = n.cumsum(0)
         positions = self.cache.lengths[rows] + torch.arange(int(ends[-1])) - (ends - n)[rows]
         tokens = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long)
-        return fused.rows(tokens, rows, positions, self.cache, *self._rope())[ends - 1]
+        return fused.rows(tokens, rows, positions, self.cache, *self._rope(), logits_index=ends - 1)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
