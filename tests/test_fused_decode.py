@@ -33,6 +33,9 @@ CONFIGS = {
     "qwen2": DecoderConfig(vocab_size=89, n_layer=3, n_head=4, n_kv_head=2, d_model=40, head_dim=14, d_ff=52,
                            max_seq_len=64, qkv_bias=True, o_bias=False, mlp_bias=False, tie_embeddings=True,
                            rope_theta=1000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, **LLAMA),
+    # head_dim 64 (the AVX-512 attention kernel's sizes), GQA 3:1, tied head
+    "gqa64": DecoderConfig(vocab_size=83, n_layer=2, n_head=3, n_kv_head=1, d_model=70, head_dim=64, d_ff=58,
+                           max_seq_len=64, tie_embeddings=True, **LLAMA),
 }
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
 
