@@ -4,8 +4,8 @@
 // in the op that computes it, into a second buffer); each thread owns a contiguous share of an op's chunks
 // and takes them in order from its own atomic counter, then helps with what is left of the others'
 // shares; an op ends when all its chunks are done. Owned shares make each core's weight reads one
-// long stream (the hardware prefetcher's best case: 10-20% more bytes a second than chunks dealt
-// out alternately). Unlike a barrier, this never waits for a thread that holds no work: on a
+// long stream (the hardware prefetcher's best case: 5-13% more bytes a second than chunks dealt
+// out alternately, bench/stream_chunks.cpp). Unlike a barrier, this never waits for a thread that holds no work: on a
 // machine shared with other jobs, a thread the OS has descheduled costs the step at most the chunk
 // it holds, not a time slice per op. A row's attention reads the keys and values the
 // other rows of its cache row write in the same step: when a cache row has several rows, every
