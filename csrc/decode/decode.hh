@@ -40,6 +40,10 @@ struct QuantRows {
     // lane of the chunk, the scales of those columns' blocks (low, high) and their zero-point share.
     std::vector<int8_t> nib;   // (B, chunks, 128)
     std::vector<float> nibd;   // (B, chunks, 3, 16): low-nibble block scale, high-nibble block scale, dsum share
+    // For per-channel int8 weights on 512-bit vectors (`pair_scales`): the scales of each pair of blocks,
+    // one per 32-bit lane (16 floats per 64 columns), and the sum of a row's dsum.
+    std::vector<float> pairs;  // (B, stride / 64, 16)
+    std::vector<float> dsum_all;  // (B,)
     int stride = 0, blocks = 0, chunks = 0;
     void resize(int rows, int max_k);
 };
@@ -55,6 +59,8 @@ bool vnni_fits(const Linear& lin);
 void quantize_rows(const float* x, int ldx, int rows, int k, QuantRows& qr);
 bool nibble_kernel(const Linear& lin);  // an int4 layer the AVX-512 kernel runs (reads QuantRows::nib)
 void nibble_order(const Linear& lin, int rows, QuantRows& qr);  // after quantize_rows
+bool int8_kernel(const Linear& lin);  // a per-channel int8 layer the AVX-512 kernel runs (reads QuantRows::pairs)
+void pair_scales(int rows, int k, QuantRows& qr);  // after quantize_rows of k columns
 inline uint16_t to_bf16(float x) {  // round to nearest even, as PyTorch's float -> bfloat16
     uint32_t u;
     __builtin_memcpy(&u, &x, 4);

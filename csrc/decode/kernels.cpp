@@ -48,6 +48,8 @@ void QuantRows::resize(int rows, int max_k) {
     chunks = (stride / 2 + 63) / 64;
     nib.assign(size_t(rows) * chunks * 128, 0);
     nibd.assign(size_t(rows) * chunks * 48, 0.f);
+    pairs.assign(size_t(rows) * (stride / 64 + 1) * 16, 0.f);
+    dsum_all.assign(rows, 0.f);
 }
 
 bool cpu_has_vnni() {
@@ -166,10 +168,28 @@ void nibble_order(const Linear& lin, int rows, QuantRows& qr) {
     }
 }
 
+bool int8_kernel(const Linear& lin) { return lin.vnni && lin.bits == 8 && lin.groups == 1; }
+
+void pair_scales(int rows, int k, QuantRows& qr) {
+    const int per = qr.stride / 64 + 1, nb = (k + QuantRows::BLOCK - 1) / QuantRows::BLOCK;
+    for (int r = 0; r < rows; r++) {
+        const float* d = qr.d.data() + size_t(r) * qr.blocks;
+        const float* ds = qr.dsum.data() + size_t(r) * qr.blocks;
+        float* o = qr.pairs.data() + size_t(r) * per * 16;
+        float all = 0.f;
+        for (int c = 0; c < nb; c++) {  // blocks past k: zero input, never read
+            for (int l = 0; l < 8; l++) o[(c / 2) * 16 + (c % 2) * 8 + l] = d[c];
+            all += ds[c];
+        }
+        qr.dsum_all[r] = all;
+    }
+}
+
 void prepare_input(const Linear& lin, const float* x, int ldx, int rows, int k, QuantRows& qr) {
     if (lin.vnni) quantize_rows(x, ldx, rows, k, qr);
     else if (lin.bits == 16) round_rows(x, ldx, rows, k, qr);
     if (nibble_kernel(lin)) nibble_order(lin, rows, qr);
+    if (int8_kernel(lin)) pair_scales(rows, k, qr);
 }
 
 // ---- float kernels (fp32 weights; bf16 and quantized weights converted in registers where
@@ -394,18 +414,56 @@ VNNI static void nibble_rows(const Linear& L, int j, const QuantRows& qr, int b0
     for (int b = 0; b < NB; b++) y[size_t(b0 + b) * ldy + j] = _mm512_reduce_add_ps(acc[b]);
 }
 
-VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
-    if (nibble_kernel(L)) {
-        for (int j = j0; j < j1; j++) {
-            int b = 0;
-            for (; b + 4 <= rows; b += 4) nibble_rows<4>(L, j, qr, b, y, ldy);
-            switch (rows - b) {
-                case 3: nibble_rows<3>(L, j, qr, b, y, ldy); break;
-                case 2: nibble_rows<2>(L, j, qr, b, y, ldy); break;
-                case 1: nibble_rows<1>(L, j, qr, b, y, ldy); break;
-                default: break;
-            }
+// Per-channel int8 on 512-bit vectors: 64 columns (two blocks of the input) per step. vpdpbusd takes
+// an unsigned operand, so the signed weight codes go in as w + 128 (one xor) and the input's 128 * sum
+// comes off once per row:
+//     y = s * (sum_c d_c (w + 128) . x_c - (128 + z) * sum_c dsum_c)
+template <int NB>
+VNNI static void int8_rows(const Linear& L, int j, const QuantRows& qr, int b0, float* y, int ldy) {
+    const int K = L.kp(), per = qr.stride / 64 + 1;
+    const int8_t* wr = static_cast<const int8_t*>(L.w) + size_t(j) * K;
+    const __m512i flip = _mm512_set1_epi8(-128), zero = _mm512_setzero_si512();
+    __m512 acc[NB];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    for (int c = 0, i = 0; i < K; c++, i += 64) {
+        const __mmask64 m = K - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - i)) - 1;
+        const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, wr + i), flip);
+        for (int b = 0; b < NB; b++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(m, qr.q.data() + size_t(b0 + b) * qr.stride + i);
+            const __m512 d = _mm512_loadu_ps(qr.pairs.data() + (size_t(b0 + b) * per + c) * 16);
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, u, xv)), d, acc[b]);
         }
+    }
+    const float s = L.scales[j];
+    const float z = 128.f + (L.zeros ? float(static_cast<const int16_t*>(L.zeros)[j]) : 0.f);
+    for (int b = 0; b < NB; b++)
+        y[size_t(b0 + b) * ldy + j] = s * (_mm512_reduce_add_ps(acc[b]) - z * qr.dsum_all[b0 + b]);
+}
+
+template <void (*K1)(const Linear&, int, const QuantRows&, int, float*, int),
+          void (*K2)(const Linear&, int, const QuantRows&, int, float*, int),
+          void (*K3)(const Linear&, int, const QuantRows&, int, float*, int),
+          void (*K4)(const Linear&, int, const QuantRows&, int, float*, int)>
+static void row_blocks(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
+    for (int j = j0; j < j1; j++) {  // up to 4 input rows share each load of the weight row
+        int b = 0;
+        for (; b + 4 <= rows; b += 4) K4(L, j, qr, b, y, ldy);
+        switch (rows - b) {
+            case 3: K3(L, j, qr, b, y, ldy); break;
+            case 2: K2(L, j, qr, b, y, ldy); break;
+            case 1: K1(L, j, qr, b, y, ldy); break;
+            default: break;
+        }
+    }
+}
+
+VNNI static void vnni_rows(const Linear& L, const QuantRows& qr, int rows, int j0, int j1, float* y, int ldy) {
+    if (int8_kernel(L)) {
+        row_blocks<int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>>(L, qr, rows, j0, j1, y, ldy);
+        return;
+    }
+    if (nibble_kernel(L)) {
+        row_blocks<nibble_rows<1>, nibble_rows<2>, nibble_rows<3>, nibble_rows<4>>(L, qr, rows, j0, j1, y, ldy);
         return;
     }
     for (int j = j0; j < j1; j++)
