@@ -35,7 +35,7 @@ def relocate(module: torch.nn.Module) -> int:
     """Move `module`'s parameters and buffers into one huge-page mapping; returns the bytes moved (0:
     `MMFUSE_HUGE_PAGES=0`, fewer than MIN_BYTES, or already moved). Tensors that share their storage
     with others, views, non-CPU and inference-mode tensors stay where they are."""
-    if not envs.read("MMFUSE_HUGE_PAGES"):
+    if not envs.read("MMFUSE_HUGE_PAGES") or not hasattr(mmap, "MAP_PRIVATE"):  # no anonymous private maps (Windows)
         return 0
     with _LOCK:
         return _relocate(module)
