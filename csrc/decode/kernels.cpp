@@ -536,7 +536,8 @@ void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr
 
 // exp(x) for x <= 0 (a score less the largest), in plain arithmetic that the compiler vectorizes
 // (std::exp stays a scalar libm call per score): 2^n times Cephes' expf polynomial of the remainder,
-// within 8e-8 relative of exp (measured over [-87, 0]); below -87.3 (where expf leaves the normal floats) it gives 2^-126 * ~e^-0.3.
+// within 8e-8 relative of exp (measured over [-87, 0]); below -87.3 (where expf leaves the normal
+// floats) it gives 2^-126 * ~e^-0.3.
 static inline float exp_le0(float x) {
     x = std::max(x, -87.3f);
     const float n = std::floor(x * 1.44269504088896341f + 0.5f);

@@ -1,17 +1,16 @@
 // The decode step: every layer for R rows in one OpenMP parallel region, op after op. Each op is cut
 // into chunks (a linear layer: blocks of output rows; attention: (row, key/value head) pairs; a norm
-// and an int8 input's quantization: one chunk; the bf16 input of o and down is rounded piece by piece
-// in the op that computes it, into a second buffer); each thread owns a contiguous share of an op's chunks
-// and takes them in order from its own atomic counter, then helps with what is left of the others'
-// shares; an op ends when all its chunks are done. Owned shares make each core's weight reads one
-// long stream (the hardware prefetcher's best case: 5-13% more bytes a second than chunks dealt
-// out alternately, bench/stream_chunks.cpp). Unlike a barrier, this never waits for a thread that holds no work: on a
-// machine shared with other jobs, a thread the OS has descheduled costs the step at most the chunk
-// it holds, not a time slice per op. A row's attention reads the keys and values the
-// other rows of its cache row write in the same step: when a cache row has several rows, every
-// row's write of a layer is one op and the attention the next; otherwise (a decode step) both are
-// one op per (row, key/value head). Numerics follow the PyTorch modules of
-// engine/nn/layers.py op for op, in fp32, and do not depend on which thread computes what. bf16
+// and an int8 input's quantization: one chunk; the bf16 input of o and down is rounded piece by
+// piece in the op that computes it, into a second buffer). Each thread owns a contiguous share of an
+// op's chunks and takes them in order from its own atomic counter, then helps with what is left of
+// the others' shares; an op ends when all its chunks are done. Owned shares make each core's weight
+// reads one long stream (the hardware prefetcher's best case: 5-13% more bytes a second than chunks
+// dealt out alternately, bench/stream_chunks.cpp). Unlike a barrier, this never waits for a thread
+// that holds no work: on a machine shared with other jobs, a thread the OS has descheduled costs the
+// step at most the chunk it holds, not a time slice per op. A row's attention reads the keys and
+// values the other rows of its cache row write in the same step: when a cache row has several rows,
+// every row's write of a layer is one op and the attention the next; otherwise (a decode step) both
+// are one op per (row, key/value head). Numerics follow the PyTorch modules of engine/nn/layers.py op for op, in fp32, and do not depend on which thread computes what. bf16
 // models keep that fp32 residual stream; what is bf16 in them is what the weights and the cache
 // read: each bf16 layer's input and the keys and values, rounded to nearest even (fused_step.py).
 #include <immintrin.h>
