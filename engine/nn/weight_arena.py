@@ -33,8 +33,10 @@ def _movable(t: torch.Tensor) -> bool:
 
 def relocate(module: torch.nn.Module) -> int:
     """Move `module`'s parameters and buffers into one huge-page mapping; returns the bytes moved (0:
-    `MMFUSE_HUGE_PAGES=0`, fewer than MIN_BYTES, or already moved). Tensors that share their storage
-    with others, views, non-CPU and inference-mode tensors stay where they are."""
+    `MMFUSE_HUGE_PAGES=0`, fewer than MIN_BYTES, or already moved). Views (tensors that do not own
+    their whole storage), non-CPU and inference-mode tensors stay where they are; a view held
+    elsewhere of a tensor that moves keeps the old memory (the same values, no longer shared). Tied
+    weights are one Parameter object and stay tied."""
     if not envs.read("MMFUSE_HUGE_PAGES") or not hasattr(mmap, "MAP_PRIVATE"):  # no anonymous private maps (Windows)
         return 0
     with _LOCK:
