@@ -42,9 +42,10 @@ struct QuantRows {
     std::vector<float> nibd;   // (B, chunks, 3, 16): low-nibble block scale, high-nibble block scale, dsum share
     // For per-channel int8 weights on 512-bit vectors (`pair_scales`): the scales of each pair of blocks,
     // one per 32-bit lane (16 floats per 64 columns), and the sum of a row's dsum.
-    std::vector<float> pairs;  // (B, stride / 64, 16)
+    std::vector<float> pairs;  // (B, pair_chunks(), 16)
     std::vector<float> dsum_all;  // (B,)
     int stride = 0, blocks = 0, chunks = 0;
+    int pair_chunks() const { return stride / 64 + 1; }  // 64-column chunks a row of `pairs` holds
     void resize(int rows, int max_k);
 };
 

@@ -48,15 +48,16 @@ void QuantRows::resize(int rows, int max_k) {
     chunks = (stride / 2 + 63) / 64;
     nib.assign(size_t(rows) * chunks * 128, 0);
     nibd.assign(size_t(rows) * chunks * 48, 0.f);
-    pairs.assign(size_t(rows) * (stride / 64 + 1) * 16, 0.f);
+    pairs.assign(size_t(rows) * pair_chunks() * 16, 0.f);
     dsum_all.assign(rows, 0.f);
 }
 
-bool cpu_has_vnni() {
+static bool cpu_has_avx512() {  // what the AVX512 functions (attention) need
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
+
+bool cpu_has_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 
 bool cpu_has_bf16() {
     __builtin_cpu_init();
@@ -171,7 +172,7 @@ void nibble_order(const Linear& lin, int rows, QuantRows& qr) {
 bool int8_kernel(const Linear& lin) { return lin.vnni && lin.bits == 8 && lin.groups == 1; }
 
 void pair_scales(int rows, int k, QuantRows& qr) {
-    const int per = qr.stride / 64 + 1, nb = (k + QuantRows::BLOCK - 1) / QuantRows::BLOCK;
+    const int per = qr.pair_chunks(), nb = (k + QuantRows::BLOCK - 1) / QuantRows::BLOCK;
     for (int r = 0; r < rows; r++) {
         const float* d = qr.d.data() + size_t(r) * qr.blocks;
         const float* ds = qr.dsum.data() + size_t(r) * qr.blocks;
@@ -420,7 +421,7 @@ VNNI static void nibble_rows(const Linear& L, int j, const QuantRows& qr, int b0
 //     y = s * (sum_c d_c (w + 128) . x_c - (128 + z) * sum_c dsum_c)
 template <int NB>
 VNNI static void int8_rows(const Linear& L, int j, const QuantRows& qr, int b0, float* y, int ldy) {
-    const int K = L.kp(), per = qr.stride / 64 + 1;
+    const int K = L.kp(), per = qr.pair_chunks();
     const int8_t* wr = static_cast<const int8_t*>(L.w) + size_t(j) * K;
     const __m512i flip = _mm512_set1_epi8(-128), zero = _mm512_setzero_si512();
     __m512 acc[NB];
@@ -538,16 +539,17 @@ void linear_rows(const Linear& lin, const float* x, int ldx, const QuantRows* qr
 // (std::exp stays a scalar libm call per score): 2^n times Cephes' expf polynomial of the remainder,
 // within 8e-8 relative of exp (measured over [-87, 0]); below -87.3 (where expf leaves the normal
 // floats) it gives 2^-126 * ~e^-0.3.
+constexpr float EXP_MIN = -87.3f, LOG2E = 1.44269504088896341f;
+constexpr float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;  // ln 2 in two parts
+constexpr float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 static inline float exp_le0(float x) {
-    x = std::max(x, -87.3f);
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    x = std::max(x, EXP_MIN);
+    const float n = std::floor(x * LOG2E + 0.5f);
+    const float r = (x - n * LN2_HI) - n * LN2_LO;  // x - n ln 2
+    float p = EXP_POLY[0];
+    for (int i = 1; i < 6; i++) p = p * r + EXP_POLY[i];
     p = p * r * r + r + 1.f;
     const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n, n in [-126, 0]
     float scale;
@@ -594,15 +596,15 @@ CLONES static void attend_bf16(const float* q, const uint16_t* kc, const uint16_
     attend_t(q, kc, vc, len, d, scores, out);
 }
 
-// The scores on AVX-512, 16 positions at a time: one accumulator per position (a dot product's
-// lanes), then a transposing reduction turns the 16 accumulators into the 16 scores (about 3
-// instructions a position instead of a horizontal sum each). Needs d % 16 == 0.
+// ---- attention on AVX-512 (attend16): 16 values of a key or value row as fp32
 AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 AVX512 static inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-AVX512 static inline __m512 reduce16(const __m512* a) {  // lane p = the sum of a[p]'s lanes
+// Lane p = the sum of a[p]'s lanes: 16 dot products' accumulators into 16 scores with a transposing
+// reduction (about 3 instructions a position instead of a horizontal sum each).
+AVX512 static inline __m512 reduce16(const __m512* a) {
     __m512 t[8], u[4];
     for (int p = 0; p < 8; p++)  // per 128 bits: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] of a = a[2p], b = a[2p + 1]
         t[p] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
@@ -614,16 +616,12 @@ AVX512 static inline __m512 reduce16(const __m512* a) {  // lane p = the sum of 
 }
 
 AVX512 static inline __m512 exp16_le0(__m512 x) {  // exp_le0 on 16 lanes
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+    x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(0.5f)),
                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x));
+    __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
@@ -688,7 +686,7 @@ static bool attend_avx512(const float* q, const T* kc, const T* vc, int len, int
 }
 
 void attend(const float* q, const void* kc, const void* vc, bool bf16, int len, int d, float* scores, float* out) {
-    static const bool avx512 = cpu_has_vnni();
+    static const bool avx512 = cpu_has_avx512();
     if (bf16) {
         const uint16_t *k = static_cast<const uint16_t*>(kc), *v = static_cast<const uint16_t*>(vc);
         if (!(avx512 && attend_avx512(q, k, v, len, d, scores, out))) attend_bf16(q, k, v, len, d, scores, out);

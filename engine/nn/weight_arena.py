@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import weakref
 
 import torch
 
@@ -22,7 +23,11 @@ from mmfuse import envs
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 ALIGN = 64  # each tensor starts on a cache line
 MIN_BYTES = 2 * HUGE_PAGE  # smaller models stay where they are: they live in the caches anyway
+# MADV_POPULATE_WRITE (Linux 5.14+; Python's mmap does not name it): the mapping's pages faulted in
+# one call, huge pages included, about twice as fast as faulting them one by one during the copy
+MADV_POPULATE_WRITE = 23
 _LOCK = threading.Lock()  # two engines of one model, started in two threads, move it once
+_DONE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules relocate has seen: later calls cost nothing
 
 
 def _movable(t: torch.Tensor) -> bool:
@@ -40,6 +45,9 @@ def relocate(module: torch.nn.Module) -> int:
     if not envs.read("MMFUSE_HUGE_PAGES") or not hasattr(mmap, "MAP_PRIVATE"):  # no anonymous private maps (Windows)
         return 0
     with _LOCK:
+        if module in _DONE:
+            return 0
+        _DONE.add(module)
         return _relocate(module)
 
 
@@ -59,6 +67,10 @@ def _relocate(module: torch.nn.Module) -> int:
     arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to start on a huge page
     if hasattr(mmap, "MADV_HUGEPAGE"):
         arena.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            arena.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # an older kernel: the copy below faults the pages in
+            pass
     with torch.inference_mode(False), torch.no_grad():
         memory = torch.frombuffer(arena, dtype=torch.uint8)  # keeps `arena` alive while any view of it lives
         start = -memory.data_ptr() % HUGE_PAGE
