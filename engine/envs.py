@@ -53,7 +53,9 @@ ENV_VARS: dict[str, Setting] = {
                                        "(mmfuse._decode) instead of one PyTorch op at a time, unless an attention "
                                        "backend other than auto is chosen"),
     "MMFUSE_HUGE_PAGES": _flag(True, "a decoder's weights move into one mapping of transparent huge pages when "
-                                     "it is first used for decoding on the CPU (faster weight streaming)"),
+                                     "it is first used for decoding on the CPU, and the weights onnxruntime "
+                                     "copies while a session loads are collapsed into huge pages (faster weight "
+                                     "streaming)"),
     "MMFUSE_INT8_ACTIVATIONS": _flag(True, "the fused decode step's int8/int4 layers quantize their input to "
                                            "int8 in blocks of 32 for integer dot products (AVX-512 VNNI); 0: "
                                            "dequantize the weights in registers (fp32 arithmetic)"),

@@ -19,13 +19,10 @@ import weakref
 import torch
 
 from mmfuse import envs
+from mmfuse.huge_pages import HUGE_PAGE, MADV_POPULATE_WRITE
 
-HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 ALIGN = 64  # each tensor starts on a cache line
 MIN_BYTES = 2 * HUGE_PAGE  # smaller models stay where they are: they live in the caches anyway
-# MADV_POPULATE_WRITE (Linux 5.14+; Python's mmap does not name it): the mapping's pages faulted in
-# one call, huge pages included, about twice as fast as faulting them one by one during the copy
-MADV_POPULATE_WRITE = 23
 _LOCK = threading.Lock()  # two engines of one model, started in two threads, move it once
 _DONE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules relocate has seen: later calls cost nothing
 
@@ -67,7 +64,7 @@ def _relocate(module: torch.nn.Module) -> int:
     arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to start on a huge page
     if hasattr(mmap, "MADV_HUGEPAGE"):
         arena.madvise(mmap.MADV_HUGEPAGE)
-        try:
+        try:  # faulting the pages in with one call is about twice as fast as one by one during the copy
             arena.madvise(MADV_POPULATE_WRITE)
         except OSError:  # an older kernel: the copy below faults the pages in
             pass

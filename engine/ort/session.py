@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import ProviderError
+from ..huge_pages import collapse_new_memory
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -44,4 +45,5 @@ def make_session(path: Optional[Path], threads: Optional[int] = None, providers:
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    with collapse_new_memory():  # the weights onnxruntime copies while it loads, into huge pages
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
