@@ -32,6 +32,8 @@ from mmfuse.decoder.benchmark import random_prompts
 from mmfuse.decoder.generate import Engine
 from mmfuse.ort.manifest import MANIFEST
 
+from bench_onnx_steps import with_genai_threads
+
 SHAPES = {
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
     "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
@@ -70,10 +72,11 @@ def _s(seconds) -> str:
     return "-" if seconds is None else f"{seconds:.1f}"
 
 
-def genai_runner(folder: Path, prompts: list):
+def genai_runner(folder: Path, prompts: list, threads=None):
+    """onnxruntime-genai on `folder`; with `threads`, on a copy of its genai_config.json that sets them."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    model = og.Model(str(folder if threads is None else with_genai_threads(folder, threads)))
     ids = np.array(prompts, dtype=np.int32)
 
     def run(n):
@@ -124,7 +127,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads of OrtEngine and of genai "
+                    "(default: each its own; genai's is 1 on this box)")
     ap.add_argument("--workdir", default=None, help="keep checkpoints and exports here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir (no export timing)")
     ap.add_argument("--engines", nargs="+", default=None, help="only these engine names (see the table)")
@@ -161,10 +165,10 @@ def main(argv=None) -> None:
         makers = {"PyTorch Engine fp32": lambda p: engine_runner(torch_engine, p)}
         for v in ours:
             makers[f"OrtEngine {v}"] = lambda p, v=v: engine_runner(ort[v], p)
-        makers["genai on our optimized"] = lambda p: genai_runner(ours["optimized"], p)
-        makers["genai on our optimized-int8"] = lambda p: genai_runner(ours["optimized-int8"], p)
+        makers["genai on our optimized"] = lambda p: genai_runner(ours["optimized"], p, args.threads)
+        makers["genai on our optimized-int8"] = lambda p: genai_runner(ours["optimized-int8"], p, args.threads)
         if has_builder:
-            makers["genai on builder export"] = lambda p: genai_runner(theirs, p)
+            makers["genai on builder export"] = lambda p: genai_runner(theirs, p, args.threads)
         if args.engines:
             makers = {k: v for k, v in makers.items() if k in args.engines}
         for batch in args.batch:

@@ -3,7 +3,8 @@
 each run) and off, on model_last_logits.onnx and model.onnx, with 1 thread; onnxruntime-genai on
 the same folder and on its model builder's export, at its default threads and at `--genai-threads`
 (a copy of each folder's genai_config.json with session_options.intra_op_num_threads set). It
-separates the graph from the way it is run.
+separates the graph from the way it is run; with `--genai-threads`, also mmfuse's session loaded with
+MMFUSE_HUGE_PAGES=0 (onnxruntime's weight buffers left in 4 KiB pages).
 
     python bench/bench_onnx.py --workdir W --models smollm2-135m --engines none   # the exports
     python -m onnxruntime_genai.models.builder -i W/smollm2-135m-hf -o W/smollm2-135m-builder -p fp32 -e cpu
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,8 +29,18 @@ from mmfuse.ort.manifest import read_manifest
 from mmfuse.ort.session import make_session
 
 
-def session_runner(folder: Path, graph: str, prompt: np.ndarray, steps: int, **options):
-    sess, manifest = make_session(folder / graph, **options), read_manifest(folder, "decoder")
+def session_runner(folder: Path, graph: str, prompt: np.ndarray, steps: int, huge_pages: bool = True, **options):
+    """mmfuse's DecoderSession on `folder/graph`; huge_pages=False: loaded with MMFUSE_HUGE_PAGES=0."""
+    saved = os.environ.get("MMFUSE_HUGE_PAGES")
+    os.environ["MMFUSE_HUGE_PAGES"] = "1" if huge_pages else "0"
+    try:
+        sess = make_session(folder / graph, **options)
+    finally:
+        if saved is None:
+            del os.environ["MMFUSE_HUGE_PAGES"]
+        else:
+            os.environ["MMFUSE_HUGE_PAGES"] = saved
+    manifest = read_manifest(folder, "decoder")
 
     def run() -> float:
         s = DecoderSession(sess, manifest)
@@ -108,6 +120,8 @@ def main(argv=None) -> None:
         t = args.genai_threads
         runners[f"DecoderSession, model_last_logits.onnx, {t} threads, spinning on"] = session_runner(
             ours, RUNTIME_GRAPH, prompt, n, threads=t)
+        runners[f"DecoderSession, model_last_logits.onnx, {t} threads, spinning on, MMFUSE_HUGE_PAGES=0"] = \
+            session_runner(ours, RUNTIME_GRAPH, prompt, n, huge_pages=False, threads=t)
         runners[f"genai on our optimised export, {t} threads"] = genai_runner(ours, prompt, n, t)
         if builder:
             runners[f"genai on its builder's export, {t} threads"] = genai_runner(theirs, prompt, n, t)
@@ -117,6 +131,8 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for k, run in runners.items():
             times[k].append(run())
+    huge = sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+    print(f"AnonHugePages in this process: {huge >> 10} MiB\n")
     print("| way of running (batch 1) | ms per decode step (median) | rounds |\n|---|---|---|")
     for k, ts in times.items():
         print(f"| {k} | {1e3 * statistics.median(ts):.1f} | {', '.join(f'{1e3 * t:.0f}' for t in ts)} |")
