@@ -91,6 +91,8 @@ class NumpySampler:
         self.top_p = _col([p.top_p if s else 1.0 for p, s in zip(params, self.sampling)])
         self.min_p = _col([p.min_p if s else 0.0 for p, s in zip(params, self.sampling)])
         self.uses_filter = bool(((self.top_k > 0) & (self.top_k < V)).any() or (self.top_p < 1).any())
+        self.any_sampling = bool(self.sampling.any())
+        self.uses_min_p = bool((self.min_p > 0).any())
         self.repetition = _col([p.repetition_penalty for p in params])
         self.presence = _col([p.presence_penalty for p in params])
         self.frequency = _col([p.frequency_penalty for p in params])
@@ -108,20 +110,24 @@ class NumpySampler:
         self.wants_logprobs = any(p.logprobs for p in params)
 
     def process(self, logits: np.ndarray, step: int) -> np.ndarray:
+        """The processed (B, V) float32 logits; `logits` itself (not a copy) where nothing changes them."""
         B, V = len(self.params), self.vocab_size
         if logits.ndim != 2 or logits.shape != (B, V):
             raise ValueError(f"Sampler: logits have shape {tuple(logits.shape)}, expected ({B}, {V})")
-        x = logits.astype(np.float32, copy=True)
-        for r, t, m in self.stop_pairs:
-            if step < m:
-                x[r, t] = NEG_INF
+        stops = [(r, t) for r, t, m in self.stop_pairs if step < m]
+        if not (stops or self.uses_penalties or self.any_sampling or self.uses_filter or self.uses_min_p):
+            x = logits if logits.dtype == np.float32 else logits.astype(np.float32)  # greedy: read, never written
+        else:
+            x = logits.astype(np.float32, copy=True)
+        for r, t in stops:
+            x[r, t] = NEG_INF
         if self.uses_penalties:
             x = apply_penalties(x, self.prompt_mask, self.counts, self.repetition, self.presence, self.frequency)
-        if self.sampling.any():
+        if self.any_sampling:
             x = x / self.temperature
         if self.uses_filter:
             x = apply_top_k_top_p(x, self.top_k, self.top_p)
-        if (self.min_p > 0).any():
+        if self.uses_min_p:
             x = np.where(self.min_p > 0, apply_min_p(x, np.maximum(self.min_p, np.float32(1e-45))), x)
         ok = np.isfinite(x.max(-1))  # (B,): max propagates NaN
         if not ok.all():
@@ -136,7 +142,7 @@ class NumpySampler:
         """(tokens (B,) int64, logprobs (B,) float32 or None), as `Sampler.sample`."""
         x = self.process(logits, step)
         tokens = x.argmax(-1).astype(np.int64)
-        if self.sampling.any():
+        if self.any_sampling:
             rows = np.flatnonzero(self.sampling)
             tokens[rows] = sample_inverse_cdf(softmax(x[rows]), self.uniforms())
         logprobs = None

@@ -59,13 +59,21 @@ class DecoderSession:
         if self.shared and (batch != self.batch or max_len > self.max_len):
             shape = (batch, self.n_kv_head, max_len, self.head_dim)
             self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in range(2 * self.n_layer)]
-            self._logits1 = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab_size), self.dtype)
+            self._logits1_np = np.zeros((batch, 1, self.vocab_size), self.dtype)  # (B, 1, V), written by each step
+            self._logits1 = ort.OrtValue.ortvalue_from_numpy(self._logits1_np)
             self._tok = np.zeros((batch, 1), np.int64)  # decode inputs, refilled in place
             self._pos = np.zeros((batch, 1), np.int64)
             self._first = np.zeros((batch, 1), np.int64)  # logit_positions of a one-token call
+            self._ones = np.ones(batch * max_len, np.int64)  # attention_mask of rows all as long as the longest
             # one binding for the whole batch: the KV buffers stay bound as past and present, each
             # call rebinds only its inputs and the logits
             self._io = self.session.io_binding()
+            # _tok, _pos and _first as OrtValues over their numpy buffers: bound once for the decode
+            # steps (rebound after a prefill), then only refilled
+            self._step_values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in
+                                 (("input_ids", self._tok), ("position_ids", self._pos), ("logit_positions", self._first))
+                                 if name != "logit_positions" or self.logit_positions}
+            self._step_bound = False
             for (past, present), buf in zip(self._kv_names(), self._kv):
                 self._io.bind_ortvalue_input(past, buf)
                 self._io.bind_ortvalue_output(present, buf)
@@ -94,17 +102,27 @@ class DecoderSession:
             for kv in ("key", "value"):
                 yield f"past_key_values.{i}.{kv}", f"present.{i}.{kv}"
 
-    def _run(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, rows=None) -> np.ndarray:
+    def _run(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, rows=None, step: bool = False) -> np.ndarray:
         """One graph call; x is input_ids (B, S) or inputs_embeds (B, S, C). Logits (B, K, V) at the
-        positions `rows` (B, K) (None: every position; K = S)."""
+        positions `rows` (B, K) (None: every position; K = S). `step`: x, pos and rows are the
+        optimised variant's _tok, _pos and _first, bound once for consecutive steps."""
         io = self._io if self.shared else self.session.io_binding()
-        io.bind_cpu_input(self._x_name, x)
         io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input("position_ids", pos)
-        if self.logit_positions:  # a required input of RUNTIME_GRAPH
-            if rows is None:
-                rows = np.broadcast_to(np.arange(pos.shape[1], dtype=np.int64), pos.shape)
-            io.bind_cpu_input("logit_positions", np.ascontiguousarray(rows))
+        if step and self._step_bound:
+            pass
+        elif step:
+            for name, value in self._step_values.items():
+                io.bind_ortvalue_input(name, value)
+            self._step_bound = True
+        else:
+            if self.shared:
+                self._step_bound = False
+            io.bind_cpu_input(self._x_name, x)
+            io.bind_cpu_input("position_ids", pos)
+            if self.logit_positions:  # a required input of RUNTIME_GRAPH
+                if rows is None:
+                    rows = np.broadcast_to(np.arange(pos.shape[1], dtype=np.int64), pos.shape)
+                io.bind_cpu_input("logit_positions", np.ascontiguousarray(rows))
         if self.shared:  # logits into an OrtValue of ours: the preallocated (B, 1, V) one when it fits
             K = pos.shape[1] if rows is None else rows.shape[1]
             out = self._logits1 if K == 1 else ort.OrtValue.ortvalue_from_shape_and_type(
@@ -117,7 +135,7 @@ class DecoderSession:
                 io.bind_output(present, "cpu")
         self.session.run_with_iobinding(io)
         if self.shared:
-            return out.numpy().copy() if K == 1 else out.numpy()  # the (B, 1, V) buffer is reused by the next call
+            return self._logits1_np.copy() if K == 1 else out.numpy()  # the (B, 1, V) buffer is reused by the next call
         outs = io.get_outputs()
         self._past = outs[1:]
         return outs[0].numpy()
@@ -181,4 +199,31 @@ class DecoderSession:
 
     def decode(self, tokens: np.ndarray, active=None) -> np.ndarray:
         """One token per row (B,) -> logits (B, V)."""
+        if self.shared and not self.inputs_embeds:
+            return self._step(tokens, active)
         return self.extend(np.asarray(tokens, np.int64).reshape(-1, 1), active)[:, 0]
+
+    def _step(self, tokens, active) -> np.ndarray:
+        """decode() on the optimised graph with token ids, as extend() computes it but in Python ints
+        and the bound buffers: once a step has streamed the weights through the caches, each small
+        numpy operation costs tens of microseconds (bench/README.md, "ONNX decoders")."""
+        toks = tokens.ravel().tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
+        B = self.batch
+        if len(toks) != B:
+            raise ValueError(f"decode got {len(toks)} tokens for a batch of {B}")
+        lens = self.lengths.tolist()
+        W = max(lens) + 1
+        if W > self.max_len:
+            self._check_room([1] * B)
+        for b in range(B):
+            self._tok[b, 0] = toks[b]
+            self._pos[b, 0] = lens[b]
+        if min(lens) + 1 == W:  # every row as long: a view of ones, nothing to build
+            mask = self._ones[:B * W].reshape(B, W)
+        else:
+            mask = (np.arange(W)[None, :] <= self.lengths[:, None]).astype(np.int64)  # (B, W): row sums
+        logits = self._run(self._tok, mask, self._pos, self._first if self.logit_positions else None, step=True)
+        for b in range(B):
+            if active is None or active[b]:
+                self.lengths[b] = lens[b] + 1
+        return logits[:, 0]
