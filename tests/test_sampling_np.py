@@ -74,3 +74,45 @@ def test_non_finite_logits_raise_like_the_torch_sampler(bad):
         NumpySampler(params, 11, [[1]] * 3).sample(logits, 7)
     with pytest.raises(NumericalError, match=r"step 7: the logits of row\(s\) \[1\]"):
         Sampler(params, 11, "cpu", [[1]] * 3).sample(torch.from_numpy(logits), 7)
+
+
+@pytest.mark.parametrize("make", [lambda p, V, prompts: NumpySampler(p, V, prompts),
+                                  lambda p, V, prompts: Sampler(p, V, "cpu", prompts)], ids=["numpy", "torch"])
+def test_plain_greedy_path_chooses_what_processing_would(make):
+    """All-greedy batches without penalties take the raw argmax (no processed copy) once no stop id is
+    suppressed; the tokens are those of the processing path, ties and min_new_tokens included."""
+    rng = np.random.default_rng()
+    params = [SamplingParams(temperature=0.0, min_new_tokens=3, stop_token_ids=(4, 9)),
+              SamplingParams(temperature=0.0, logprobs=True), SamplingParams(temperature=0.0, top_k=3, min_p=0.2)]
+    s = make(params, V, [[1]] * 3)
+    assert s.plain_from == 3
+    wrap = (lambda a: a) if isinstance(s, NumpySampler) else torch.from_numpy
+    for step in range(6):
+        logits = (rng.standard_normal((3, V)) * 3).astype(np.float32)
+        logits[:, 10:12] = logits.max() + 1  # an exact tie for second place: the first index wins
+        logits[:, 4] = logits.max() + 1  # a stop id on top: suppressed for row 0 before step 3
+        tokens, logprobs = s.sample(wrap(logits), step)
+        expected = np.argmax(np.asarray(s.process(wrap(logits), step)), -1)
+        assert list(tokens.tolist()) == expected.tolist()
+        assert tokens.tolist() == [10 if step < 3 else 4, 4, 4]
+        ref = logits[np.arange(3), np.asarray(tokens)] - np.log(np.exp(logits.astype(np.float64)).sum(-1))
+        np.testing.assert_allclose(np.asarray(logprobs), ref, rtol=0, atol=1e-5)
+    assert make([SamplingParams(temperature=0.0, repetition_penalty=1.2)], V, [[1]]).plain_from is None
+    assert make([SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)], V, [[1]] * 2).plain_from is None
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_plain_greedy_path_refuses_non_finite_rows(kind, bad):
+    from mmfuse.errors import NumericalError
+
+    logits = np.random.default_rng().standard_normal((4, 11)).astype(np.float32)
+    if bad == -float("inf"):
+        logits[[1, 3]] = bad  # nothing finite to choose
+    else:
+        logits[[1, 3], [4, 0]] = bad
+    params = [SamplingParams(temperature=0.0)] * 4
+    s = NumpySampler(params, 11, [[1]] * 4) if kind == "numpy" else Sampler(params, 11, "cpu", [[1]] * 4)
+    assert s.plain_from == 0
+    with pytest.raises(NumericalError, match=r"step 2: the logits of row\(s\) \[1, 3\]"):
+        s.sample(logits if kind == "numpy" else torch.from_numpy(logits), 2)

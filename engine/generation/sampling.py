@@ -17,6 +17,7 @@ alone or in any batch, and the same uniforms on CPU and CUDA.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -216,6 +217,11 @@ class Sampler:
         if pairs:
             r, t, m = zip(*pairs)
             self._stop_pairs = tuple(torch.tensor(v, dtype=torch.long, device=device) for v in (r, t, m))
+        # every row greedy, no penalties: from step `plain_from` on (stop ids no longer suppressed) a
+        # token is the raw logits' argmax, with no processed copy: `sample` then runs two tensor ops,
+        # not eight (each costs tens of microseconds once a decode step has flushed the caches)
+        self.plain_from = (max((m for _, _, m in pairs), default=0)
+                           if not self.sampling_rows.any and not self.uses_penalties else None)
 
         # One CPU generator per sampling row; rows without a seed draw a nondeterministic one.
         self.generators: list[Optional[torch.Generator]] = []
@@ -291,6 +297,13 @@ class Sampler:
         logprobs are log_softmax of the RAW model logits at the chosen token (vLLM's default):
         they describe the model, not the filtered distribution. They are returned for every row
         when any row asked for them, else None."""
+        if self.plain_from is not None and step >= self.plain_from:
+            self._check(logits)
+            best, tokens = logits.max(dim=-1)  # the first maximum; a NaN where the row has one
+            bad = [r for r, v in enumerate(best.tolist()) if not math.isfinite(v)]
+            if bad:
+                raise non_finite_logits(step, bad)
+            return tokens, self._logprobs(logits, tokens)
         x = self.process(logits, step)  # (B, V), also validates the shape
         tokens = torch.empty(len(self.params), dtype=torch.long, device=x.device)
         if self.greedy_rows.any:
@@ -299,11 +312,14 @@ class Sampler:
         if self.sampling_rows.any:
             s = self.sampling_rows
             tokens = s.put(tokens, sample_inverse_cdf(s.take(x).softmax(dim=-1), self.uniforms()))
-        logprobs = None
-        if self.wants_logprobs:
-            raw = logits.float()
-            logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
-        return tokens, logprobs
+        return tokens, self._logprobs(logits, tokens)
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """log_softmax of the raw logits at the chosen tokens, when any row asked for them."""
+        if not self.wants_logprobs:
+            return None
+        raw = logits.float()
+        return raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
 
     def update(self, tokens: torch.Tensor) -> None:
         """Record generated tokens, (B,) or (B, n), in the penalty counts (in place)."""

@@ -13,6 +13,7 @@ engine, but the same seed gives a different stream, hence different sampled toke
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -106,21 +107,20 @@ class NumpySampler:
                 self.prompt_mask[r, list(ids)] = True
         self.stop_pairs = [(r, t, p.min_new_tokens) for r, p in enumerate(params) if p.min_new_tokens
                            for t in p.stop_token_ids]
+        # every row greedy, no penalties: from step `plain_from` on (stop ids no longer suppressed)
+        # a token is the raw logits' argmax, with no processed copy (`sample`)
+        self.plain_from = (max((m for _, _, m in self.stop_pairs), default=0)
+                           if not self.any_sampling and not self.uses_penalties else None)
         self.generators = [np.random.default_rng(p.seed) if s else None for p, s in zip(params, self.sampling)]
         self.wants_logprobs = any(p.logprobs for p in params)
 
     def process(self, logits: np.ndarray, step: int) -> np.ndarray:
-        """The processed (B, V) float32 logits; `logits` itself (not a copy) where nothing changes them."""
-        B, V = len(self.params), self.vocab_size
-        if logits.ndim != 2 or logits.shape != (B, V):
-            raise ValueError(f"Sampler: logits have shape {tuple(logits.shape)}, expected ({B}, {V})")
-        stops = [(r, t) for r, t, m in self.stop_pairs if step < m]
-        if not (stops or self.uses_penalties or self.any_sampling or self.uses_filter or self.uses_min_p):
-            x = logits if logits.dtype == np.float32 else logits.astype(np.float32)  # greedy: read, never written
-        else:
-            x = logits.astype(np.float32, copy=True)
-        for r, t in stops:
-            x[r, t] = NEG_INF
+        """The processed (B, V) float32 logits; `logits` is left untouched."""
+        self._check(logits)
+        x = logits.astype(np.float32, copy=True)
+        for r, t, m in self.stop_pairs:
+            if step < m:
+                x[r, t] = NEG_INF
         if self.uses_penalties:
             x = apply_penalties(x, self.prompt_mask, self.counts, self.repetition, self.presence, self.frequency)
         if self.any_sampling:
@@ -134,24 +134,40 @@ class NumpySampler:
             raise non_finite_logits(step, np.flatnonzero(~ok).tolist())
         return x
 
+    def _check(self, logits: np.ndarray) -> None:
+        B, V = len(self.params), self.vocab_size
+        if logits.ndim != 2 or logits.shape != (B, V):
+            raise ValueError(f"Sampler: logits have shape {tuple(logits.shape)}, expected ({B}, {V})")
+
     def uniforms(self) -> np.ndarray:
         """One U[0, 1) draw per sampling row from that row's generator."""
         return np.array([g.random() for g in self.generators if g is not None], dtype=np.float32)
 
     def sample(self, logits: np.ndarray, step: int):
         """(tokens (B,) int64, logprobs (B,) float32 or None), as `Sampler.sample`."""
+        if self.plain_from is not None and step >= self.plain_from:
+            self._check(logits)
+            tokens = logits.argmax(-1).astype(np.int64)
+            best = logits[np.arange(len(tokens)), tokens].tolist()  # argmax picks a NaN where there is one
+            bad = [r for r, v in enumerate(best) if not math.isfinite(v)]
+            if bad:
+                raise non_finite_logits(step, bad)
+            return tokens, self._logprobs(logits, tokens)
         x = self.process(logits, step)
         tokens = x.argmax(-1).astype(np.int64)
         if self.any_sampling:
             rows = np.flatnonzero(self.sampling)
             tokens[rows] = sample_inverse_cdf(softmax(x[rows]), self.uniforms())
-        logprobs = None
-        if self.wants_logprobs:
-            raw = logits.astype(np.float32)
-            m = raw.max(-1)
-            lse = m + np.log(np.exp(raw - m[:, None]).sum(-1))
-            logprobs = raw[np.arange(len(tokens)), tokens] - lse
-        return tokens, logprobs
+        return tokens, self._logprobs(logits, tokens)
+
+    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> Optional[np.ndarray]:
+        """log_softmax of the raw logits at the chosen tokens, when any row asked for them."""
+        if not self.wants_logprobs:
+            return None
+        raw = logits.astype(np.float32)
+        m = raw.max(-1)
+        lse = m + np.log(np.exp(raw - m[:, None]).sum(-1))
+        return raw[np.arange(len(tokens)), tokens] - lse
 
     def update(self, tokens: np.ndarray) -> None:
         """Record generated tokens, (B,) or (B, n), in the penalty counts."""
