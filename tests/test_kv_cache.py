@@ -48,6 +48,23 @@ def test_lengths_advance_truncate_and_capacity():
         cache.truncate([0, 0])
 
 
+@pytest.mark.parametrize("made_in_inference_mode", [False, True])
+def test_lengths_advance_in_any_mode(made_in_inference_mode):
+    """A decode step advances outside inference mode (the fused CPU step runs none): every kind of
+    advance works there and inside it, whichever mode made the cache, and the tensor follows."""
+    with torch.inference_mode(made_in_inference_mode):
+        cache = KVCache(CFG, 2, 30, torch.float32, "cpu")
+    steps = [1, [3, 0], torch.tensor([False, True]), 2]
+    for inside in (False, True):
+        for n in steps:
+            with torch.inference_mode(inside):
+                cache.advance(n)
+    assert cache.filled == [12, 8] and cache.lengths.tolist() == [12, 8]
+    cache.truncate([5, 1])
+    cache.advance(1)
+    assert cache.lengths.tolist() == [6, 2] == cache.filled
+
+
 def test_allocation_checks_the_context():
     with pytest.raises(CapacityError, match="exceeds the model's context of 40"):
         KVCache(CFG, 1, 41, torch.float32, "cpu")

@@ -109,11 +109,13 @@ class FusedStep:
         """tokens (B,) at each row's next position `cache.lengths` -> fp32 logits (B, V) (in `out` when
         given). Writes the keys and values of that position into `cache` (of the model's dtype);
         advancing its lengths is the caller's."""
-        tok = tokens.reshape(-1)
+        # a sampler's (B,) int64 tokens go as they are: each tensor op here costs tens of microseconds
+        # once the step has streamed the weights through the caches
+        plain = tokens.dim() == 1 and tokens.dtype == torch.long and tokens.is_contiguous()
+        tok = tokens if plain else tokens.reshape(-1).to(torch.long).contiguous()
         if tok.shape[0] != self.batch:
             raise ValueError(f"fused step built for {self.batch} rows, got {tok.shape[0]} tokens")
-        return self._run(tok.to(torch.long).contiguous(), self._cache_rows, cache.lengths, cache, rope_cos, rope_sin,
-                         out)
+        return self._run(tok, self._cache_rows, cache.lengths, cache, rope_cos, rope_sin, out)
 
     def append(self, tokens: torch.Tensor, cache, rope_cos: Optional[torch.Tensor],
                rope_sin: Optional[torch.Tensor]) -> torch.Tensor:

@@ -150,7 +150,8 @@ class DecodeState:
             return None
         int_dots = envs.read("MMFUSE_INT8_ACTIVATIONS")
         if int_dots not in self._fused:
-            self._fused[int_dots] = FusedStep.build(self.model, self.cache.batch, int_dots)
+            with torch.inference_mode():  # a first decode step may build it, outside any inference mode
+                self._fused[int_dots] = FusedStep.build(self.model, self.cache.batch, int_dots)
         return self._fused[int_dots]
 
     def _decode_step(self, tok: torch.Tensor) -> torch.Tensor:
@@ -174,26 +175,34 @@ class DecodeState:
             self._logits = self._decode_step(self._tok)
         self._graph_version = self.cache.version
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One token per row (B,); rows where `active` is False do not advance. Logits (B, V)."""
-        tok = tokens.view(-1, 1)
+        """One token per row (B,); rows where `active` is False do not advance. Logits (B, V).
+
+        The fused CPU step's path runs no tensor op it can avoid (no inference-mode context, tokens
+        as they come, lengths advanced through a numpy view): once a step has streamed the weights
+        through the caches each costs 30-200 us, ~1 ms a token in all before (bench/README.md)."""
         cache = self.cache
         cache.check_room([1] * cache.batch)
         if cache.tokens is not None and (active is None or bool(active[0])):
-            cache.record([int(tok[0, 0])])
-        if self.cuda_graph:
-            if self._graph is None or self._graph_version != cache.version:
-                self._capture(tok)
-            self._tok.copy_(tok)
-            self._graph.replay()
-            logits = self._logits
-        elif (fused := self._fused_step()) is not None:
-            logits = fused(tok, cache, *self._rope())
+            cache.record(tokens.view(-1)[:1].tolist())
+        if (fused := None if self.cuda_graph else self._fused_step()) is not None:
+            logits = fused(tokens, cache, *self._rope())  # C++ on raw pointers: no autograd
         else:
-            logits = self._decode_step(tok)
+            with torch.inference_mode():
+                logits = self._graph_or_model_step(tokens.view(-1, 1))
         cache.advance(1 if active is None else active)
         return logits
+
+    def _graph_or_model_step(self, tok: torch.Tensor) -> torch.Tensor:
+        """(B, 1) tokens -> logits (B, V) through the CUDA graph (captured on first use or after the
+        cache grew) or the model's forward."""
+        if not self.cuda_graph:
+            return self._decode_step(tok)
+        if self._graph is None or self._graph_version != self.cache.version:
+            self._capture(tok)
+        self._tok.copy_(tok)
+        self._graph.replay()
+        return self._logits
 
 
 class Engine(GenerationFrontend):
@@ -255,6 +264,6 @@ class Engine(GenerationFrontend):
             raise
 
         def step(tokens, active):
-            return state.decode(tokens, torch.tensor(active, device=dev))
+            return state.decode(tokens, None if all(active) else torch.tensor(active, device=dev))
 
         return Generation(sampler, logits, step, close=lambda: self._give_back(state))

@@ -28,6 +28,9 @@ class KVCache:
         self.k, self.v = self._buffers(batch, max_len, dtype, device)  # (L, B, Hkv, T_max, D) each
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) positions each row holds
         self._filled = [0] * batch  # host mirror of `lengths`: capacity checks need no device sync
+        # a CPU cache's lengths as a numpy view: a decode step advances them by item assignment, not by
+        # a tensor op (tens of microseconds each once a step has streamed the weights through the caches)
+        self._host = self.lengths.numpy() if self.lengths.device.type == "cpu" else None
         self._rows = torch.arange(batch, device=device)[:, None]  # (B, 1) row index of every write
         self.version = 0  # bumped when `grow` replaces the buffers
         # The token ids row 0 holds, position by position, when the owner records them (prefix
@@ -76,12 +79,17 @@ class KVCache:
     def advance(self, n: Union[int, Sequence[int], torch.Tensor]) -> None:
         """Count n more positions in every row (an int) or per row (a list, or a (B,) int/bool tensor
         such as a decode step's active rows)."""
+        if isinstance(n, int) and self._host is not None:
+            self._filled = [m + n for m in self._filled]
+            for b, m in enumerate(self._filled):
+                self._host[b] = m
+            return
+        with torch.inference_mode():  # whichever mode the caller is in (`lengths` may be an inference tensor)
+            self.lengths += n if isinstance(n, int) else torch.as_tensor(n).to(device=self.lengths.device,
+                                                                               dtype=self.lengths.dtype)
         if isinstance(n, int):
-            self.lengths += n
             self._filled = [m + n for m in self._filled]
             return
-        t = torch.as_tensor(n).to(device=self.lengths.device, dtype=self.lengths.dtype)
-        self.lengths += t
         host = n.tolist() if isinstance(n, torch.Tensor) else n
         self._filled = [m + int(a) for m, a in zip(self._filled, host)]
 
@@ -90,7 +98,8 @@ class KVCache:
         if len(lengths) != self.batch or any(n > m or n < 0 for n, m in zip(lengths, self._filled)):
             raise ValueError(f"truncate to {list(lengths)}: must be one length per row within {self._filled}")
         self._filled = [int(n) for n in lengths]
-        self.lengths.copy_(torch.as_tensor(self._filled, device=self.lengths.device))
+        with torch.inference_mode():
+            self.lengths.copy_(torch.as_tensor(self._filled, device=self.lengths.device))
 
     def grow(self, max_len: int) -> None:
         """Reallocate the buffers to `max_len` positions, keeping what every row holds."""
