@@ -9,13 +9,13 @@ usual setting). `collapse_new_memory` wraps such a load: the anonymous memory th
 it is then, wherever whole huge pages of it are filled, marked for huge pages and collapsed into
 them (`MADV_COLLAPSE`, Linux 6.1+). Both are hints that leave the contents alone; where the system
 refuses them nothing changes. Memory reused from earlier frees, inside regions that existed
-before, is not seen.
-This module imports no third-party package (the torch-free runtime uses it).
+before, is not seen. Torch-free (the ONNX Runtime engine uses it): it imports numpy only.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import sys
 from typing import Iterator, List, Set, Tuple
 
@@ -24,7 +24,7 @@ import numpy as np
 from . import envs
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
-PAGE = 4096
+PAGE = mmap.PAGESIZE
 MIN_BYTES = 2 * HUGE_PAGE  # less new memory than this lives in the caches anyway
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: a range's pages faulted in by one call, huge pages included

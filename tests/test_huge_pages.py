@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmfuse import huge_pages
-from mmfuse.huge_pages import HUGE_PAGE, anonymous_regions, collapse, collapse_new_memory, filled_runs, new_memory
+from mmfuse.huge_pages import HUGE_PAGE, PAGE, anonymous_regions, collapse, collapse_new_memory, filled_runs, new_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise: Linux")
 
@@ -33,7 +33,7 @@ def anonymous(n: int, touch) -> np.ndarray:
     page) or a slice of the pages to touch."""
     a = np.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
     if touch is not False:
-        a.reshape(-1, 4096)[slice(None) if touch is True else touch, 0] = 1
+        a.reshape(-1, PAGE)[slice(None) if touch is True else touch, 0] = 1
     return a
 
 
@@ -43,7 +43,7 @@ def overlap(a: np.ndarray, lo: int, hi: int) -> int:
 
 def test_anonymous_regions_see_a_new_mapping():
     before = anonymous_regions()
-    a = anonymous(6 * HUGE_PAGE + 4096, False)
+    a = anonymous(6 * HUGE_PAGE + PAGE, False)
     lo, hi = a.ctypes.data, a.ctypes.data + a.nbytes
     assert any(r_lo <= lo and hi <= r_hi for r_lo, r_hi in anonymous_regions())
     assert sum(b - a_ for a_, b in new_memory(before, anonymous_regions())) >= hi - lo
@@ -59,19 +59,19 @@ def test_new_memory_of_regions_that_grew_or_appeared():
 
 
 def test_filled_runs_take_whole_filled_huge_pages():
-    per = HUGE_PAGE // 4096
+    per = HUGE_PAGE // PAGE
     a = anonymous(10 * HUGE_PAGE, False)
     lo = a.ctypes.data
-    first = -lo % HUGE_PAGE // 4096  # the first whole huge page's first page
-    pages = a.reshape(-1, 4096)
+    first = -lo % HUGE_PAGE // PAGE  # the first whole huge page's first page
+    pages = a.reshape(-1, PAGE)
     for k in (1, 2, 5):
         pages[first + k * per:first + (k + 1) * per, 0] = 1
     pages[first + 3 * per:first + 3 * per + per // 2, 0] = 1  # half: not filled
     pages[first + 6 * per:first + 7 * per:8, 0] = 1  # an eighth: not filled
-    base = lo + first * 4096
+    base = lo + first * PAGE
     assert filled_runs(lo, lo + a.nbytes) == [(base + HUGE_PAGE, base + 3 * HUGE_PAGE),
                                               (base + 5 * HUGE_PAGE, base + 6 * HUGE_PAGE)]
-    assert filled_runs(base + HUGE_PAGE + 4096, base + 3 * HUGE_PAGE) == [(base + 2 * HUGE_PAGE, base + 3 * HUGE_PAGE)]
+    assert filled_runs(base + HUGE_PAGE + PAGE, base + 3 * HUGE_PAGE) == [(base + 2 * HUGE_PAGE, base + 3 * HUGE_PAGE)]
     assert filled_runs(base, base + HUGE_PAGE - 1) == []
 
 

@@ -218,8 +218,9 @@ class Sampler:
             r, t, m = zip(*pairs)
             self._stop_pairs = tuple(torch.tensor(v, dtype=torch.long, device=device) for v in (r, t, m))
         # every row greedy, no penalties: from step `plain_from` on (stop ids no longer suppressed) a
-        # token is the raw logits' argmax, with no processed copy: `sample` then runs two tensor ops,
-        # not eight (each costs tens of microseconds once a decode step has flushed the caches)
+        # token is the raw logits' first maximum, with no processed copy: `sample` then runs one
+        # reduction instead of ~8 tensor ops (each costs 30-200 us once a decode step has flushed the
+        # caches: bench/bench_step_gap.py)
         self.plain_from = (max((m for _, _, m in pairs), default=0)
                            if not self.sampling_rows.any and not self.uses_penalties else None)
 
