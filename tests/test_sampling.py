@@ -186,7 +186,11 @@ def test_per_row_parameters_and_single_sort_composition(seed, V, data):
     ps = torch.tensor(data.draw(st.lists(st.floats(0.05, 1.0), min_size=B, max_size=B)))
     both = apply_top_k_top_p(x, ks, ps, candidates=data.draw(st.sampled_from([1, 3, None])))
     composed = apply_top_p(apply_top_k(x, ks), ps)
-    assert torch.equal(torch.isfinite(both), torch.isfinite(composed))
+    for r, c in (torch.isfinite(both) != torch.isfinite(composed)).nonzero().tolist():
+        # the two may only disagree on a token whose preceding mass is p to float32 rounding
+        probs = apply_top_k(x, ks)[r].double().softmax(-1)
+        before = probs[probs > probs[c]].sum()
+        assert abs(float(before) - float(ps[r])) < 1e-5, (r, c, float(before), float(ps[r]))
     for r in range(B):
         assert torch.equal(apply_top_k(x[r : r + 1], int(ks[r])), apply_top_k(x, ks)[r : r + 1])
         check_top_p_row(apply_top_k(x[r : r + 1], int(ks[r]))[0], both[r], float(ps[r]))
