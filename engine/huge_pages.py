@@ -95,11 +95,18 @@ def collapse_new_memory() -> Iterator[list]:
     if not sys.platform.startswith("linux") or not envs.read("MMFUSE_HUGE_PAGES"):
         yield collapsed
         return
-    before = anonymous_regions()
+    try:
+        before = anonymous_regions()
+    except OSError:  # no /proc (a sandbox): nothing to collapse
+        yield collapsed
+        return
     yield collapsed
-    for lo, hi in new_memory(before, anonymous_regions()):
-        if hi - lo >= MIN_BYTES:
-            collapsed.extend(collapse(a, b) for a, b in filled_runs(lo, hi))
+    try:
+        for lo, hi in new_memory(before, anonymous_regions()):
+            if hi - lo >= MIN_BYTES:
+                collapsed.extend(collapse(a, b) for a, b in filled_runs(lo, hi))
+    except OSError:
+        pass
 
 
 _LIBC = None

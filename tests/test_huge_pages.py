@@ -107,6 +107,17 @@ def test_collapse_new_memory_takes_only_new_filled_memory(monkeypatch):
     assert sum(overlap(empty, lo, hi) for lo, hi in asked) < HUGE_PAGE // 2  # at most a page it shares with `filled`
 
 
+def test_no_proc_maps_skips_quietly(monkeypatch):
+    def unreadable():
+        raise PermissionError("/proc/self/maps")
+
+    monkeypatch.setattr(huge_pages, "anonymous_regions", unreadable)
+    monkeypatch.setenv("MMFUSE_HUGE_PAGES", "1")
+    with collapse_new_memory() as collapsed:
+        filled = anonymous(6 * HUGE_PAGE, True)
+    assert collapsed == [] and filled.sum() == 6 * HUGE_PAGE // PAGE
+
+
 def test_switched_off_does_nothing(monkeypatch):
     monkeypatch.setattr(huge_pages, "collapse", lambda lo, hi: pytest.fail("collapse called with MMFUSE_HUGE_PAGES=0"))
     monkeypatch.setattr(huge_pages, "anonymous_regions", lambda: pytest.fail("smaps read with MMFUSE_HUGE_PAGES=0"))
