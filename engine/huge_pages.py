@@ -98,9 +98,10 @@ def collapse_new_memory() -> Iterator[list]:
     try:
         before = anonymous_regions()
     except OSError:  # no /proc (a sandbox): nothing to collapse
-        yield collapsed
-        return
+        before = None
     yield collapsed
+    if before is None:
+        return
     try:
         for lo, hi in new_memory(before, anonymous_regions()):
             if hi - lo >= MIN_BYTES:
