@@ -34,7 +34,7 @@ class DemoConfig:
     retrieval_scenes: int = 1000   # held-out scenes for retrieval and zero-shot classification
     speculative: int = 20          # captions decoded speculatively (and plainly, to compare)
     batch: int = 16                # VLM requests per generate call (and captions per imagine call)
-    imagine: int = 20              # held-out captions turned into images (0: skip text-to-image)
+    imagine: int = 200             # held-out captions turned into images (0: skip text-to-image)
     first_seed: int = HELD_OUT
     progress: bool = True
 
