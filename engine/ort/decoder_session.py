@@ -108,12 +108,11 @@ class DecoderSession:
         optimised variant's _tok, _pos and _first, bound once for consecutive steps."""
         io = self._io if self.shared else self.session.io_binding()
         io.bind_cpu_input("attention_mask", mask)
-        if step and self._step_bound:
-            pass
-        elif step:
-            for name, value in self._step_values.items():
-                io.bind_ortvalue_input(name, value)
-            self._step_bound = True
+        if step:
+            if not self._step_bound:
+                for name, value in self._step_values.items():
+                    io.bind_ortvalue_input(name, value)
+                self._step_bound = True
         else:
             if self.shared:
                 self._step_bound = False
