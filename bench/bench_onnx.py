@@ -9,7 +9,8 @@ model builder accepts them). Every engine generates greedily from the same rando
 tokens) with eos ignored (genai: min_length = max_length); prefill = median time of a run with 1
 new token ("time to first token"), decode = (median run with N new tokens - prefill) / (N - 1),
 the method of mmfuse.decoder.benchmark, applied to every engine, with the engines interleaved (each
-repeat runs every engine once, so a shared box's load falls on all of them alike). int8: our
+repeat runs every engine once, so a shared box's load falls on all of them alike), in one process or,
+with --separate-processes, each engine in a fresh process of its own every round. int8: our
 `--quantize int8` exports (dynamic int8). Exports run as subprocesses of
 their command lines (`mmfuse export onnx`, `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`),
 so both include interpreter start-up and checkpoint loading; ours includes its check.
@@ -17,6 +18,7 @@ so both include interpreter start-up and checkpoint loading; ours includes its c
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -118,6 +120,26 @@ def time_interleaved(runners: dict, new_tokens: int, repeats: int) -> dict:
     return res
 
 
+def time_separately(names: list, work: Path, shape: str, batch: int, args) -> dict:
+    """time_interleaved's figures with each engine in a fresh process of its own for every round (the
+    rounds alternate the engines): no engine's threads or memory sit beside another's. One engine's
+    idle threads can take the cores another needs: onnxruntime-genai's keep spinning after a step,
+    mmfuse's stop (bench/README.md, ONNX decoders)."""
+    times = {name: ([], []) for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            cmd = [sys.executable, __file__, "--child", "--workdir", str(work), "--reuse", "--models", shape,
+                   "--batch", str(batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--engines", name] + ([] if args.threads is None else ["--threads", str(args.threads)])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"{name}: {out.stderr.strip().splitlines()[-1:]}")
+            prefill, step = json.loads(out.stdout.strip().splitlines()[-1])
+            times[name][0].append(prefill)
+            times[name][1].append(step)
+    return {name: (statistics.median(p), statistics.median(s)) for name, (p, s) in times.items()}
+
+
 def main(argv=None) -> None:
     from mmfuse.ort.engine import OrtEngine
 
@@ -132,6 +154,9 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default=None, help="keep checkpoints and exports here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="reuse exports already in --workdir (no export timing)")
     ap.add_argument("--engines", nargs="+", default=None, help="only these engine names (see the table)")
+    ap.add_argument("--separate-processes", action="store_true",
+                    help="time each engine in a fresh process of its own, every round")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one engine, one round: prints JSON
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_onnx_")).resolve()
     rows, exports = [], []
@@ -159,12 +184,12 @@ def main(argv=None) -> None:
         exports.append((shape, t_export, t_b))
         print(f"{shape}: export s: {', '.join(f'{v} {_s(t)}' for v, t in t_export.items())}, builder {_s(t_b)}",
               flush=True)
-        torch_engine = Engine.from_pretrained(ckpt)
-        vocab = torch_engine.cfg.vocab_size
-        ort = {v: OrtEngine.from_pretrained(f, threads=args.threads) for v, f in ours.items()}
-        makers = {"PyTorch Engine fp32": lambda p: engine_runner(torch_engine, p)}
+        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+        # engines are built when first timed: a process holds only the engines it runs
+        makers = {"PyTorch Engine fp32": lambda p: engine_runner(Engine.from_pretrained(ckpt), p)}
         for v in ours:
-            makers[f"OrtEngine {v}"] = lambda p, v=v: engine_runner(ort[v], p)
+            makers[f"OrtEngine {v}"] = lambda p, v=v: engine_runner(
+                OrtEngine.from_pretrained(ours[v], threads=args.threads), p)
         makers["genai on our optimized"] = lambda p: genai_runner(ours["optimized"], p, args.threads)
         makers["genai on our optimized-int8"] = lambda p: genai_runner(ours["optimized-int8"], p, args.threads)
         if has_builder:
@@ -173,7 +198,15 @@ def main(argv=None) -> None:
             makers = {k: v for k, v in makers.items() if k in args.engines}
         for batch in args.batch:
             prompts = random_prompts(vocab, batch, args.prompt_len)
-            res = time_interleaved({k: make(prompts) for k, make in makers.items()}, args.new_tokens, args.repeats)
+            if args.child:
+                (prefill, step), = time_interleaved({k: make(prompts) for k, make in makers.items()},
+                                                    args.new_tokens, 1).values()
+                print(json.dumps([prefill, step]))
+                return
+            if args.separate_processes:
+                res = time_separately(list(makers), work, shape, batch, args)
+            else:
+                res = time_interleaved({k: make(prompts) for k, make in makers.items()}, args.new_tokens, args.repeats)
             for name, (prefill, step) in res.items():
                 rows.append((shape, batch, name, prefill, batch / step))
                 print(f"{shape} b{batch} {name}: decode {batch / step:.1f} tok/s, TTFT {1000 * prefill:.0f} ms", flush=True)
