@@ -79,19 +79,15 @@ class KVCache:
     def advance(self, n: Union[int, Sequence[int], torch.Tensor]) -> None:
         """Count n more positions in every row (an int) or per row (a list, or a (B,) int/bool tensor
         such as a decode step's active rows)."""
-        if isinstance(n, int) and self._host is not None:
-            self._filled = [m + n for m in self._filled]
+        per_row = [n] * self.batch if isinstance(n, int) else n.tolist() if isinstance(n, torch.Tensor) else n
+        self._filled = [m + int(a) for m, a in zip(self._filled, per_row)]
+        if self._host is not None:
             for b, m in enumerate(self._filled):
                 self._host[b] = m
             return
         with torch.inference_mode():  # whichever mode the caller is in (`lengths` may be an inference tensor)
             self.lengths += n if isinstance(n, int) else torch.as_tensor(n).to(device=self.lengths.device,
                                                                                dtype=self.lengths.dtype)
-        if isinstance(n, int):
-            self._filled = [m + n for m in self._filled]
-            return
-        host = n.tolist() if isinstance(n, torch.Tensor) else n
-        self._filled = [m + int(a) for m, a in zip(self._filled, host)]
 
     def truncate(self, lengths: Sequence[int]) -> None:
         """Roll rows back to `lengths` cached positions (never forward); later writes overwrite the rest."""

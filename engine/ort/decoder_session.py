@@ -175,26 +175,31 @@ class DecoderSession:
         """Append tokens (B, k) (or embeddings (B, k, C)) after each row's cached positions; rows
         where `active` is False do not advance. Logits (B, k, V)."""
         B, k = tokens.shape[:2]
+        if self.shared and k != 1:
+            raise ValueError("the optimised graph continues one token per call (GroupQueryAttention on CPU)")
+        if self.shared and not self.inputs_embeds:
+            return self._step(tokens.reshape(B), active)[:, None]
         active = None if active is None else np.asarray(active, bool)
         self._check_room([k] * B)
         pos = self.lengths[:, None] + np.arange(k, dtype=np.int64)  # (B, k)
-        if self.shared:
-            if k != 1:
-                raise ValueError("the optimised graph continues one token per call (GroupQueryAttention on CPU)")
-            total = self.lengths + 1
-            mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)  # (B, W): row sums
+        if self.shared:  # one embedding per row
             self._pos[:] = pos
-            x = tokens.reshape(B, 1, *tokens.shape[2:])
-            if not self.inputs_embeds:
-                self._tok[:] = x
-                x = self._tok
-            logits = self._run(x, mask, self._pos, self._first if self.logit_positions else None)
+            logits = self._run(tokens, self._step_mask(self.lengths.tolist()), self._pos,
+                               self._first if self.logit_positions else None)
         else:
             fills = np.ones(B, bool) if active is None else active
             self._mask = np.concatenate([self._mask, np.repeat(fills[:, None], k, 1).astype(np.int64)], axis=1)
             logits = self._run(np.ascontiguousarray(tokens), self._mask, pos)
         self.lengths += k if active is None else k * active
         return logits
+
+    def _step_mask(self, lens: list) -> np.ndarray:
+        """attention_mask (B, W) of a one-token call on the optimised graph, rows with `lens` filled
+        positions: only its row sums (lens + 1) and width (their largest) matter."""
+        B, W = len(lens), max(lens) + 1
+        if min(lens) + 1 == W:  # every row as long: a view of ones, nothing to build
+            return self._ones[:B * W].reshape(B, W)
+        return (np.arange(W)[None, :] <= np.asarray(lens)[:, None]).astype(np.int64)
 
     def decode(self, tokens: np.ndarray, active=None) -> np.ndarray:
         """One token per row (B,) -> logits (B, V)."""
@@ -203,7 +208,7 @@ class DecoderSession:
         return self.extend(np.asarray(tokens, np.int64).reshape(-1, 1), active)[:, 0]
 
     def _step(self, tokens, active) -> np.ndarray:
-        """decode() on the optimised graph with token ids, as extend() computes it but in Python ints
+        """One token id per row on the optimised graph (decode, and extend by one token), in Python ints
         and the bound buffers: once a step has streamed the weights through the caches, each small
         numpy operation costs tens of microseconds (bench/README.md, "ONNX decoders")."""
         toks = tokens.ravel().tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
@@ -217,11 +222,8 @@ class DecoderSession:
         for b in range(B):
             self._tok[b, 0] = toks[b]
             self._pos[b, 0] = lens[b]
-        if min(lens) + 1 == W:  # every row as long: a view of ones, nothing to build
-            mask = self._ones[:B * W].reshape(B, W)
-        else:
-            mask = (np.arange(W)[None, :] <= self.lengths[:, None]).astype(np.int64)  # (B, W): row sums
-        logits = self._run(self._tok, mask, self._pos, self._first if self.logit_positions else None, step=True)
+        logits = self._run(self._tok, self._step_mask(lens), self._pos, self._first if self.logit_positions else None,
+                           step=True)
         for b in range(B):
             if active is None or active[b]:
                 self.lengths[b] = lens[b] + 1
